@@ -1,0 +1,79 @@
+"""llama-megakernel: llama.cpp decode as one persistent kernel launch per token.
+
+    import llama_megakernel
+    llama_megakernel.enable()          # before Llama(...): routes llama.cpp's graphs through the plugin
+    llm = llama_cpp.Llama(model_path)  # unchanged code
+    print(llama_megakernel.status())   # graphs seen / handled / handed back, with reasons
+
+Without editing code: ``LLAMA_MEGAKERNEL=1 python your_script.py`` enables it when ``llama_cpp`` is imported
+(a .pth hook installed with the package; see _autoload.py).
+
+Graphs the plugin does not execute go to the stock backend unchanged, with the reason counted.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ._native import IncompatibleVersionError, MegakernelError, check_versions, plugin_path
+from .pinned import GGML_VERSION, LLAMA_CPP_COMMIT, LLAMA_CPP_PYTHON_VERSION
+
+__version__ = "0.1.0"
+__all__ = [
+    "enable", "disable", "status", "info", "reset_counters", "plugin_path", "is_enabled",
+    "MegakernelError", "IncompatibleVersionError", "check_versions",
+    "LLAMA_CPP_PYTHON_VERSION", "LLAMA_CPP_COMMIT", "GGML_VERSION",
+]
+
+_lock = threading.Lock()
+_native = None
+
+
+def _load():
+    global _native
+    with _lock:
+        if _native is None:
+            from ._native import Native
+
+            _native = Native()
+        return _native
+
+
+def enable() -> dict:
+    """Load the plugin (once) and route graphs through it. Call before creating the Llama context: backends
+    created earlier are not intercepted. Raises MegakernelError (or IncompatibleVersionError) with the reason
+    if it cannot; nothing in the process is changed then."""
+    n = _load()
+    n.lib.llama_mk_set_enabled(1)
+    return n.info()
+
+
+def disable() -> None:
+    """Hand every graph straight to the stock backend (the plugin stays loaded, counting nothing)."""
+    if _native is not None:
+        _native.lib.llama_mk_set_enabled(0)
+
+
+def is_enabled() -> bool:
+    return _native is not None and bool(_native.lib.llama_mk_get_enabled())
+
+
+def status() -> dict:
+    """Counters: graphs_seen, graphs_handled, graphs_handed_back, decode_graphs_seen, reasons (reason ->
+    count), last_graphs (the latest distinct graphs with their op and weight-type summaries)."""
+    if _native is None:
+        return {"loaded": False, "enabled": False}
+    s = _native.status()
+    s["loaded"] = True
+    s["top_reasons"] = sorted(s["reasons"].items(), key=lambda kv: -kv[1])[:5]
+    return s
+
+
+def info() -> dict:
+    """Build information of the loaded plugin (versions, CUDA architectures, GPUs it sees)."""
+    return _load().info()
+
+
+def reset_counters() -> None:
+    if _native is not None:
+        _native.lib.llama_mk_reset_counters()

@@ -1,0 +1,203 @@
+"""`llama-megakernel` command line: doctor, path, demo, make-model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _err(msg: str) -> int:
+    print(f"llama-megakernel: error: {msg}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _gpu_lines() -> list[str]:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return ["no nvidia-smi on PATH (no NVIDIA driver, or a CPU-only machine)"]
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [f"nvidia-smi failed: {e}"]
+    if out.returncode != 0:
+        return [f"nvidia-smi failed: {(out.stderr or out.stdout).strip()}"]
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def _summarise_status(st: dict) -> list[str]:
+    lines = [
+        f"graphs seen {st['graphs_seen']}, handled {st['graphs_handled']}, handed back {st['graphs_handed_back']} "
+        f"(batch-1 decode graphs recognised: {st['decode_graphs_seen']})",
+    ]
+    for reason, n in sorted(st["reasons"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  handed back {n:5d} x  {reason}")
+    for g in st["last_graphs"]:
+        s = g["scan"]
+        types = ",".join(f"{k}:{v}" for k, v in s["weight_types"].items()) or "-"
+        lines.append(f"  last: {g['backend']:6s} nodes={s['n_nodes']:4d} tokens={s['n_tokens']:3d} calls={g['calls']:4d} "
+                     f"weights[{types}] -> {s['reason']}: {s['detail']}")
+    return lines
+
+
+def _generate(model_path: Path, prompt: str, n_tokens: int, stream: bool, n_ctx: int = 512, **kw):
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_gpu_layers=-1, verbose=False, seed=0, **kw)
+    t0 = time.perf_counter()
+    first = None
+    pieces = []
+    for out in llm.create_completion(prompt, max_tokens=n_tokens, temperature=0.0, stream=True):
+        if first is None:
+            first = time.perf_counter()
+        text = out["choices"][0]["text"]
+        pieces.append(text)
+        if stream:
+            print(text, end="", flush=True)
+    t1 = time.perf_counter()
+    if stream:
+        print(flush=True)
+    n = len(pieces)
+    decode_s = (t1 - first) if first else 0.0
+    return "".join(pieces), n, (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan"), t1 - t0
+
+
+# --- commands ------------------------------------------------------------------------------------------------
+
+def cmd_path(args) -> int:
+    from ._native import MegakernelError, plugin_path
+
+    try:
+        print(plugin_path())
+    except MegakernelError as e:
+        return _err(str(e))
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    import platform
+
+    import llama_megakernel as mk
+    from . import models
+
+    _say(f"llama-megakernel {mk.__version__}  (python {platform.python_version()}, {platform.machine()})")
+    _say(f"pinned: llama.cpp {mk.LLAMA_CPP_COMMIT}, ggml {mk.GGML_VERSION}, "
+         f"llama-cpp-python {mk.LLAMA_CPP_PYTHON_VERSION}")
+    try:
+        import llama_cpp
+
+        _say(f"llama-cpp-python: {llama_cpp.__version__} at {Path(llama_cpp.__file__).parent}")
+    except Exception as e:  # noqa: BLE001 - doctor reports whatever is wrong
+        return _err(f"llama_cpp cannot be imported: {e}")
+    for line in _gpu_lines():
+        _say(f"GPU: {line}")
+    try:
+        info = mk.enable()
+    except mk.MegakernelError as e:
+        return _err(str(e))
+    _say(f"plugin: {mk.plugin_path()}")
+    _say(f"  built from {info['git_commit']} against llama.cpp {info['built_against_llama_cpp']} / ggml "
+         f"{info['built_against_ggml']}; runtime ggml {info['ggml_runtime']}")
+    if info["cuda_compiled"]:
+        _say(f"  CUDA executor compiled for sm_{info['cuda_architectures']}; CUDA sees: {json.dumps(info['cuda_devices'])}")
+    else:
+        _say("  CPU-only build (no CUDA compiler at build time)")
+    st = mk.status()
+    _say(f"interception: {'active' if st['intercepted_devices'] else 'NOT active'} on devices "
+         f"{', '.join(st['intercepted_devices']) or '(none)'}")
+    _say("executor: none yet in this build; every graph is handed back to stock llama.cpp with its reason")
+    if args.no_run:
+        return 0
+    try:
+        model = Path(args.model) if args.model else models.smollm2_path()
+    except models.ModelFactoryError as e:
+        _say(f"(skipping the test decode: {e})")
+        return 0
+    _say(f"test decode: 8 tokens of {model.name} ...")
+    _generate(model, "The capital of France is", 8, stream=False)
+    for line in _summarise_status(mk.status()):
+        _say(line)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import llama_megakernel as mk
+    from . import models
+
+    try:
+        model = Path(args.model) if args.model else models.smollm2_path()
+    except models.ModelFactoryError as e:
+        return _err(str(e))
+    if not model.is_file():
+        return _err(f"model file {model} not found")
+    try:
+        mk.enable()
+    except mk.MegakernelError as e:
+        return _err(str(e))
+    _say(f"model: {model}")
+    _say(f"prompt: {args.prompt!r}\n")
+    text, n, tps, wall = _generate(model, args.prompt, args.tokens, stream=True)
+    _say(f"\n{n} tokens in {wall:.2f} s, decode {tps:.1f} tokens/s (plugin {'on' if mk.is_enabled() else 'off'})")
+    for line in _summarise_status(mk.status()):
+        _say(line)
+    return 0
+
+
+def cmd_make_model(args) -> int:
+    from . import models
+
+    t0 = time.perf_counter()
+    try:
+        out = models.make_model(args.arch, args.shape, args.quant, args.out, seed=args.seed,
+                                progress=lambda m: _say(f"[make-model] {m}"))
+    except (models.ModelFactoryError, OSError) as e:
+        return _err(str(e))
+    _say(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import models
+
+    p = argparse.ArgumentParser(prog="llama-megakernel",
+                                description="llama.cpp decode as one persistent kernel launch per token")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("doctor", help="versions, plugin, GPU, interception, and what a short decode did")
+    d.add_argument("--model", help="GGUF for the test decode (default: the embedded SmolLM2-135M)")
+    d.add_argument("--no-run", action="store_true", help="skip the test decode")
+    d.set_defaults(fn=cmd_doctor)
+
+    pa = sub.add_parser("path", help="print the plugin library's path (for GGML_BACKEND_PATH)")
+    pa.set_defaults(fn=cmd_path)
+
+    de = sub.add_parser("demo", help="generate text from the embedded model with the plugin on")
+    de.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    de.add_argument("--prompt", default="Write one sentence about the GPU in your computer:")
+    de.add_argument("-n", "--tokens", type=int, default=64)
+    de.set_defaults(fn=cmd_demo)
+
+    mm = sub.add_parser("make-model", help="write a synthetic GGUF model (random weights, real shapes)")
+    mm.add_argument("arch", choices=sorted(models.SHAPES))
+    mm.add_argument("shape", help="; ".join(f"{a}: {', '.join(s)}" for a, s in models.SHAPES.items()))
+    mm.add_argument("quant", help=", ".join(models.QUANTS))
+    mm.add_argument("out")
+    mm.add_argument("--seed", type=int, default=0)
+    mm.set_defaults(fn=cmd_make_model)
+
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

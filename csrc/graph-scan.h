@@ -1,0 +1,32 @@
+// Recognises the graphs the megakernel can take: whole batch-1 decode splits of llama-family models.
+// Everything else is handed back to the stock backend with a reason (a stable key for the counters and a
+// detail for humans).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+
+struct ggml_cgraph;
+
+namespace mk {
+
+struct graph_scan {
+    uint64_t    uid       = 0;
+    int         n_nodes   = 0;
+    int         n_tokens  = 0;  // tokens per step, from the weight matmuls' activations
+    int         n_weight_matmuls = 0;
+    bool        decode    = false;  // a whole batch-1 decode split with only supported ops and types
+    std::string reason;             // stable key: graph-view, no-weight-matmul, batch>1, unsupported-op, ...
+    std::string detail;             // what exactly, for people
+    std::map<std::string, int> ops;           // op (unary/glu ops by their own name) -> count
+    std::map<std::string, int> weight_types;  // type of the weights the matmuls read -> count
+    std::map<std::string, int> weight_bufts;  // buffer types holding those weights -> count
+};
+
+graph_scan scan_graph(const ggml_cgraph * graph);
+
+// JSON object of a scan (for status() and `llama-megakernel doctor`).
+std::string to_json(const graph_scan & s);
+
+}  // namespace mk

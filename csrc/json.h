@@ -1,0 +1,29 @@
+// Just enough JSON writing for the status and info strings the bridge parses.
+#pragma once
+
+#include <map>
+#include <string>
+
+namespace mk {
+
+inline std::string json_str(const std::string & v) {
+    std::string o = "\"";
+    for (char c : v) {
+        if (c == '"' || c == '\\') { o += '\\'; o += c; }
+        else if ((unsigned char) c < 0x20) { o += ' '; }
+        else { o += c; }
+    }
+    return o + "\"";
+}
+
+template <typename T>
+inline std::string json_counts(const std::map<std::string, T> & m) {
+    std::string o = "{";
+    for (auto it = m.begin(); it != m.end(); ++it) {
+        if (it != m.begin()) o += ",";
+        o += json_str(it->first) + ":" + std::to_string(it->second);
+    }
+    return o + "}";
+}
+
+}  // namespace mk

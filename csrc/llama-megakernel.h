@@ -1,0 +1,27 @@
+/* C API of the llama-megakernel plugin, for the Python bridge (cffi) and for tools.
+ *
+ * The plugin is a ggml backend library: ggml_backend_init() returns its registry (and installs the
+ * interception of the CPU and CUDA backends), so stock llama.cpp tools load it through GGML_BACKEND_PATH.
+ * These functions are also reachable through the registry's get_proc_address under the same names.
+ * Structured answers are JSON text, so the interface stays a handful of plain C functions.
+ * Keep the declarations below free of preprocessor lines: the bridge hands them to cffi as they are.
+ */
+#ifndef LLAMA_MEGAKERNEL_H
+#define LLAMA_MEGAKERNEL_H
+#include <stddef.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+/* cffi-begin */
+int          llama_mk_api_version(void);
+const char * llama_mk_info_json(void);
+int          llama_mk_install(void);
+void         llama_mk_set_enabled(int enabled);
+int          llama_mk_get_enabled(void);
+size_t       llama_mk_status_json(char * buf, size_t size);
+void         llama_mk_reset_counters(void);
+/* cffi-end */
+#ifdef __cplusplus
+}
+#endif
+#endif

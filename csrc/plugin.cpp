@@ -1,0 +1,308 @@
+// The ggml backend plugin: registry, interception of the compute backends, counters.
+//
+// Route (no patch, stock builds): when the plugin is initialised it wraps `init_backend` of every CPU and CUDA
+// device, so each backend created afterwards has its `graph_compute` routed here first. A graph the plugin
+// does not take goes to the saved original function unchanged, with the reason counted. The device and backend
+// interface tables are plain writable structs in ggml (see ggml-backend-impl.h), so this needs no patch; it must
+// happen before llama.cpp creates its context, which both GGML_BACKEND_PATH (tools) and the Python bridge do.
+
+#include "llama-megakernel.h"
+
+#include "graph-scan.h"
+#include "json.h"
+#include "version.h"
+
+#include "ggml-backend-impl.h"
+#include "ggml-backend.h"
+#include "ggml-impl.h"
+
+#include <atomic>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace mk {
+std::string cuda_devices_json();  // cuda/device-info.cu, or "null" in CPU-only builds
+}
+
+namespace {
+
+using init_backend_fn  = ggml_backend_t (*)(ggml_backend_dev_t, const char *);
+using graph_compute_fn = ggml_status (*)(ggml_backend_t, ggml_cgraph *);
+using backend_free_fn  = void (*)(ggml_backend_t);
+
+struct wrapped_backend {
+    graph_compute_fn orig_compute;
+    backend_free_fn  orig_free;
+    std::string      device;
+    uint64_t         last_uid = 0;  // the scan is cached per split uid: a reused graph is not rescanned
+    mk::graph_scan   last_scan;
+};
+
+struct graph_record {  // one distinct graph the plugin saw, for doctor/status
+    std::string backend;
+    mk::graph_scan scan;
+    uint64_t calls = 0;
+};
+
+struct state {
+    std::mutex mu;
+    std::map<ggml_backend_dev_t, init_backend_fn> devices;
+    std::unordered_map<ggml_backend_t, wrapped_backend> backends;
+
+    std::atomic<bool> enabled{true};
+    uint64_t graphs_seen = 0, graphs_handled = 0, graphs_handed_back = 0, decode_graphs_seen = 0;
+    uint64_t graphs_while_disabled = 0;
+    std::map<std::string, uint64_t> reasons;
+    std::deque<graph_record> last_graphs;  // newest last
+};
+
+state & st() {
+    static state * s = new state();  // never destroyed: backends may outlive static destruction order
+    return *s;
+}
+
+constexpr size_t k_last_graphs = 8;
+
+void record(const std::string & backend, const mk::graph_scan & scan, bool new_graph) {
+    state & s = st();
+    s.graphs_seen++;
+    if (scan.decode) {
+        s.decode_graphs_seen++;
+    }
+    s.graphs_handed_back++;
+    s.reasons[scan.reason]++;
+    if (new_graph || s.last_graphs.empty() || s.last_graphs.back().backend != backend ||
+        s.last_graphs.back().scan.uid != scan.uid || scan.uid == 0) {
+        s.last_graphs.push_back({backend, scan, 0});
+        while (s.last_graphs.size() > k_last_graphs) {
+            s.last_graphs.pop_front();
+        }
+    }
+    s.last_graphs.back().calls++;
+}
+
+ggml_status mk_graph_compute(ggml_backend_t backend, ggml_cgraph * graph) {
+    state & s = st();
+    graph_compute_fn orig;
+    {
+        std::lock_guard<std::mutex> lock(s.mu);
+        auto it = s.backends.find(backend);
+        if (it == s.backends.end()) {
+            // Cannot happen: only backends we wrapped point here. Refuse rather than guess a function.
+            GGML_LOG_ERROR("llama-megakernel: graph_compute on a backend it did not wrap\n");
+            return GGML_STATUS_FAILED;
+        }
+        wrapped_backend & wb = it->second;
+        orig = wb.orig_compute;
+        if (!s.enabled.load()) {
+            s.graphs_while_disabled++;
+        } else {
+            bool new_graph = graph->uid == 0 || graph->uid != wb.last_uid;
+            if (new_graph) {
+                try {
+                    wb.last_scan = mk::scan_graph(graph);
+                } catch (const std::exception & e) {
+                    wb.last_scan = mk::graph_scan{};
+                    wb.last_scan.reason = "internal-error";
+                    wb.last_scan.detail = e.what();
+                }
+                wb.last_uid = graph->uid;
+            }
+            record(wb.device, wb.last_scan, new_graph);
+        }
+    }
+    // No executor exists yet: every graph goes back to the stock backend, unchanged.
+    return orig(backend, graph);
+}
+
+void mk_backend_free(ggml_backend_t backend) {
+    state & s = st();
+    backend_free_fn orig = nullptr;
+    {
+        std::lock_guard<std::mutex> lock(s.mu);
+        auto it = s.backends.find(backend);
+        if (it != s.backends.end()) {
+            orig = it->second.orig_free;
+            s.backends.erase(it);
+        }
+    }
+    if (orig) {
+        orig(backend);
+    }
+}
+
+ggml_backend_t mk_init_backend(ggml_backend_dev_t dev, const char * params) {
+    state & s = st();
+    init_backend_fn orig;
+    {
+        std::lock_guard<std::mutex> lock(s.mu);
+        orig = s.devices.at(dev);
+    }
+    ggml_backend_t backend = orig(dev, params);
+    if (backend == nullptr || backend->iface.graph_compute == nullptr) {
+        return backend;
+    }
+    std::lock_guard<std::mutex> lock(s.mu);
+    wrapped_backend wb;
+    wb.orig_compute = backend->iface.graph_compute;
+    wb.orig_free    = backend->iface.free;
+    wb.device       = ggml_backend_dev_name(dev);
+    s.backends[backend] = wb;
+    backend->iface.graph_compute = mk_graph_compute;
+    backend->iface.free          = mk_backend_free;
+    return backend;
+}
+
+int install() {
+    state & s = st();
+    std::lock_guard<std::mutex> lock(s.mu);
+    for (const char * reg_name : {"CUDA", "CPU"}) {
+        ggml_backend_reg_t reg = ggml_backend_reg_by_name(reg_name);
+        if (reg == nullptr) {
+            continue;
+        }
+        for (size_t i = 0; i < ggml_backend_reg_dev_count(reg); i++) {
+            ggml_backend_dev_t dev = ggml_backend_reg_dev_get(reg, i);
+            if (s.devices.count(dev) || dev->iface.init_backend == nullptr) {
+                continue;
+            }
+            s.devices[dev] = dev->iface.init_backend;
+            dev->iface.init_backend = mk_init_backend;
+        }
+    }
+    return (int) s.devices.size();
+}
+
+// --- registry ---------------------------------------------------------------------------------------------
+
+const char * reg_get_name(ggml_backend_reg_t) { return "MEGAKERNEL"; }
+size_t reg_get_device_count(ggml_backend_reg_t) { return 0; }  // it runs on the devices it intercepts
+ggml_backend_dev_t reg_get_device(ggml_backend_reg_t, size_t) { return nullptr; }
+
+void * reg_get_proc_address(ggml_backend_reg_t, const char * name) {
+    static const std::map<std::string, void *> procs = {
+        {"llama_mk_api_version", (void *) llama_mk_api_version},
+        {"llama_mk_info_json", (void *) llama_mk_info_json},
+        {"llama_mk_install", (void *) llama_mk_install},
+        {"llama_mk_set_enabled", (void *) llama_mk_set_enabled},
+        {"llama_mk_get_enabled", (void *) llama_mk_get_enabled},
+        {"llama_mk_status_json", (void *) llama_mk_status_json},
+        {"llama_mk_reset_counters", (void *) llama_mk_reset_counters},
+    };
+    auto it = procs.find(name);
+    return it == procs.end() ? nullptr : it->second;
+}
+
+ggml_backend_reg g_reg = {
+    /* .api_version = */ GGML_BACKEND_API_VERSION,
+    /* .iface       = */ {reg_get_name, reg_get_device_count, reg_get_device, reg_get_proc_address},
+    /* .context     = */ nullptr,
+};
+
+}  // namespace
+
+// --- exported ---------------------------------------------------------------------------------------------
+
+#pragma GCC visibility push(default)
+extern "C" {
+
+GGML_BACKEND_API ggml_backend_reg_t ggml_backend_init(void) {
+    install();
+    return &g_reg;
+}
+
+// Non-zero: ggml rejects a plugin whose score is 0. The plugin works wherever ggml runs (it hands back what it
+// cannot execute), so it always scores the same.
+GGML_BACKEND_API int ggml_backend_score(void) {
+    return 1;
+}
+
+int llama_mk_api_version(void) {
+    return 1;
+}
+
+const char * llama_mk_info_json(void) {
+    static const std::string info = std::string("{") +
+        "\"api_version\":" + std::to_string(llama_mk_api_version()) +
+        ",\"plugin_version\":" + mk::json_str(LLAMA_MK_VERSION) +
+        ",\"git_commit\":" + mk::json_str(LLAMA_MK_GIT_COMMIT) +
+        ",\"built_against_llama_cpp\":" + mk::json_str(LLAMA_MK_LLAMA_CPP_COMMIT) +
+        ",\"built_against_ggml\":" + mk::json_str(LLAMA_MK_GGML_VERSION) +
+        ",\"ggml_runtime\":" + mk::json_str(ggml_version()) +
+        ",\"cuda_compiled\":" + (LLAMA_MK_CUDA ? "true" : "false") +
+        ",\"cuda_architectures\":" + mk::json_str(LLAMA_MK_CUDA_ARCHS) +
+        ",\"cuda_devices\":" + mk::cuda_devices_json() + "}";
+    return info.c_str();
+}
+
+int llama_mk_install(void) {
+    return install();
+}
+
+void llama_mk_set_enabled(int enabled) {
+    st().enabled.store(enabled != 0);
+}
+
+int llama_mk_get_enabled(void) {
+    return st().enabled.load() ? 1 : 0;
+}
+
+size_t llama_mk_status_json(char * buf, size_t size) {
+    state & s = st();
+    std::string o;
+    {
+        std::lock_guard<std::mutex> lock(s.mu);
+        std::map<std::string, int> devices;
+        for (auto & d : s.devices) {
+            devices[ggml_backend_dev_name(d.first)] = 1;
+        }
+        std::string dev_list = "[";
+        for (auto it = devices.begin(); it != devices.end(); ++it) {
+            dev_list += (it == devices.begin() ? "" : ",") + mk::json_str(it->first);
+        }
+        dev_list += "]";
+        std::string last = "[";
+        for (size_t i = 0; i < s.last_graphs.size(); i++) {
+            const graph_record & r = s.last_graphs[i];
+            last += (i ? "," : "") + std::string("{\"backend\":") + mk::json_str(r.backend) +
+                    ",\"calls\":" + std::to_string(r.calls) + ",\"scan\":" + mk::to_json(r.scan) + "}";
+        }
+        last += "]";
+        o = std::string("{") +
+            "\"enabled\":" + (s.enabled.load() ? "true" : "false") +
+            ",\"intercepted_devices\":" + dev_list +
+            ",\"live_backends\":" + std::to_string(s.backends.size()) +
+            ",\"graphs_seen\":" + std::to_string(s.graphs_seen) +
+            ",\"graphs_handled\":" + std::to_string(s.graphs_handled) +
+            ",\"graphs_handed_back\":" + std::to_string(s.graphs_handed_back) +
+            ",\"decode_graphs_seen\":" + std::to_string(s.decode_graphs_seen) +
+            ",\"graphs_while_disabled\":" + std::to_string(s.graphs_while_disabled) +
+            ",\"reasons\":" + mk::json_counts(s.reasons) +
+            ",\"last_graphs\":" + last + "}";
+    }
+    if (buf && size > 0) {
+        size_t n = std::min(size - 1, o.size());
+        memcpy(buf, o.data(), n);
+        buf[n] = '\0';
+    }
+    return o.size() + 1;
+}
+
+void llama_mk_reset_counters(void) {
+    state & s = st();
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.graphs_seen = s.graphs_handled = s.graphs_handed_back = s.decode_graphs_seen = s.graphs_while_disabled = 0;
+    s.reasons.clear();
+    s.last_graphs.clear();
+    for (auto & b : s.backends) {
+        b.second.last_uid = 0;
+    }
+}
+
+}  // extern "C"
+#pragma GCC visibility pop
