@@ -94,14 +94,20 @@ graph_scan scan_graph(const ggml_cgraph * g) {
     } else if (max_tokens != 1) {
         s.reason = "batch>1";
         s.detail = std::to_string(max_tokens) + " tokens per step (prefill or batched decode)";
-    } else if (!first_bad_op.empty()) {
+    } else {
+        s.decode = true;
+    }
+    if (!s.decode) {
+        return s;
+    }
+    if (!first_bad_op.empty()) {
         s.reason = "unsupported-op";
         s.detail = "op " + first_bad_op;
     } else if (!bad_type.empty()) {
         s.reason = "unsupported-type";
         s.detail = "weight type " + bad_type;
     } else {
-        s.decode = true;
+        s.supported = true;
         s.reason = "no-executor";
         s.detail = "batch-1 decode graph recognised; this build has no executor for it yet";
     }
@@ -115,6 +121,7 @@ std::string to_json(const graph_scan & s) {
         ",\"n_tokens\":" + std::to_string(s.n_tokens) +
         ",\"n_weight_matmuls\":" + std::to_string(s.n_weight_matmuls) +
         ",\"decode\":" + (s.decode ? "true" : "false") +
+        ",\"supported\":" + (s.supported ? "true" : "false") +
         ",\"reason\":" + json_str(s.reason) +
         ",\"detail\":" + json_str(s.detail) +
         ",\"ops\":" + json_counts(s.ops) +

@@ -16,7 +16,8 @@ struct graph_scan {
     int         n_nodes   = 0;
     int         n_tokens  = 0;  // tokens per step, from the weight matmuls' activations
     int         n_weight_matmuls = 0;
-    bool        decode    = false;  // a whole batch-1 decode split with only supported ops and types
+    bool        decode    = false;  // a whole batch-1 decode split (one token through weight matmuls)
+    bool        supported = false;  // ... and every op and weight type is one the compiler knows
     std::string reason;             // stable key: graph-view, no-weight-matmul, batch>1, unsupported-op, ...
     std::string detail;             // what exactly, for people
     std::map<std::string, int> ops;           // op (unary/glu ops by their own name) -> count

@@ -13,6 +13,7 @@ installed llama-cpp-python, so every quant type is exactly what llama.cpp itself
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,32 +36,34 @@ class Shape:
     rope_base: float = 10000.0
     rms_eps: float = 1e-5
     n_ctx_train: int = 8192
+    tied: bool = True          # output head shares token_embd, as in all the real models listed here
     extra: dict = field(default_factory=dict)
 
 
-# Published shapes (config.json of each model). "tiny" shapes keep every feature of the architecture at sizes
-# CI can run in seconds; K-quants need rows that are multiples of 256.
+# Published shapes (config.json of each model), with tied embeddings like the originals. "tiny" shapes keep every
+# feature of the architecture at sizes CI runs in seconds (K-quants need rows that are multiples of 256) and have
+# their own output head: with two layers and a tied head, greedy decoding would just repeat the input token.
 SHAPES: dict[str, dict[str, Shape]] = {
     "llama": {
-        "tiny": Shape(256, 2, 4, 2, 64, 512, "llama-bpe", rope_base=500000.0),
+        "tiny": Shape(256, 2, 4, 2, 64, 512, "llama-bpe", rope_base=500000.0, tied=False),
         "smollm2-135m": Shape(576, 30, 9, 3, 64, 1536, "llama-bpe", rope_base=100000.0),
         "llama-3.2-1b": Shape(2048, 16, 32, 8, 64, 8192, "llama-bpe", rope_base=500000.0),
         "llama-3.2-3b": Shape(3072, 28, 24, 8, 128, 8192, "llama-bpe", rope_base=500000.0),
     },
     "qwen3": {
-        "tiny": Shape(256, 2, 4, 2, 64, 512, "qwen2", rope_base=1e6, rms_eps=1e-6),
+        "tiny": Shape(256, 2, 4, 2, 64, 512, "qwen2", rope_base=1e6, rms_eps=1e-6, tied=False),
         "qwen3-0.6b": Shape(1024, 28, 16, 8, 128, 3072, "qwen2", rope_base=1e6, rms_eps=1e-6, n_ctx_train=40960),
     },
     "gemma3": {
         # tiny: alternate sliding-window and global layers, with a window short enough to matter in tests
-        "tiny": Shape(256, 4, 4, 1, 64, 512, "gemma-4", rms_eps=1e-6, rope_base=1e6,
+        "tiny": Shape(256, 4, 4, 1, 64, 512, "gemma-4", rms_eps=1e-6, rope_base=1e6, tied=False,
                       extra={"sliding_window": 16, "swa_pattern": 2, "rope_base_swa": 10000.0}),
         "gemma-3-270m": Shape(640, 18, 4, 1, 256, 2048, "gemma-4", rms_eps=1e-6, rope_base=1e6, n_ctx_train=32768,
                               extra={"sliding_window": 512, "swa_pattern": 6, "rope_base_swa": 10000.0}),
     },
     "qwen35": {
         # tiny: 4 layers = 3 Gated DeltaNet + 1 full attention, as in the 3:1 pattern of the real models
-        "tiny": Shape(256, 4, 4, 2, 64, 512, "qwen35", rope_base=1e7, rms_eps=1e-6,
+        "tiny": Shape(256, 4, 4, 2, 64, 512, "qwen35", rope_base=1e7, rms_eps=1e-6, tied=False,
                       extra={"ssm_heads_k": 4, "ssm_heads_v": 4, "ssm_head_dim": 64, "conv_kernel": 4,
                              "rope_dim": 16, "rope_sections": [3, 3, 2, 0], "full_attention_interval": 4}),
         "qwen3.5-0.8b": Shape(1024, 24, 8, 2, 256, 3584, "qwen35", n_vocab=248320, rope_base=1e7, rms_eps=1e-6,
@@ -89,6 +92,8 @@ def _tensors(arch: str, s: Shape, n_vocab: int) -> list[tuple[str, tuple[int, ..
     E, hd, F = s.n_embd, s.head_dim, s.n_ff
     q, kv = s.n_head * hd, s.n_head_kv * hd
     t = [("token_embd.weight", (E, n_vocab), "embd"), ("output_norm.weight", (E,), "ones")]
+    if not s.tied:
+        t.append(("output.weight", (E, n_vocab), "head"))
     for i in range(s.n_layer):
         b = f"blk.{i}."
         t.append((b + "attn_norm.weight", (E,), "ones"))
@@ -135,6 +140,8 @@ def _init(rng: np.random.Generator, ne: tuple[int, ...], kind: str) -> np.ndarra
         return np.ones(shape, np.float32)
     if kind == "embd":
         return rng.standard_normal(shape, np.float32)
+    if kind == "head":  # logits with a std of a few units: a clear but not degenerate greedy choice
+        return rng.standard_normal(shape, np.float32) * np.float32(4.0 / np.sqrt(ne[0]))
     if kind == "mat":
         return rng.standard_normal(shape, np.float32) * np.float32(1.0 / np.sqrt(ne[0]))
     if kind == "ssm_a":  # -exp(A_log): negative, so the decay exp(a * softplus(.)) stays in (0, 1)
@@ -144,33 +151,57 @@ def _init(rng: np.random.Generator, ne: tuple[int, ...], kind: str) -> np.ndarra
     raise AssertionError(kind)
 
 
-def _copy_tokenizer(writer, vocab_file: Path, n_vocab: int | None) -> int:
+def _tokenizer_fields(vocab_file: Path) -> list[tuple[str, int, int | None, object]]:
+    """The tokenizer.* key/values of a vocab GGUF as (key, type, array subtype, value). gguf's reader needs
+    ~40 s for a 128k-token vocabulary, so the result is cached next to the pinned tree."""
     import gguf
 
+    st = vocab_file.stat()
+    cached = pinned.cache_dir() / "vocab" / f"{vocab_file.stem}-{st.st_size}.pickle"
+    if cached.is_file():
+        with open(cached, "rb") as f:
+            return pickle.load(f)
     reader = gguf.GGUFReader(str(vocab_file))
-    n_tokens = None
+    fields = []
     for name, f in reader.fields.items():
         if not name.startswith("tokenizer."):
             continue
         vtype = f.types[0]
+        sub = None
         if vtype == gguf.GGUFValueType.ARRAY:
             sub = f.types[-1]
             if sub == gguf.GGUFValueType.STRING:
                 val = [bytes(f.parts[i]).decode("utf-8", errors="surrogateescape") for i in f.data]
             else:
                 val = [f.parts[i].tolist()[0] for i in f.data]
-            if name == "tokenizer.ggml.tokens":
-                n_tokens = len(val)
-                if n_vocab and n_vocab > n_tokens:
-                    val = val + [f"<|mk_pad_{i}|>" for i in range(n_vocab - n_tokens)]
-            elif name in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores") and n_vocab and n_vocab > len(val):
-                pad = gguf.TokenType.UNUSED if name.endswith("token_type") else 0.0
-                val = val + [pad] * (n_vocab - len(val))
-            writer.add_key_value(name, val, vtype, sub_type=sub)
+        elif vtype == gguf.GGUFValueType.STRING:
+            val = bytes(f.parts[f.data[0]]).decode("utf-8", errors="surrogateescape")
         else:
-            val = f.parts[f.data[0]]
-            val = bytes(val).decode("utf-8", errors="surrogateescape") if vtype == gguf.GGUFValueType.STRING else val.tolist()[0]
-            writer.add_key_value(name, val, vtype)
+            val = f.parts[f.data[0]].tolist()[0]
+        fields.append((name, int(vtype), None if sub is None else int(sub), val))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        pickle.dump(fields, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, cached)
+    return fields
+
+
+def _copy_tokenizer(writer, vocab_file: Path, n_vocab: int | None) -> int:
+    """Copy the tokenizer into `writer`, padded with unused tokens up to n_vocab; returns the vocab size."""
+    import gguf
+
+    n_tokens = None
+    for name, vtype, sub, val in _tokenizer_fields(vocab_file):
+        if name == "tokenizer.ggml.tokens":
+            n_tokens = len(val)
+            if n_vocab and n_vocab > n_tokens:
+                val = val + [f"<|mk_pad_{i}|>" for i in range(n_vocab - n_tokens)]
+        elif name in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores") and n_vocab and n_vocab > len(val):
+            pad = int(gguf.TokenType.UNUSED) if name.endswith("token_type") else 0.0
+            val = val + [pad] * (n_vocab - len(val))
+        writer.add_key_value(name, val, gguf.GGUFValueType(vtype),
+                             sub_type=None if sub is None else gguf.GGUFValueType(sub))
     if n_tokens is None:
         raise ModelFactoryError(f"{vocab_file} has no tokenizer.ggml.tokens")
     return max(n_tokens, n_vocab or 0)
