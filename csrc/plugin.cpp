@@ -17,6 +17,8 @@
 #include "ggml-impl.h"
 
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -158,7 +160,27 @@ ggml_backend_t mk_init_backend(ggml_backend_dev_t dev, const char * params) {
     return backend;
 }
 
+// LLAMA_MEGAKERNEL_STATUS_FILE=path: write the counters there when the process exits, so that stock tools
+// (llama-bench, llama-cli), which know nothing of the plugin, can still show what it did.
+void write_status_file() {
+    const char * path = getenv("LLAMA_MEGAKERNEL_STATUS_FILE");
+    if (path == nullptr || *path == '\0') {
+        return;
+    }
+    std::vector<char> buf(llama_mk_status_json(nullptr, 0) + 4096);
+    llama_mk_status_json(buf.data(), buf.size());
+    if (FILE * f = fopen(path, "w")) {
+        fputs(buf.data(), f);
+        fputc('\n', f);
+        fclose(f);
+    } else {
+        fprintf(stderr, "llama-megakernel: cannot write LLAMA_MEGAKERNEL_STATUS_FILE=%s\n", path);
+    }
+}
+
 int install() {
+    static std::once_flag at_exit;
+    std::call_once(at_exit, [] { atexit(write_status_file); });
     state & s = st();
     std::lock_guard<std::mutex> lock(s.mu);
     for (const char * reg_name : {"CUDA", "CPU"}) {

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Prepare .device/ (git-ignored) for scripts/gpu-check.sh on a GPU machine that has no network:
+#   - the pinned llama.cpp tree, trimmed to what a CUDA build of llama-bench/llama-quantize needs (~10 MB)
+#   - llama-cpp-python's pure-Python package (the bridge runs on the llama.cpp build's own libraries)
+#   - wheels the GPU image lacks, and the parsed tokenizer cache
+# Usage: bash scripts/device-bundle.sh   (needs the package installed here, for the pinned tree)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+tree=$($PY bridge/llama_megakernel/pinned.py tree)
+sdist=$($PY -c 'import sys; sys.path.insert(0, "bridge"); from llama_megakernel import pinned; print(pinned.sdist_path())')
+cache=$($PY -c 'import sys; sys.path.insert(0, "bridge"); from llama_megakernel import pinned; print(pinned.cache_dir())')
+rm -rf .device && mkdir -p .device/wheels .device/cache
+echo "[bundle] trimming $tree"
+tar -C "$(dirname "$tree")" -czf .device/llama.cpp.tar.gz \
+    --exclude='*/docs' --exclude='*/tests' --exclude='*/examples' --exclude='*/benches' --exclude='*/conversion' \
+    --exclude='*/gguf-py' --exclude='*/media' --exclude='*/tools/ui' --exclude='*/tools/server' --exclude='*/pocs' \
+    --exclude='*/models/*.inp' --exclude='*/models/*.out' \
+    $(for m in "$tree"/models/ggml-vocab-*.gguf; do case $(basename "$m") in ggml-vocab-llama-bpe.gguf) ;; *) echo "--exclude=*/models/$(basename "$m")";; esac; done) \
+    $(for b in "$tree"/ggml/src/ggml-*/; do case $(basename "$b") in ggml-cuda|ggml-cpu|ggml-blas) ;; *) echo "--exclude=*/ggml/src/$(basename "$b")";; esac; done) \
+    "$(basename "$tree")"
+echo "[bundle] llama-cpp-python's Python package from $(basename "$sdist")"
+tar -xzf "$sdist" -C .device --strip-components=1 "llama_cpp_python-0.3.36/llama_cpp"
+cp -r "$cache/vocab" .device/cache/ 2>/dev/null || true
+echo "[bundle] wheels"
+$PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .device/wheels cffi pycparser "gguf>=0.17" diskcache
+du -sh .device .device/*
