@@ -29,7 +29,7 @@ def sh(cmd, env=None, timeout=600) -> subprocess.CompletedProcess:
 
 def greedy(model: Path, steps: int, plugin: bool, tmp: Path) -> dict:
     out = tmp / f"{model.stem}-{'mk' if plugin else 'stock'}.npz"
-    cmd = [sys.executable, "-m", "llama_megakernel.greedy", str(model), str(out), "--steps", str(steps)]
+    cmd = [sys.executable, "-m", "llama_megakernel.greedy", str(model), str(out), "--steps", str(steps), "--verbose"]
     if plugin:
         cmd.append("--plugin")
     r = sh(cmd)

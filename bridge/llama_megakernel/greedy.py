@@ -19,7 +19,7 @@ import numpy as np
 
 
 def run(model: str, steps: int, plugin: bool, flash_attn: bool = False, prompt: str = "The quick brown fox",
-        n_ctx: int = 512, n_threads: int | None = None, n_gpu_layers: int = -1):
+        n_ctx: int = 512, n_threads: int | None = None, n_gpu_layers: int = -1, verbose: bool = False):
     if plugin:
         import llama_megakernel
 
@@ -27,7 +27,7 @@ def run(model: str, steps: int, plugin: bool, flash_attn: bool = False, prompt: 
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
-                          n_threads=n_threads, seed=0, verbose=False)
+                          n_threads=n_threads, seed=0, verbose=verbose)
     n_vocab = llm.n_vocab()
     tokens = llm.tokenize(prompt.encode())
     n_prompt = len(tokens)
@@ -57,8 +57,12 @@ def main(argv=None) -> int:
     p.add_argument("--flash-attn", action="store_true")
     p.add_argument("--prompt", default="The quick brown fox")
     p.add_argument("--threads", type=int, default=None)
+    # llama-cpp-python 0.3.36 on a self-built CUDA llama.cpp (LLAMA_CPP_LIB_PATH) was seen to segfault inside
+    # Llama(verbose=False) on an H100, plugin or not; verbose=True avoids that path.
+    p.add_argument("--verbose", action="store_true")
     a = p.parse_args(argv)
-    tokens, n_prompt, logits, status = run(a.model, a.steps, a.plugin, a.flash_attn, a.prompt, n_threads=a.threads)
+    tokens, n_prompt, logits, status = run(a.model, a.steps, a.plugin, a.flash_attn, a.prompt, n_threads=a.threads,
+                                           verbose=a.verbose)
     np.savez(a.out, tokens=tokens, n_prompt=n_prompt, logits=logits, status=json.dumps(status))
     return 0
 
