@@ -2,7 +2,8 @@
 # The whole GPU check in one call on the GPU machine (no network): build stock llama.cpp with CUDA from the
 # pinned source, build the plugin, make the test models, check the plugin against stock (same binary, same
 # process kind), and time llama-bench with and without the plugin, interleaved.
-# Prepare here first: bash scripts/device-bundle.sh; then run with .device carried. Results go to $OUT.
+# Prepare here first: bash scripts/device-bundle.sh; then run `MK_COMMIT=<sha> bash scripts/gpu-check.sh` with
+# .device carried. Results go to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"

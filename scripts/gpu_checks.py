@@ -103,7 +103,8 @@ def main() -> int:
     models = Path(a.models)
     tmp = Path(tempfile.mkdtemp())
     smi = sh(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]).stdout.strip().split(", ")
-    commit = sh(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"]).stdout.strip() or "unknown"
+    # The device's copy of the tree has no .git: the caller passes MK_COMMIT=$(git rev-parse --short=12 HEAD).
+    commit = os.environ.get("MK_COMMIT") or sh(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"]).stdout.strip() or "unknown"
     result = {"date": datetime.date.today().isoformat(), "commit": commit, "llama_cpp_commit": "0c1e5709",
               "gpu": smi[0], "driver": smi[1] if len(smi) > 1 else "", "commands": [], "rows": [],
               "correctness": [],
