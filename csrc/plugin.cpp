@@ -143,7 +143,12 @@ ggml_backend_t mk_init_backend(ggml_backend_dev_t dev, const char * params) {
     init_backend_fn orig;
     {
         std::lock_guard<std::mutex> lock(s.mu);
-        orig = s.devices.at(dev);
+        auto it = s.devices.find(dev);
+        if (it == s.devices.end()) {  // only devices we wrapped point here; refuse rather than guess
+            GGML_LOG_ERROR("llama-megakernel: init_backend on a device it did not wrap\n");
+            return nullptr;
+        }
+        orig = it->second;
     }
     ggml_backend_t backend = orig(dev, params);
     if (backend == nullptr || backend->iface.graph_compute == nullptr) {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -58,12 +57,14 @@ def _generate(model_path: Path, prompt: str, n_tokens: int, stream: bool, n_ctx:
     first = None
     pieces = []
     for out in llm.create_completion(prompt, max_tokens=n_tokens, temperature=0.0, stream=True):
+        choice = out["choices"][0]
+        if choice.get("finish_reason") is not None and not choice["text"]:
+            break  # the closing chunk carries no token
         if first is None:
             first = time.perf_counter()
-        text = out["choices"][0]["text"]
-        pieces.append(text)
+        pieces.append(choice["text"])
         if stream:
-            print(text, end="", flush=True)
+            print(choice["text"], end="", flush=True)
     t1 = time.perf_counter()
     if stream:
         print(flush=True)
