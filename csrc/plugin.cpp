@@ -1,10 +1,14 @@
 // The ggml backend plugin: registry, interception of the compute backends, counters.
 //
-// Route (no patch, stock builds): when the plugin is initialised it wraps `init_backend` of every CPU and CUDA
-// device, so each backend created afterwards has its `graph_compute` routed here first. A graph the plugin
-// does not take goes to the saved original function unchanged, with the reason counted. The device and backend
-// interface tables are plain writable structs in ggml (see ggml-backend-impl.h), so this needs no patch; it must
-// happen before llama.cpp creates its context, which both GGML_BACKEND_PATH (tools) and the Python bridge do.
+// Two routes to the graphs, chosen per backend when the plugin is initialised:
+// - hook (patched llama.cpp, patches/): ggml-cuda calls the plugin at the start of every graph computation,
+//   found through the CUDA registry's get_proc_address ("ggml_backend_cuda_set_graph_compute_hook").
+// - interception (stock builds, and the CPU backend always): wrap `init_backend` of every device, so each backend
+//   created afterwards has its `graph_compute` routed here first. The device and backend interface tables are
+//   plain writable structs in ggml (ggml-backend-impl.h); this must happen before llama.cpp creates its context,
+//   which both GGML_BACKEND_PATH (tools) and the Python bridge ensure.
+// Either way a graph the plugin does not take goes to the stock code unchanged, with the reason counted.
+// LLAMA_MEGAKERNEL_ROUTE=intercept forces interception where the hook exists (to compare the two).
 
 #include "llama-megakernel.h"
 
@@ -37,9 +41,12 @@ using init_backend_fn  = ggml_backend_t (*)(ggml_backend_dev_t, const char *);
 using graph_compute_fn = ggml_status (*)(ggml_backend_t, ggml_cgraph *);
 using backend_free_fn  = void (*)(ggml_backend_t);
 
+using cuda_hook_fn     = bool (*)(ggml_backend_t, ggml_cgraph *, void * stream, void * user_data);
+using set_cuda_hook_fn = void (*)(cuda_hook_fn, void *);
+
 struct wrapped_backend {
-    graph_compute_fn orig_compute;
-    backend_free_fn  orig_free;
+    graph_compute_fn orig_compute = nullptr;  // interception route only
+    backend_free_fn  orig_free    = nullptr;
     std::string      device;
     uint64_t         last_uid = 0;  // the scan is cached per split uid: a reused graph is not rescanned
     mk::graph_scan   last_scan;
@@ -53,8 +60,9 @@ struct graph_record {  // one distinct graph the plugin saw, for doctor/status
 
 struct state {
     std::mutex mu;
-    std::map<ggml_backend_dev_t, init_backend_fn> devices;
-    std::unordered_map<ggml_backend_t, wrapped_backend> backends;
+    std::map<ggml_backend_dev_t, init_backend_fn> devices;         // intercepted devices
+    std::unordered_map<ggml_backend_t, wrapped_backend> backends;  // backends whose graphs reach the plugin
+    std::map<std::string, std::string> routes;                     // registry -> "hook" or "intercept"
 
     std::atomic<bool> enabled{true};
     uint64_t graphs_seen = 0, graphs_handled = 0, graphs_handed_back = 0, decode_graphs_seen = 0;
@@ -88,38 +96,52 @@ void record(const std::string & backend, const mk::graph_scan & scan, bool new_g
     s.last_graphs.back().calls++;
 }
 
+// Decide for one graph; true if the plugin computed it. Called with s.mu held.
+bool take_graph(state & s, wrapped_backend & wb, ggml_cgraph * graph) {
+    if (!s.enabled.load()) {
+        s.graphs_while_disabled++;
+        return false;
+    }
+    bool new_graph = graph->uid == 0 || graph->uid != wb.last_uid;
+    if (new_graph) {
+        try {
+            wb.last_scan = mk::scan_graph(graph);
+        } catch (const std::exception & e) {
+            wb.last_scan = mk::graph_scan{};
+            wb.last_scan.reason = "internal-error";
+            wb.last_scan.detail = e.what();
+        }
+        wb.last_uid = graph->uid;
+    }
+    record(wb.device, wb.last_scan, new_graph);
+    return false;  // no executor yet: every graph goes back to the stock backend, unchanged
+}
+
 ggml_status mk_graph_compute(ggml_backend_t backend, ggml_cgraph * graph) {
     state & s = st();
     graph_compute_fn orig;
     {
         std::lock_guard<std::mutex> lock(s.mu);
         auto it = s.backends.find(backend);
-        if (it == s.backends.end()) {
+        if (it == s.backends.end() || it->second.orig_compute == nullptr) {
             // Cannot happen: only backends we wrapped point here. Refuse rather than guess a function.
             GGML_LOG_ERROR("llama-megakernel: graph_compute on a backend it did not wrap\n");
             return GGML_STATUS_FAILED;
         }
-        wrapped_backend & wb = it->second;
-        orig = wb.orig_compute;
-        if (!s.enabled.load()) {
-            s.graphs_while_disabled++;
-        } else {
-            bool new_graph = graph->uid == 0 || graph->uid != wb.last_uid;
-            if (new_graph) {
-                try {
-                    wb.last_scan = mk::scan_graph(graph);
-                } catch (const std::exception & e) {
-                    wb.last_scan = mk::graph_scan{};
-                    wb.last_scan.reason = "internal-error";
-                    wb.last_scan.detail = e.what();
-                }
-                wb.last_uid = graph->uid;
-            }
-            record(wb.device, wb.last_scan, new_graph);
+        orig = it->second.orig_compute;
+        if (take_graph(s, it->second, graph)) {
+            return GGML_STATUS_SUCCESS;
         }
     }
-    // No executor exists yet: every graph goes back to the stock backend, unchanged.
     return orig(backend, graph);
+}
+
+bool mk_cuda_hook(ggml_backend_t backend, ggml_cgraph * graph, void * /*stream*/, void * /*user_data*/) {
+    state & s = st();
+    std::lock_guard<std::mutex> lock(s.mu);
+    wrapped_backend & wb = s.backends[backend];  // created on first use; the hook route never frees it
+    wb.device = ggml_backend_name(backend);
+    return take_graph(s, wb, graph);
 }
 
 void mk_backend_free(ggml_backend_t backend) {
@@ -188,11 +210,21 @@ int install() {
     std::call_once(at_exit, [] { atexit(write_status_file); });
     state & s = st();
     std::lock_guard<std::mutex> lock(s.mu);
+    const char * route_env = getenv("LLAMA_MEGAKERNEL_ROUTE");
+    const bool force_intercept = route_env && std::string(route_env) == "intercept";
     for (const char * reg_name : {"CUDA", "CPU"}) {
         ggml_backend_reg_t reg = ggml_backend_reg_by_name(reg_name);
-        if (reg == nullptr) {
+        if (reg == nullptr || s.routes.count(reg_name)) {
             continue;
         }
+        auto set_hook = (set_cuda_hook_fn) ggml_backend_reg_get_proc_address(
+            reg, "ggml_backend_cuda_set_graph_compute_hook");
+        if (set_hook != nullptr && !force_intercept) {
+            set_hook(mk_cuda_hook, nullptr);
+            s.routes[reg_name] = "hook";
+            continue;
+        }
+        s.routes[reg_name] = "intercept";
         for (size_t i = 0; i < ggml_backend_reg_dev_count(reg); i++) {
             ggml_backend_dev_t dev = ggml_backend_reg_dev_get(reg, i);
             if (s.devices.count(dev) || dev->iface.init_backend == nullptr) {
@@ -202,7 +234,7 @@ int install() {
             dev->iface.init_backend = mk_init_backend;
         }
     }
-    return (int) s.devices.size();
+    return (int) s.routes.size();
 }
 
 // --- registry ---------------------------------------------------------------------------------------------
@@ -303,6 +335,13 @@ size_t llama_mk_status_json(char * buf, size_t size) {
         o = std::string("{") +
             "\"enabled\":" + (s.enabled.load() ? "true" : "false") +
             ",\"intercepted_devices\":" + dev_list +
+            ",\"routes\":" + [&] {
+                std::string r = "{";
+                for (auto it = s.routes.begin(); it != s.routes.end(); ++it) {
+                    r += (it == s.routes.begin() ? "" : ",") + mk::json_str(it->first) + ":" + mk::json_str(it->second);
+                }
+                return r + "}";
+            }() +
             ",\"live_backends\":" + std::to_string(s.backends.size()) +
             ",\"graphs_seen\":" + std::to_string(s.graphs_seen) +
             ",\"graphs_handled\":" + std::to_string(s.graphs_handled) +

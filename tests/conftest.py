@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,12 @@ ARCHS = sorted(models.SHAPES)
 def _model_cache() -> Path:
     # Keyed by the factory's own source: a change to the factory rebuilds every test model.
     digest = hashlib.sha256(Path(models.__file__).read_bytes()).hexdigest()[:12]
-    d = pinned.cache_dir() / "test-models" / digest
-    d.mkdir(parents=True, exist_ok=True)
+    root = pinned.cache_dir() / "test-models"
+    d = root / digest
+    if not d.is_dir():
+        for old in root.glob("*"):  # models of an older factory (several GB each): no test will use them again
+            shutil.rmtree(old, ignore_errors=True)
+        d.mkdir(parents=True, exist_ok=True)
     return d
 
 

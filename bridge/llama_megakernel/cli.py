@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -167,6 +168,113 @@ def cmd_make_model(args) -> int:
     return 0
 
 
+def cmd_patch(args) -> int:
+    from . import patching
+
+    fn = {"apply": lambda t: patching.apply(t, dry_run=args.dry_run),
+          "revert": lambda t: patching.revert(t, dry_run=args.dry_run),
+          "check": patching.check,
+          "status": lambda t: patching.status(t).describe()}[args.action]
+    try:
+        _say(fn(args.dir))
+    except patching.PatchError as e:
+        return _err(str(e))
+    return 0
+
+
+def cmd_fetch_llama_cpp(args) -> int:
+    from . import pinned
+
+    dest = Path(args.dir)
+    if dest.exists() and any(dest.iterdir()):
+        return _err(f"{dest} exists and is not empty")
+    try:
+        if args.git:
+            _say(f"cloning {args.git} at {pinned.LLAMA_CPP_COMMIT} into {dest}")
+            subprocess.run(["git", "clone", "--quiet", "--no-checkout", args.git, str(dest)], check=True)
+            subprocess.run(["git", "-C", str(dest), "checkout", "--quiet", pinned.LLAMA_CPP_COMMIT], check=True)
+        else:
+            src = pinned.ensure_tree()
+            _say(f"copying the pinned llama.cpp {pinned.LLAMA_CPP_COMMIT} (from the llama-cpp-python "
+                 f"{pinned.LLAMA_CPP_PYTHON_VERSION} sdist) into {dest}")
+            shutil.copytree(src, dest, dirs_exist_ok=True)
+        pinned.check_tree(dest)
+    except (pinned.PinnedTreeError, subprocess.CalledProcessError, OSError) as e:
+        return _err(str(e))
+    _say(f"done: {dest}")
+    return 0
+
+
+def _run_streaming(cmd: list[str], env=None) -> int:
+    _say("$ " + " ".join(cmd))
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as p:
+        for line in p.stdout:
+            print("  " + line.rstrip(), flush=True)
+    return p.returncode
+
+
+def cmd_build_llama_cpp(args) -> int:
+    from . import patching
+
+    tree = Path(args.dir).resolve()
+    try:
+        st = patching.status(tree)
+    except patching.PatchError as e:
+        return _err(str(e))
+    if st.state != "patched":
+        _say(f"note: the tree is {st.state}, not patched; the plugin will use interception "
+             f"(`llama-megakernel patch apply {tree}` adds the hooks)")
+    build = Path(args.build_dir).resolve() if args.build_dir else tree / "build"
+    cfg = ["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+           "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
+    if args.cuda:
+        cfg += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={args.cuda_arch}"]
+    if shutil.which("ninja"):
+        cfg += ["-G", "Ninja"]
+    cfg += args.cmake_arg or []
+    if _run_streaming(cfg) != 0:
+        return _err("CMake configuration failed (output above)")
+    bld = ["cmake", "--build", str(build), "-j", str(args.jobs)]
+    for t in args.target or []:
+        bld += ["--target", t]
+    if _run_streaming(bld) != 0:
+        return _err("the build failed (output above)")
+    _say(f"built in {build}; run the tools with GGML_BACKEND_PATH=$(llama-megakernel path)")
+    return 0
+
+
+def cmd_install_llama_cpp_python(args) -> int:
+    import tarfile
+    import tempfile
+
+    from . import patching, pinned
+
+    work = Path(tempfile.mkdtemp(prefix="mk-llama-cpp-python-"))
+    try:
+        sdist = pinned.sdist_path()
+        _say(f"unpacking {sdist.name} into {work}")
+        with tarfile.open(sdist) as tf:
+            tf.extractall(work)
+        src = work / f"llama_cpp_python-{pinned.LLAMA_CPP_PYTHON_VERSION}"
+        _say(patching.apply(src / "vendor" / "llama.cpp"))
+    except (pinned.PinnedTreeError, patching.PatchError, OSError, tarfile.TarError) as e:
+        return _err(str(e))
+    env = dict(os.environ)
+    cmake_args = env.get("CMAKE_ARGS", "")
+    if args.cuda and "GGML_CUDA" not in cmake_args:
+        cmake_args += " -DGGML_CUDA=on"
+    env["CMAKE_ARGS"] = cmake_args.strip()
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "-v", str(src)]
+    _say(f"CMAKE_ARGS={env['CMAKE_ARGS']!r}")
+    if args.dry_run:
+        _say("dry run: would run " + " ".join(cmd))
+        return 0
+    if _run_streaming(cmd, env=env) != 0:
+        return _err("pip failed to build the patched llama-cpp-python (output above)")
+    _say("installed the patched llama-cpp-python; `llama-megakernel doctor` shows the route in use")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import models
 
@@ -195,6 +303,34 @@ def main(argv: list[str] | None = None) -> int:
     mm.add_argument("out")
     mm.add_argument("--seed", type=int, default=0)
     mm.set_defaults(fn=cmd_make_model)
+
+    pt = sub.add_parser("patch", help="apply, check, revert or show llama-megakernel's llama.cpp patches")
+    pt.add_argument("action", choices=["apply", "check", "revert", "status"])
+    pt.add_argument("dir", help="a llama.cpp tree")
+    pt.add_argument("--dry-run", action="store_true", help="compute and verify, change nothing")
+    pt.set_defaults(fn=cmd_patch)
+
+    fe = sub.add_parser("fetch-llama-cpp", help="put the pinned llama.cpp tree in DIR")
+    fe.add_argument("dir")
+    fe.add_argument("--git", metavar="REPO", help="clone this llama.cpp git repository (path or URL) at the pinned "
+                                                  "commit instead of using the llama-cpp-python sdist")
+    fe.set_defaults(fn=cmd_fetch_llama_cpp)
+
+    bl = sub.add_parser("build-llama-cpp", help="configure and build a (patched) llama.cpp tree with CMake")
+    bl.add_argument("dir")
+    bl.add_argument("--cuda", action="store_true")
+    bl.add_argument("--cuda-arch", default="native", help="CMAKE_CUDA_ARCHITECTURES (default: native)")
+    bl.add_argument("--build-dir")
+    bl.add_argument("--target", action="append", help="build only this target (repeatable)")
+    bl.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
+    bl.add_argument("--cmake-arg", action="append", help="extra CMake argument (repeatable)")
+    bl.set_defaults(fn=cmd_build_llama_cpp)
+
+    ip = sub.add_parser("install-llama-cpp-python",
+                        help="build and install llama-cpp-python 0.3.36 with the patches applied (honours CMAKE_ARGS)")
+    ip.add_argument("--cuda", action="store_true", help="add -DGGML_CUDA=on to CMAKE_ARGS")
+    ip.add_argument("--dry-run", action="store_true")
+    ip.set_defaults(fn=cmd_install_llama_cpp_python)
 
     args = p.parse_args(argv)
     return args.fn(args)

@@ -84,7 +84,8 @@ def ensure_tree() -> Path:
                 if not m.name.startswith(prefix) or not (m.isfile() or m.isdir()):
                     continue
                 m.name = m.name[len(prefix):]
-                if m.name:
+                # .git there is the sdist's submodule pointer, meaningless (and harmful to git) outside it
+                if m.name and m.name != ".git":
                     members.append(m)
             tf.extractall(tmp, members=members, filter="data") if sys.version_info >= (3, 12) else tf.extractall(tmp, members=members)
         if not (tmp / "ggml" / "include" / "ggml.h").is_file():
