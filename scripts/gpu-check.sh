@@ -16,14 +16,19 @@ python3 -m pip install -q --no-index --no-deps --target $W/site .device/wheels/*
 export PYTHONPATH=$PWD/bridge:$PWD/.device:$W/site
 export LLAMA_MEGAKERNEL_CACHE=$PWD/.device/cache
 
-stamp "llama.cpp (pinned, CUDA, sm_90)"
+stamp "llama.cpp (pinned, CUDA, sm_90, with llama-megakernel's patches)"
 tar -xzf .device/llama.cpp.tar.gz -C $W
 export LLAMA_CPP_DIR=$(ls -d $W/llama.cpp-*)
+# The patched build carries both routes: the hook (default) and interception (LLAMA_MEGAKERNEL_ROUTE=intercept);
+# without the plugin it is stock llama.cpp (the patches are additive).
+python3 -m llama_megakernel patch apply $LLAMA_CPP_DIR || { echo "patch CLI failed, falling back to patch(1)";
+  for p in patches/0c1e5709/0*.patch; do patch -s -p1 -d $LLAMA_CPP_DIR -i $PWD/$p; done; }
+python3 -m llama_megakernel patch status $LLAMA_CPP_DIR
 if [ ! -x $W/build/bin/llama-bench ]; then
   cmake -S $LLAMA_CPP_DIR -B $W/build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release > $W/cmake.log
-  cmake --build $W/build --target llama-bench llama-quantize -j16 > $W/build.log 2>&1 || { tail -50 $W/build.log; exit 1; }
+  cmake --build $W/build --target llama-bench llama-quantize llama-completion -j16 > $W/build.log 2>&1 || { tail -50 $W/build.log; exit 1; }
 fi
 export LLAMA_CPP_LIB_PATH=$W/build/bin
 
@@ -41,5 +46,5 @@ for spec in "llama tiny" "llama smollm2-135m"; do
 done
 
 stamp "checks"
-python3 scripts/gpu_checks.py --models $M --bench $W/build/bin/llama-bench --out "$OUT/gpu-check.json"
+python3 scripts/gpu_checks.py --models $M --bin $W/build/bin --out "$OUT/gpu-check.json"
 stamp "done"

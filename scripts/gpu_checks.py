@@ -1,9 +1,12 @@
 """GPU checks run by scripts/gpu-check.sh on the GPU machine; writes a results file in the shape of
 shared/design/results-schema.md.
 
-1. Correctness through the Python bridge on CUDA: greedy decoding in a stock process and in a process with
-   the plugin enabled, compared bit for bit, with the plugin's counters.
-2. llama-bench, same binary, interleaved A/B: stock vs the plugin loaded through GGML_BACKEND_PATH.
+The llama.cpp build is the patched one, so one binary gives three configurations:
+  stock      no plugin (the patches are additive; with no hook set ggml-cuda behaves as released)
+  hook       plugin through GGML_BACKEND_PATH, reaching CUDA graphs through the patched hook
+  intercept  the same with LLAMA_MEGAKERNEL_ROUTE=intercept: the no-patch route of stock builds
+Checks: greedy text from llama-completion is identical in all three; llama-bench tg128/pp512 with the order of
+the three rotated every round (medians); the Python bridge's greedy decoding bit for bit against stock.
 """
 
 from __future__ import annotations
@@ -21,122 +24,151 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ("stock", "hook", "intercept")
 
 
 def sh(cmd, env=None, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def greedy(model: Path, steps: int, plugin: bool, tmp: Path) -> dict:
-    out = tmp / f"{model.stem}-{'mk' if plugin else 'stock'}.npz"
-    cmd = [sys.executable, "-m", "llama_megakernel.greedy", str(model), str(out), "--steps", str(steps), "--verbose"]
-    if plugin:
-        cmd.append("--plugin")
-    env = dict(os.environ, PYTHONFAULTHANDLER="1")
-    r = sh(["stdbuf", "-o0", "-e0"] + cmd, env=env)
-    if r.returncode != 0:
-        tail = "\n".join(l for l in r.stderr.splitlines() if "control token" not in l)[-2500:]
-        raise RuntimeError(f"greedy failed (rc {r.returncode}): {' '.join(cmd)}\n{tail}")
-    z = np.load(out)
-    return {"tokens": z["tokens"], "logits": z["logits"], "status": json.loads(str(z["status"])), "cmd": cmd}
-
-
-def check_bridge(model: Path, steps: int, tmp: Path) -> tuple[dict, list[str]]:
-    stock = greedy(model, steps, False, tmp)
-    mk = greedy(model, steps, True, tmp)
-    st = mk["status"]
-    cuda_decode = sum(g["calls"] for g in st["last_graphs"] if g["backend"].startswith("CUDA") and g["scan"]["decode"])
-    res = {
-        "model": model.stem, "check": f"bridge-greedy-{steps}-bitwise-identical-to-stock",
-        "tokens_identical": bool(np.array_equal(stock["tokens"], mk["tokens"])),
-        "logits_bitwise_identical": bool(np.array_equal(stock["logits"].view(np.uint32), mk["logits"].view(np.uint32))),
-        "intercepted_devices": st["intercepted_devices"],
-        "decode_graphs_seen": st["decode_graphs_seen"], "decode_graphs_on_cuda_in_last_graphs": cuda_decode,
-        "reasons": st["reasons"],
-    }
-    res["passed"] = (res["tokens_identical"] and res["logits_bitwise_identical"]
-                     and any(d.startswith("CUDA") for d in st["intercepted_devices"])
-                     and st["decode_graphs_seen"] == steps - 1)
-    return res, [" ".join(stock["cmd"]), " ".join(mk["cmd"])]
-
-
-def bench_once(bench: str, model: Path, args: list[str], plugin: bool, status_file: Path) -> tuple[float, dict | None]:
+def env_for(config: str, status_file: Path | None = None) -> dict:
     env = dict(os.environ)
-    env.pop("GGML_BACKEND_PATH", None)
-    if plugin:
+    for k in ("GGML_BACKEND_PATH", "LLAMA_MEGAKERNEL_ROUTE", "LLAMA_MEGAKERNEL_STATUS_FILE"):
+        env.pop(k, None)
+    if config != "stock":
         env["GGML_BACKEND_PATH"] = env["LLAMA_MEGAKERNEL_PLUGIN"]
-        env["LLAMA_MEGAKERNEL_STATUS_FILE"] = str(status_file)
-        status_file.unlink(missing_ok=True)
-    cmd = [bench, "-m", str(model), "-o", "json"] + args
-    r = sh(cmd, env=env)
-    if r.returncode != 0:
-        raise RuntimeError(f"llama-bench failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    rows = json.loads(r.stdout)
-    assert len(rows) == 1, rows
-    status = json.loads(status_file.read_text()) if plugin else None
-    return float(rows[0]["avg_ts"]), status
+        if status_file:
+            env["LLAMA_MEGAKERNEL_STATUS_FILE"] = str(status_file)
+            status_file.unlink(missing_ok=True)
+    if config == "intercept":
+        env["LLAMA_MEGAKERNEL_ROUTE"] = "intercept"
+    return env
 
 
-def bench_ab(bench: str, model: Path, args: list[str], rounds: int, tmp: Path) -> dict:
-    stock, mk, statuses = [], [], []
-    for _ in range(rounds):  # A B A B ...
-        stock.append(bench_once(bench, model, args, False, tmp / "st.json")[0])
-        v, st = bench_once(bench, model, args, True, tmp / "st.json")
-        mk.append(v)
-        statuses.append(st)
-    s, m = statistics.median(stock), statistics.median(mk)
-    last = statuses[-1]
-    return {"stock_tok_s": round(s, 1), "mk_tok_s": round(m, 1), "ratio": round(m / s, 4),
-            "stock_runs": stock, "mk_runs": mk, "rounds": rounds,
-            "plugin_intercepted": last["intercepted_devices"], "plugin_graphs_seen": last["graphs_seen"],
-            "plugin_decode_graphs_seen": last["decode_graphs_seen"], "plugin_reasons": last["reasons"],
-            "command": " ".join([bench, "-m", str(model)] + args)}
+def plugin_summary(status_file: Path) -> dict:
+    st = json.loads(status_file.read_text())
+    cuda = [g for g in st["last_graphs"] if g["backend"].startswith("CUDA")]
+    return {"routes": st["routes"], "graphs_seen": st["graphs_seen"], "decode_graphs_seen": st["decode_graphs_seen"],
+            "reasons": st["reasons"], "cuda_graphs_in_last": sum(g["calls"] for g in cuda)}
+
+
+def check_completion(bindir: Path, model: Path, tmp: Path) -> tuple[dict, list[str]]:
+    texts, plugin, cmds = {}, {}, []
+    cmd = [str(bindir / "llama-completion"), "-m", str(model), "-p", "The quick brown fox", "-n", "64",
+           "--temp", "0", "--seed", "0", "-ngl", "99", "-no-cnv"]
+    for c in CONFIGS:
+        sf = tmp / f"completion-{c}.json"
+        r = sh(cmd, env=env_for(c, sf))
+        if r.returncode != 0:
+            raise RuntimeError(f"llama-completion ({c}) failed: {r.stderr[-2000:]}")
+        texts[c] = r.stdout
+        if c != "stock":
+            plugin[c] = plugin_summary(sf)
+    cmds.append(" ".join(cmd) + "  (stock / GGML_BACKEND_PATH=<plugin> / + LLAMA_MEGAKERNEL_ROUTE=intercept)")
+    res = {"model": model.stem, "check": "llama-completion-greedy-64-same-text-stock-hook-intercept",
+           "identical": texts["stock"] == texts["hook"] == texts["intercept"], "text_chars": len(texts["stock"]),
+           "plugin": plugin}
+    res["passed"] = (res["identical"] and plugin["hook"]["routes"].get("CUDA") == "hook"
+                     and plugin["intercept"]["routes"].get("CUDA") == "intercept"
+                     and all(p["cuda_graphs_in_last"] > 0 and p["decode_graphs_seen"] >= 63 for p in plugin.values()))
+    return res, cmds
+
+
+def bench(bindir: Path, model: Path, test: str, args: list[str], rounds: int, tmp: Path) -> dict:
+    runs = {c: [] for c in CONFIGS}
+    last = {}
+    cmd = [str(bindir / "llama-bench"), "-m", str(model), "-o", "json"] + args
+    for i in range(rounds):
+        order = CONFIGS[i % 3:] + CONFIGS[:i % 3]  # rotate, so no configuration always runs first
+        for c in order:
+            sf = tmp / f"bench-{c}.json"
+            r = sh(cmd, env=env_for(c, sf))
+            if r.returncode != 0:
+                raise RuntimeError(f"llama-bench ({c}) failed: {r.stderr[-2000:]}")
+            runs[c].append(float(json.loads(r.stdout)[0]["avg_ts"]))
+            if c != "stock":
+                last[c] = plugin_summary(sf)
+    med = {c: statistics.median(v) for c, v in runs.items()}
+    return {"model": model.stem, "test": test, "depth": 0, "reps": 5, "rounds": rounds,
+            "stock_tok_s": round(med["stock"], 1), "mk_tok_s": round(med["hook"], 1),
+            "ratio": round(med["hook"] / med["stock"], 4),
+            "intercept_tok_s": round(med["intercept"], 1), "intercept_ratio": round(med["intercept"] / med["stock"], 4),
+            "runs": runs, "plugin": last, "command": " ".join(cmd[:-2] + args)}
+
+
+def check_bridge(model: Path, steps: int, tmp: Path) -> dict:
+    """Greedy through llama-cpp-python (LLAMA_CPP_LIB_PATH = this build), stock process vs plugin process."""
+    out = {}
+    for plugin in (False, True):
+        f = tmp / f"{model.stem}-{plugin}.npz"
+        cmd = [sys.executable, "-m", "llama_megakernel.greedy", str(model), str(f), "--steps", str(steps), "--verbose"]
+        if plugin:
+            cmd.append("--plugin")
+        r = sh(cmd, env=dict(env_for("stock"), PYTHONFAULTHANDLER="1"))
+        if r.returncode != 0:
+            bt = sh(["cuda-gdb", "-batch", "-ex", "run", "-ex", "bt 25", "--args"] + cmd, timeout=300)
+            frames = [l for l in bt.stdout.splitlines() if l.startswith("#")]
+            return {"model": model.stem, "check": f"bridge-greedy-{steps}-bitwise-identical-to-stock",
+                    "passed": False, "failed_process": "plugin" if plugin else "stock", "rc": r.returncode,
+                    "native_backtrace": frames[:25] or bt.stdout[-1500:].splitlines()}
+        z = np.load(f)
+        out[plugin] = (z["tokens"], z["logits"], json.loads(str(z["status"])))
+    st = out[True][2]
+    res = {"model": model.stem, "check": f"bridge-greedy-{steps}-bitwise-identical-to-stock",
+           "tokens_identical": bool(np.array_equal(out[False][0], out[True][0])),
+           "logits_bitwise_identical": bool(np.array_equal(out[False][1].view(np.uint32), out[True][1].view(np.uint32))),
+           "routes": st["routes"], "decode_graphs_seen": st["decode_graphs_seen"], "reasons": st["reasons"]}
+    res["passed"] = res["tokens_identical"] and res["logits_bitwise_identical"] and st["decode_graphs_seen"] == steps - 1
+    return res
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--models", required=True)
-    p.add_argument("--bench", required=True)
+    p.add_argument("--bin", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
-    models = Path(a.models)
+    models, bindir = Path(a.models), Path(a.bin)
     tmp = Path(tempfile.mkdtemp())
     smi = sh(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]).stdout.strip().split(", ")
     # The device's copy of the tree has no .git: the caller passes MK_COMMIT=$(git rev-parse --short=12 HEAD).
-    commit = os.environ.get("MK_COMMIT") or sh(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"]).stdout.strip() or "unknown"
+    commit = os.environ.get("MK_COMMIT") or "unknown"
     result = {"date": datetime.date.today().isoformat(), "commit": commit, "llama_cpp_commit": "0c1e5709",
               "gpu": smi[0], "driver": smi[1] if len(smi) > 1 else "", "commands": [], "rows": [],
               "correctness": [],
-              "what": "interception only: the plugin recognises and hands back every graph (no executor yet); "
-                      "mk_* columns are llama.cpp with the plugin loaded, i.e. the interception's overhead"}
+              "what": "patched llama.cpp build; no executor yet, so the plugin hands every graph back: mk_* is the "
+                      "hook route's cost, intercept_* the no-patch route's"}
 
     for name in ("llama-tiny-q4_0", "llama-smollm2-135m-q4_0"):
         try:
-            res, cmds = check_bridge(models / f"{name}.gguf", 64, tmp)
+            res, cmds = check_completion(bindir, models / f"{name}.gguf", tmp)
             result["commands"] += cmds
-        except RuntimeError as e:
-            res = {"model": name, "check": "bridge-greedy-64-bitwise-identical-to-stock", "passed": False,
-                   "error": str(e)}
+        except (RuntimeError, KeyError, subprocess.TimeoutExpired) as e:  # record, and go on to the benchmark
+            res = {"model": name, "check": "llama-completion-greedy-64-same-text-stock-hook-intercept",
+                   "passed": False, "error": str(e)[-1500:]}
         result["correctness"].append(res)
         print(json.dumps(res), flush=True)
 
-    for name, test, args in [("llama-smollm2-135m-q4_0", "tg128", ["-p", "0", "-n", "128", "-r", "5"]),
-                             ("llama-smollm2-135m-q4_0", "pp512", ["-p", "512", "-n", "0", "-r", "5"])]:
-        row = {"model": name, "test": test, "depth": 0, "reps": 5}
-        row.update(bench_ab(a.bench, models / f"{name}.gguf", args, a.rounds, tmp))
+    m = models / "llama-smollm2-135m-q4_0.gguf"
+    for test, args in (("tg128", ["-p", "0", "-n", "128", "-r", "5"]), ("pp512", ["-p", "512", "-n", "0", "-r", "5"])):
+        row = bench(bindir, m, test, args, a.rounds, tmp)
         result["rows"].append(row)
-        result["commands"].append(row["command"] + "  (A: stock; B: GGML_BACKEND_PATH=<plugin>)")
+        result["commands"].append(row["command"] + "  (order of stock/hook/intercept rotated each round)")
         print(json.dumps(row), flush=True)
 
+    res = check_bridge(models / "llama-tiny-q4_0.gguf", 32, tmp)
+    result["correctness"].append(res)
+    print(json.dumps(res), flush=True)
+
     Path(a.out).write_text(json.dumps(result, indent=1))
-    ok = all(c["passed"] for c in result["correctness"])
-    print(f"\n{'model':28s} {'test':6s} {'stock tok/s':>12s} {'plugin tok/s':>12s} {'ratio':>7s}")
+    print(f"\n{'model':26s} {'test':6s} {'stock':>9s} {'hook':>9s} {'ratio':>6s} {'intercept':>9s} {'ratio':>6s}")
     for r in result["rows"]:
-        print(f"{r['model']:28s} {r['test']:6s} {r['stock_tok_s']:12.1f} {r['mk_tok_s']:12.1f} {r['ratio']:7.3f}")
+        print(f"{r['model']:26s} {r['test']:6s} {r['stock_tok_s']:9.1f} {r['mk_tok_s']:9.1f} {r['ratio']:6.3f} "
+              f"{r['intercept_tok_s']:9.1f} {r['intercept_ratio']:6.3f}")
     for c in result["correctness"]:
-        print(f"{c['model']:28s} {c['check']}: {'PASS' if c['passed'] else 'FAIL'}")
-    return 0 if ok else 1
+        print(f"{c['model']:26s} {c['check']}: {'PASS' if c['passed'] else 'FAIL'}")
+    return 0
 
 
 if __name__ == "__main__":
