@@ -69,6 +69,7 @@ def test_apply_status_reapply_revert_is_exact(tree, pristine):
     assert {k for k in after if after[k] != before.get(k)} == set(TARGETS)
     cu = (tree / "ggml/src/ggml-cuda/ggml-cuda.cu").read_text()
     assert "ggml_backend_cuda_set_graph_compute_hook" in cu and "ggml_backend_cuda_get_stream" in cu
+    assert 'getenv("GGML_BACKEND_PATH")' in (tree / "src/llama.cpp").read_text()
 
     r = cli("patch", "status", str(tree))
     assert r.returncode == 0 and ": patched" in r.stdout
@@ -126,9 +127,12 @@ def test_not_a_llama_cpp_tree_is_refused(tmp_path):
     assert r.returncode != 0 and "not a llama.cpp tree" in r.stderr
 
 
-def test_patched_ggml_builds_for_cpu(tree, tmp_path):
+def test_patched_tree_builds_for_cpu(tree, tmp_path):
+    # ggml for the CPU backend, and the one llama source file the series changes (its object, not all of llama)
     assert cli("patch", "apply", str(tree)).returncode == 0
-    r = cli("build-llama-cpp", str(tree), "--build-dir", str(tmp_path / "build"), "--target", "ggml", "-j", "2",
+    r = cli("build-llama-cpp", str(tree), "--build-dir", str(tmp_path / "build"), "--target", "ggml",
+            "--target", "src/CMakeFiles/llama.dir/llama.cpp.o", "-j", "2",
             "--cmake-arg=-DGGML_NATIVE=OFF", "--cmake-arg=-DLLAMA_BUILD_TOOLS=OFF")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert list((tmp_path / "build").rglob("libggml.so*"))
+    assert list((tmp_path / "build").rglob("llama.cpp.o"))

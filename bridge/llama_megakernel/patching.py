@@ -64,7 +64,7 @@ class TreeState:
     tree: Path
     series: Series | None
     state: str                              # clean, patched, partial, modified, unknown
-    steps: dict[str, int | None] = field(default_factory=dict)  # file -> patches applied (None: matches none)
+    steps: dict[str, set[int]] = field(default_factory=dict)  # file -> how many patches it may have (empty: none)
     ggml_version: str | None = None
 
     def describe(self) -> str:
@@ -73,9 +73,9 @@ class TreeState:
         if self.series is None:
             return f"{head}, unknown llama.cpp version (supported: {', '.join(s.commit for s in all_series())})"
         lines = [f"{head}, llama.cpp {self.series.commit}: {self.state}"]
-        for f, k in self.steps.items():
-            what = "modified (matches no known version)" if k is None else (
-                "original" if k == 0 else ("patched" if k == n else f"after patch {k} of {n}"))
+        for f, ks in self.steps.items():
+            what = ("modified (matches no known version)" if not ks else "patched" if n in ks else
+                    "original" if 0 in ks else f"after patch {max(ks)} of {n}")
             lines.append(f"  {f}: {what}")
         return "\n".join(lines)
 
@@ -93,18 +93,18 @@ def status(tree: str | os.PathLike) -> TreeState:
     ver = pinned.ggml_version_of(tree)
     best = None
     for s in all_series():
+        # A file untouched by a patch has the same hash before and after it, so each file may be at several steps.
         steps = {}
         for f, hashes in s.files.items():
             h = _sha256(tree / f)
-            steps[f] = hashes.index(h) if h in hashes else None
-        known = [k for k in steps.values() if k is not None]
-        if not known and ver != s.ggml_version:
+            steps[f] = {k for k, x in enumerate(hashes) if x == h}
+        if not any(steps.values()) and ver != s.ggml_version:
             continue  # nothing of this series here: another llama.cpp
-        if None in steps.values():
+        if not all(steps.values()):
             state = "modified"
-        elif all(k == 0 for k in known):
+        elif all(0 in ks for ks in steps.values()):
             state = "clean"
-        elif all(k == len(s.patches) for k in known):
+        elif all(len(s.patches) in ks for ks in steps.values()):
             state = "patched"
         else:
             state = "partial"
