@@ -97,7 +97,7 @@ def bench(bindir: Path, model: Path, test: str, args: list[str], rounds: int, tm
             "stock_tok_s": round(med["stock"], 1), "mk_tok_s": round(med["hook"], 1),
             "ratio": round(med["hook"] / med["stock"], 4),
             "intercept_tok_s": round(med["intercept"], 1), "intercept_ratio": round(med["intercept"] / med["stock"], 4),
-            "runs": runs, "plugin": last, "command": " ".join(cmd[:-2] + args)}
+            "runs": runs, "plugin": last, "command": " ".join(cmd)}
 
 
 def check_bridge(model: Path, steps: int, tmp: Path) -> dict:
