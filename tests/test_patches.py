@@ -136,3 +136,10 @@ def test_patched_tree_builds_for_cpu(tree, tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert list((tmp_path / "build").rglob("libggml.so*"))
     assert list((tmp_path / "build").rglob("llama.cpp.o"))
+
+
+def test_install_llama_cpp_python_dry_run_patches_the_vendored_tree():
+    r = cli("install-llama-cpp-python", "--cuda", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "applied 3 patches" in r.stdout and ": patched" in r.stdout
+    assert "-DGGML_CUDA=on" in r.stdout and "pip install" in r.stdout

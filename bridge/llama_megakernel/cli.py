@@ -115,6 +115,8 @@ def cmd_doctor(args) -> int:
     else:
         _say("  CPU-only build (no CUDA compiler at build time)")
     st = mk.status()
+    routes = ", ".join(f"{reg}: {how}" for reg, how in st["routes"].items()) or "(none)"
+    _say(f"routes: {routes}  (intercept = no-patch route; hook = patched llama.cpp)")
     _say(f"interception: {'active' if st['intercepted_devices'] else 'NOT active'} on devices "
          f"{', '.join(st['intercepted_devices']) or '(none)'}")
     _say("executor: none yet in this build; every graph is handed back to stock llama.cpp with its reason")
@@ -249,28 +251,29 @@ def cmd_install_llama_cpp_python(args) -> int:
 
     from . import patching, pinned
 
-    work = Path(tempfile.mkdtemp(prefix="mk-llama-cpp-python-"))
-    try:
-        sdist = pinned.sdist_path()
-        _say(f"unpacking {sdist.name} into {work}")
-        with tarfile.open(sdist) as tf:
-            tf.extractall(work)
-        src = work / f"llama_cpp_python-{pinned.LLAMA_CPP_PYTHON_VERSION}"
-        _say(patching.apply(src / "vendor" / "llama.cpp"))
-    except (pinned.PinnedTreeError, patching.PatchError, OSError, tarfile.TarError) as e:
-        return _err(str(e))
     env = dict(os.environ)
     cmake_args = env.get("CMAKE_ARGS", "")
     if args.cuda and "GGML_CUDA" not in cmake_args:
         cmake_args += " -DGGML_CUDA=on"
     env["CMAKE_ARGS"] = cmake_args.strip()
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "-v", str(src)]
-    _say(f"CMAKE_ARGS={env['CMAKE_ARGS']!r}")
-    if args.dry_run:
-        _say("dry run: would run " + " ".join(cmd))
-        return 0
-    if _run_streaming(cmd, env=env) != 0:
-        return _err("pip failed to build the patched llama-cpp-python (output above)")
+    with tempfile.TemporaryDirectory(prefix="mk-llama-cpp-python-") as work:
+        try:
+            sdist = pinned.sdist_path()
+            _say(f"unpacking {sdist.name} into {work}")
+            with tarfile.open(sdist) as tf:
+                tf.extractall(work)
+            src = Path(work) / f"llama_cpp_python-{pinned.LLAMA_CPP_PYTHON_VERSION}"
+            _say(patching.apply(src / "vendor" / "llama.cpp"))
+            _say(patching.status(src / "vendor" / "llama.cpp").describe())
+        except (pinned.PinnedTreeError, patching.PatchError, OSError, tarfile.TarError) as e:
+            return _err(str(e))
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "-v", str(src)]
+        _say(f"CMAKE_ARGS={env['CMAKE_ARGS']!r}")
+        if args.dry_run:
+            _say("dry run: would run " + " ".join(cmd))
+            return 0
+        if _run_streaming(cmd, env=env) != 0:
+            return _err("pip failed to build the patched llama-cpp-python (output above)")
     _say("installed the patched llama-cpp-python; `llama-megakernel doctor` shows the route in use")
     return 0
 
