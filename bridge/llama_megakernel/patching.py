@@ -180,28 +180,29 @@ def _write_all(tree: Path, contents: dict[str, bytes]) -> None:
                 tmp.unlink()
 
 
-def apply(tree, dry_run: bool = False) -> str:
+def _change(tree, reverse: bool, dry_run: bool) -> str:
     st = status(tree)
-    if st.state == "patched":
-        return f"already patched (llama.cpp {st.series.commit}); nothing to do"
-    _refuse_unless(st, ("clean",), "apply the patches")
-    contents = _transform(st, reverse=False)
+    if st.state == ("clean" if reverse else "patched"):
+        return "not patched; nothing to revert" if reverse else \
+            f"already patched (llama.cpp {st.series.commit}); nothing to do"
+    verb = "revert" if reverse else "apply"
+    _refuse_unless(st, ("patched" if reverse else "clean",), f"{verb} the patches")
+    contents = _transform(st, reverse=reverse)
+    n = len(st.series.patches)
     if dry_run:
-        return f"would apply {len(st.series.patches)} patches to {len(contents)} files (dry run; nothing changed)"
+        return f"would {verb} {n} patches in {len(contents)} files (dry run; nothing changed)"
     _write_all(st.tree, contents)
-    return f"applied {len(st.series.patches)} patches ({', '.join(st.series.patches)})"
+    if reverse:
+        return f"reverted {n} patches; the files are as released"
+    return f"applied {n} patches ({', '.join(st.series.patches)})"
+
+
+def apply(tree, dry_run: bool = False) -> str:
+    return _change(tree, reverse=False, dry_run=dry_run)
 
 
 def revert(tree, dry_run: bool = False) -> str:
-    st = status(tree)
-    if st.state == "clean":
-        return "not patched; nothing to revert"
-    _refuse_unless(st, ("patched",), "revert the patches")
-    contents = _transform(st, reverse=True)
-    if dry_run:
-        return f"would revert {len(st.series.patches)} patches in {len(contents)} files (dry run; nothing changed)"
-    _write_all(st.tree, contents)
-    return f"reverted {len(st.series.patches)} patches; the files are as released"
+    return _change(tree, reverse=True, dry_run=dry_run)
 
 
 def check(tree) -> str:
