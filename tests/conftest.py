@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,9 @@ def _model_cache() -> Path:
     root = pinned.cache_dir() / "test-models"
     d = root / digest
     if not d.is_dir():
-        for old in root.glob("*"):  # models of an older factory (several GB each): no test will use them again
-            shutil.rmtree(old, ignore_errors=True)
+        for old in root.glob("*"):  # models of an older factory (several GB each), unless another run is using them
+            if time.time() - old.stat().st_mtime > 3600:
+                shutil.rmtree(old, ignore_errors=True)
         d.mkdir(parents=True, exist_ok=True)
     return d
 

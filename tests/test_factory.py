@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from llama_megakernel import models
@@ -75,3 +76,15 @@ def test_padded_vocabulary(tmp_path):
     w = GGUFWriter(str(tmp_path / "v.gguf"), "llama")
     n = models._copy_tokenizer(w, models.pinned.vocab_path("qwen35"), 160000)
     assert n == 160000
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f16_base_loads_and_generates(arch, tmp_path):
+    # Real shapes start from an F16 base (tiny ones from F32); write a tiny model through that path.
+    s = models.SHAPES[arch]["tiny"]
+    path = tmp_path / f"{arch}-f16base.gguf"
+    models._write_base(arch, s, path, np.float16, seed=1, progress=None)
+    r = run_py(LOAD_AND_GENERATE % (json.dumps([(str(path), 16)]),))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])[str(path)]
+    assert got["finite"] and got["distinct"] > 4

@@ -91,7 +91,9 @@ def _tensors(arch: str, s: Shape, n_vocab: int) -> list[tuple[str, tuple[int, ..
     """(name, ggml shape ne0..., init) for every tensor llama.cpp's loader requires for `arch`."""
     E, hd, F = s.n_embd, s.head_dim, s.n_ff
     q, kv = s.n_head * hd, s.n_head_kv * hd
-    t = [("token_embd.weight", (E, n_vocab), "embd"), ("output_norm.weight", (E,), "ones")]
+    # A tied embedding is also the output head: scale it like one. Scaled like an input (std 1) it would swamp
+    # the residual stream, and greedy decoding would repeat the input token.
+    t = [("token_embd.weight", (E, n_vocab), "head" if s.tied else "embd"), ("output_norm.weight", (E,), "ones")]
     if not s.tied:
         t.append(("output.weight", (E, n_vocab), "head"))
     for i in range(s.n_layer):
@@ -123,7 +125,7 @@ def _tensors(arch: str, s: Shape, n_vocab: int) -> list[tuple[str, tuple[int, ..
                 vd = x["ssm_heads_v"] * x["ssm_head_dim"]
                 hv = x["ssm_heads_v"]
                 t += [(b + "attn_qkv.weight", (E, 2 * kd + vd), "mat"), (b + "attn_gate.weight", (E, vd), "mat"),
-                      (b + "ssm_conv1d.weight", (x["conv_kernel"], 2 * kd + vd), "mat"),
+                      (b + "ssm_conv1d.weight", (x["conv_kernel"], 2 * kd + vd), "conv"),
                       (b + "ssm_dt.bias", (hv,), "dt_bias"), (b + "ssm_a", (hv,), "ssm_a"),
                       (b + "ssm_beta.weight", (E, hv), "mat"), (b + "ssm_alpha.weight", (E, hv), "mat"),
                       (b + "ssm_norm.weight", (x["ssm_head_dim"],), "ones"),
@@ -142,6 +144,8 @@ def _init(rng: np.random.Generator, ne: tuple[int, ...], kind: str) -> np.ndarra
         return rng.standard_normal(shape, np.float32)
     if kind == "head":  # logits with a std of a few units: a clear but not degenerate greedy choice
         return rng.standard_normal(shape, np.float32) * np.float32(4.0 / np.sqrt(ne[0]))
+    if kind == "conv":  # depthwise causal conv1d over `kernel` taps
+        return rng.standard_normal(shape, np.float32) * np.float32(1.0 / np.sqrt(ne[0]))
     if kind == "mat":
         return rng.standard_normal(shape, np.float32) * np.float32(1.0 / np.sqrt(ne[0]))
     if kind == "ssm_a":  # -exp(A_log): negative, so the decay exp(a * softplus(.)) stays in (0, 1)
@@ -246,8 +250,9 @@ def _write_base(arch: str, s: Shape, path: Path, dtype: np.dtype, seed: int, pro
     specs = _tensors(arch, s, n_vocab)
     for i, (name, ne, kind) in enumerate(specs):
         a = _init(rng, ne, kind)
-        # norms, biases and 1-D tensors stay F32 as llama.cpp's converter writes them
-        w.add_tensor(name, a.astype(dtype) if (a.ndim == 2 and kind != "ones") else a)
+        # norms, biases, the conv1d kernel and 1-D tensors stay F32, as llama.cpp's converter writes them
+        # (ggml's SSM_CONV requires an F32 kernel)
+        w.add_tensor(name, a.astype(dtype) if (a.ndim == 2 and kind not in ("ones", "conv")) else a)
         if progress and (i % 50 == 0 or i == len(specs) - 1):
             progress(f"generated {i + 1}/{len(specs)} tensors")
     w.write_header_to_file()
