@@ -143,3 +143,4 @@ def test_install_llama_cpp_python_dry_run_patches_the_vendored_tree():
     assert r.returncode == 0, r.stderr
     assert "applied 3 patches" in r.stdout and ": patched" in r.stdout
     assert "-DGGML_CUDA=on" in r.stdout and "pip install" in r.stdout
+    assert "numpy" in r.stdout.split("dependencies:")[-1]  # and then what the sdist itself depends on

@@ -245,6 +245,14 @@ def cmd_build_llama_cpp(args) -> int:
     return 0
 
 
+def _pyproject_dependencies(pyproject: Path) -> list[str]:
+    """[project].dependencies of a pyproject.toml (tomllib is not in every Python this package supports)."""
+    import re
+
+    m = re.search(r"^dependencies\s*=\s*\[(.*?)\]", pyproject.read_text(), re.S | re.M)
+    return re.findall(r'"([^"]+)"', m.group(1)) if m else []
+
+
 def cmd_install_llama_cpp_python(args) -> int:
     import tarfile
     import tempfile
@@ -270,10 +278,16 @@ def cmd_install_llama_cpp_python(args) -> int:
         cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "-v", str(src)]
         _say(f"CMAKE_ARGS={env['CMAKE_ARGS']!r}")
         if args.dry_run:
-            _say("dry run: would run " + " ".join(cmd))
+            _say("dry run: would run " + " ".join(cmd) + ", then install its dependencies: "
+                 + " ".join(_pyproject_dependencies(src / "pyproject.toml")))
             return 0
         if _run_streaming(cmd, env=env) != 0:
             return _err("pip failed to build the patched llama-cpp-python (output above)")
+        # --no-deps keeps pip from reinstalling (and maybe upgrading) the user's packages; install only what is
+        # missing, as listed by the sdist itself
+        deps = _pyproject_dependencies(src / "pyproject.toml")
+        if deps and _run_streaming([sys.executable, "-m", "pip", "install", *deps]) != 0:
+            return _err("pip failed to install llama-cpp-python's dependencies: " + " ".join(deps))
     _say("installed the patched llama-cpp-python; `llama-megakernel doctor` shows the route in use")
     return 0
 
