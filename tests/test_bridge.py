@@ -38,8 +38,7 @@ def test_enable_loads_plugin_and_intercepts_cpu():
     code = """
 import json, llama_megakernel as mk
 info = mk.enable()
-from llama_megakernel import _native
-print(json.dumps({"info": info, "status": mk.status(), "regs": mk._native.registries()}))
+print(json.dumps({"info": info, "status": mk.status(), "regs": mk._loaded.registries()}))
 """
     r = run_py(code)
     assert r.returncode == 0, r.stderr

@@ -26,17 +26,17 @@ __all__ = [
 ]
 
 _lock = threading.Lock()
-_native = None
+_loaded = None  # the Native instance once enable() ran (not the _native module)
 
 
 def _load():
-    global _native
+    global _loaded
     with _lock:
-        if _native is None:
+        if _loaded is None:
             from ._native import Native
 
-            _native = Native()
-        return _native
+            _loaded = Native()
+        return _loaded
 
 
 def enable() -> dict:
@@ -50,20 +50,20 @@ def enable() -> dict:
 
 def disable() -> None:
     """Hand every graph straight to the stock backend (the plugin stays loaded, counting nothing)."""
-    if _native is not None:
-        _native.lib.llama_mk_set_enabled(0)
+    if _loaded is not None:
+        _loaded.lib.llama_mk_set_enabled(0)
 
 
 def is_enabled() -> bool:
-    return _native is not None and bool(_native.lib.llama_mk_get_enabled())
+    return _loaded is not None and bool(_loaded.lib.llama_mk_get_enabled())
 
 
 def status() -> dict:
     """Counters: graphs_seen, graphs_handled, graphs_handed_back, decode_graphs_seen, reasons (reason ->
     count), last_graphs (the latest distinct graphs with their op and weight-type summaries)."""
-    if _native is None:
+    if _loaded is None:
         return {"loaded": False, "enabled": False}
-    s = _native.status()
+    s = _loaded.status()
     s["loaded"] = True
     s["top_reasons"] = sorted(s["reasons"].items(), key=lambda kv: -kv[1])[:5]
     return s
@@ -75,5 +75,5 @@ def info() -> dict:
 
 
 def reset_counters() -> None:
-    if _native is not None:
-        _native.lib.llama_mk_reset_counters()
+    if _loaded is not None:
+        _loaded.lib.llama_mk_reset_counters()
