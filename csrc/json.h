@@ -16,12 +16,16 @@ inline std::string json_str(const std::string & v) {
     return o + "\"";
 }
 
+inline std::string json_value(const std::string & v) { return json_str(v); }
+template <typename T> inline std::string json_value(T v) { return std::to_string(v); }
+
+// {"key": value, ...} of a map with string keys and number or string values
 template <typename T>
 inline std::string json_counts(const std::map<std::string, T> & m) {
     std::string o = "{";
     for (auto it = m.begin(); it != m.end(); ++it) {
         if (it != m.begin()) o += ",";
-        o += json_str(it->first) + ":" + std::to_string(it->second);
+        o += json_str(it->first) + ":" + json_value(it->second);
     }
     return o + "}";
 }

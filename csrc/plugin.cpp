@@ -140,7 +140,9 @@ bool mk_cuda_hook(ggml_backend_t backend, ggml_cgraph * graph, void * /*stream*/
     state & s = st();
     std::lock_guard<std::mutex> lock(s.mu);
     wrapped_backend & wb = s.backends[backend];  // created on first use; the hook route never frees it
-    wb.device = ggml_backend_name(backend);
+    if (wb.device.empty()) {
+        wb.device = ggml_backend_name(backend);
+    }
     return take_graph(s, wb, graph);
 }
 
@@ -335,13 +337,7 @@ size_t llama_mk_status_json(char * buf, size_t size) {
         o = std::string("{") +
             "\"enabled\":" + (s.enabled.load() ? "true" : "false") +
             ",\"intercepted_devices\":" + dev_list +
-            ",\"routes\":" + [&] {
-                std::string r = "{";
-                for (auto it = s.routes.begin(); it != s.routes.end(); ++it) {
-                    r += (it == s.routes.begin() ? "" : ",") + mk::json_str(it->first) + ":" + mk::json_str(it->second);
-                }
-                return r + "}";
-            }() +
+            ",\"routes\":" + mk::json_counts(s.routes) +
             ",\"live_backends\":" + std::to_string(s.backends.size()) +
             ",\"graphs_seen\":" + std::to_string(s.graphs_seen) +
             ",\"graphs_handled\":" + std::to_string(s.graphs_handled) +
