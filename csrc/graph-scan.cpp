@@ -75,6 +75,7 @@ graph_scan scan_graph(const ggml_cgraph * g) {
             s.weight_types[ggml_type_name(w->type)]++;
             const ggml_tensor * wb = w->view_src ? w->view_src : w;
             s.weight_bufts[ggml_backend_buft_name(ggml_backend_buffer_get_type(wb->buffer))]++;
+            s.weights_on_host = s.weights_on_host && ggml_backend_buffer_is_host(wb->buffer);
             max_tokens = std::max<int>(max_tokens, (int) (x->ne[1] * x->ne[2] * x->ne[3]));
             if (bad_type.empty() && !weight_type_supported(w->type)) {
                 bad_type = std::string(ggml_type_name(w->type)) + " (" + w->name + ")";
@@ -109,7 +110,7 @@ graph_scan scan_graph(const ggml_cgraph * g) {
     } else {
         s.supported = true;
         s.reason = "no-executor";
-        s.detail = "batch-1 decode graph recognised; this build has no executor for it yet";
+        s.detail = "batch-1 decode graph recognised; no executor for this backend";
     }
     return s;
 }
@@ -122,6 +123,7 @@ std::string to_json(const graph_scan & s) {
         ",\"n_weight_matmuls\":" + std::to_string(s.n_weight_matmuls) +
         ",\"decode\":" + (s.decode ? "true" : "false") +
         ",\"supported\":" + (s.supported ? "true" : "false") +
+        ",\"weights_on_host\":" + (s.weights_on_host ? "true" : "false") +
         ",\"reason\":" + json_str(s.reason) +
         ",\"detail\":" + json_str(s.detail) +
         ",\"ops\":" + json_counts(s.ops) +

@@ -18,6 +18,7 @@ struct graph_scan {
     int         n_weight_matmuls = 0;
     bool        decode    = false;  // a whole batch-1 decode split (one token through weight matmuls)
     bool        supported = false;  // ... and every op and weight type is one the compiler knows
+    bool        weights_on_host = true;  // every weight buffer is plain host memory (not repacked, not a GPU's)
     std::string reason;             // stable key: graph-view, no-weight-matmul, batch>1, unsupported-op, ...
     std::string detail;             // what exactly, for people
     std::map<std::string, int> ops;           // op (unary/glu ops by their own name) -> count

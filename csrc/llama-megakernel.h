@@ -20,6 +20,12 @@ void         llama_mk_set_enabled(int enabled);
 int          llama_mk_get_enabled(void);
 size_t       llama_mk_status_json(char * buf, size_t size);
 void         llama_mk_reset_counters(void);
+void         llama_mk_set_cpu_executor(int on);
+int          llama_mk_get_cpu_executor(void);
+void         llama_mk_set_shuffle_seed(long long seed);
+size_t       llama_mk_explain_json(char * buf, size_t size);
+int          llama_mk_dequantize(int type, const void * src, long long n, float * dst);
+size_t       llama_mk_op_test(const char * what, int wtype, int flash_attn, int n_kv, int seed, char * out, size_t size);
 /* cffi-end */
 #ifdef __cplusplus
 }

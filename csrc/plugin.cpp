@@ -12,8 +12,11 @@
 
 #include "llama-megakernel.h"
 
+#include "compiler.h"
+#include "cpu-executor.h"
 #include "graph-scan.h"
 #include "json.h"
+#include "quants.h"
 #include "version.h"
 
 #include "ggml-backend-impl.h"
@@ -26,6 +29,7 @@
 #include <cstring>
 #include <deque>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -48,8 +52,11 @@ struct wrapped_backend {
     graph_compute_fn orig_compute = nullptr;  // interception route only
     backend_free_fn  orig_free    = nullptr;
     std::string      device;
-    uint64_t         last_uid = 0;  // the scan is cached per split uid: a reused graph is not rescanned
+    bool             is_cpu = false;
+    uint64_t         last_uid = 0;  // scan and program are cached per split uid: a reused graph is not redone
     mk::graph_scan   last_scan;
+    std::unique_ptr<mk::program> prog;  // the compiled program of that graph, if it compiled
+    mk::cpu_executor cpu;
 };
 
 struct graph_record {  // one distinct graph the plugin saw, for doctor/status
@@ -65,7 +72,11 @@ struct state {
     std::map<std::string, std::string> routes;                     // registry -> "hook" or "intercept"
 
     std::atomic<bool> enabled{true};
+    std::atomic<bool> cpu_executor{false};  // run programs on CPU backends (tests, debugging)
+    long long shuffle_seed = -1;            // CPU executor: canonical tile order (-1) or a random valid one
+    std::string last_explain = "null";      // explain_json of the last program compiled
     uint64_t graphs_seen = 0, graphs_handled = 0, graphs_handed_back = 0, decode_graphs_seen = 0;
+    uint64_t programs_compiled = 0;
     uint64_t graphs_while_disabled = 0;
     std::map<std::string, uint64_t> reasons;
     std::deque<graph_record> last_graphs;  // newest last
@@ -78,14 +89,19 @@ state & st() {
 
 constexpr size_t k_last_graphs = 8;
 
-void record(const std::string & backend, const mk::graph_scan & scan, bool new_graph) {
+void record(const std::string & backend, const mk::graph_scan & scan, bool new_graph, bool handled) {
     state & s = st();
     s.graphs_seen++;
     if (scan.decode) {
         s.decode_graphs_seen++;
     }
-    s.graphs_handed_back++;
-    s.reasons[scan.reason]++;
+    if (handled) {
+        s.graphs_handled++;
+        s.reasons["executed"]++;
+    } else {
+        s.graphs_handed_back++;
+        s.reasons[scan.reason]++;
+    }
     if (new_graph || s.last_graphs.empty() || s.last_graphs.back().backend != backend ||
         s.last_graphs.back().scan.uid != scan.uid || scan.uid == 0) {
         s.last_graphs.push_back({backend, scan, 0});
@@ -96,6 +112,44 @@ void record(const std::string & backend, const mk::graph_scan & scan, bool new_g
     s.last_graphs.back().calls++;
 }
 
+mk::target target_for(const wrapped_backend &) {
+    mk::target t;
+    if (const char * e = getenv("LLAMA_MEGAKERNEL_TARGET_SMS")) {  // size the tiling for another GPU
+        t.n_sm = std::max(1, atoi(e));
+    }
+    return t;
+}
+
+// Scan a new graph and compile it if the scan found nothing unsupported. Called with s.mu held.
+void prepare(state & s, wrapped_backend & wb, ggml_cgraph * graph) {
+    wb.prog.reset();
+    wb.cpu.prog = nullptr;  // fresh counters for the next program
+    try {
+        wb.last_scan = mk::scan_graph(graph);
+    } catch (const std::exception & e) {
+        wb.last_scan = mk::graph_scan{};
+        wb.last_scan.reason = "internal-error";
+        wb.last_scan.detail = e.what();
+    }
+    wb.last_uid = graph->uid;
+    if (!wb.last_scan.supported) {
+        return;
+    }
+    try {
+        wb.prog.reset(new mk::program(mk::compile(graph, target_for(wb))));
+        s.programs_compiled++;
+        s.last_explain = mk::explain_json(*wb.prog);
+    } catch (const mk::compile_error & e) {
+        wb.last_scan.supported = false;
+        wb.last_scan.reason = e.reason;
+        wb.last_scan.detail = e.what();
+    } catch (const std::exception & e) {
+        wb.last_scan.supported = false;
+        wb.last_scan.reason = "internal-error";
+        wb.last_scan.detail = std::string("compiler: ") + e.what();
+    }
+}
+
 // Decide for one graph; true if the plugin computed it. Called with s.mu held.
 bool take_graph(state & s, wrapped_backend & wb, ggml_cgraph * graph) {
     if (!s.enabled.load()) {
@@ -104,17 +158,37 @@ bool take_graph(state & s, wrapped_backend & wb, ggml_cgraph * graph) {
     }
     bool new_graph = graph->uid == 0 || graph->uid != wb.last_uid;
     if (new_graph) {
-        try {
-            wb.last_scan = mk::scan_graph(graph);
-        } catch (const std::exception & e) {
-            wb.last_scan = mk::graph_scan{};
-            wb.last_scan.reason = "internal-error";
-            wb.last_scan.detail = e.what();
-        }
-        wb.last_uid = graph->uid;
+        prepare(s, wb, graph);
     }
-    record(wb.device, wb.last_scan, new_graph);
-    return false;  // no executor yet: every graph goes back to the stock backend, unchanged
+    mk::graph_scan & sc = wb.last_scan;
+    if (wb.prog && wb.is_cpu) {
+        if (!s.cpu_executor.load()) {
+            sc.reason = "no-executor";
+            sc.detail = "compiled; the CPU executor is off (LLAMA_MEGAKERNEL_CPU=1 turns it on)";
+        } else if (!sc.weights_on_host) {
+            // ggml-cpu repacks Q4_0/Q4_K into a layout of its own unless told not to before the model loads
+            sc.reason = "weights-not-host";
+            sc.detail = "weights in a repacked or device buffer; enable the CPU executor before loading the model";
+        } else {
+            try {
+                wb.cpu.run(*wb.prog, s.shuffle_seed);
+                sc.reason = "executed";
+                sc.detail = "compiled to " + std::to_string(wb.prog->instrs.size()) + " instructions; run by the CPU executor";
+                record(wb.device, sc, new_graph, true);
+                return true;
+            } catch (const std::exception & e) {
+                // nothing is lost: the stock backend recomputes the whole step, KV writes included
+                sc.reason = "executor-error";
+                sc.detail = e.what();
+                wb.prog.reset();
+            }
+        }
+    } else if (wb.prog) {
+        sc.reason = "no-executor";
+        sc.detail = "compiled; this build has no GPU executor yet";
+    }
+    record(wb.device, sc, new_graph, false);
+    return false;
 }
 
 ggml_status mk_graph_compute(ggml_backend_t backend, ggml_cgraph * graph) {
@@ -183,7 +257,8 @@ ggml_backend_t mk_init_backend(ggml_backend_dev_t dev, const char * params) {
     wb.orig_compute = backend->iface.graph_compute;
     wb.orig_free    = backend->iface.free;
     wb.device       = ggml_backend_dev_name(dev);
-    s.backends[backend] = wb;
+    wb.is_cpu       = ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+    s.backends[backend] = std::move(wb);
     backend->iface.graph_compute = mk_graph_compute;
     backend->iface.free          = mk_backend_free;
     return backend;
@@ -207,6 +282,18 @@ void write_status_file() {
     }
 }
 
+// While the CPU executor is on, models loaded afterwards keep their weights in the GGUF layout: ggml-cpu's
+// repacked buffer types (found through this proc address) are hidden from llama.cpp.
+using get_proc_fn = void * (*)(ggml_backend_reg_t, const char *);
+get_proc_fn g_cpu_get_proc = nullptr;
+
+void * cpu_get_proc_address(ggml_backend_reg_t reg, const char * name) {
+    if (st().cpu_executor.load() && strcmp(name, "ggml_backend_dev_get_extra_bufts") == 0) {
+        return nullptr;
+    }
+    return g_cpu_get_proc(reg, name);
+}
+
 int install() {
     static std::once_flag at_exit;
     std::call_once(at_exit, [] { atexit(write_status_file); });
@@ -214,6 +301,12 @@ int install() {
     std::lock_guard<std::mutex> lock(s.mu);
     const char * route_env = getenv("LLAMA_MEGAKERNEL_ROUTE");
     const bool force_intercept = route_env && std::string(route_env) == "intercept";
+    if (const char * e = getenv("LLAMA_MEGAKERNEL_CPU")) {
+        s.cpu_executor.store(atoi(e) != 0);
+    }
+    if (const char * e = getenv("LLAMA_MEGAKERNEL_SHUFFLE")) {
+        s.shuffle_seed = atoll(e);
+    }
     for (const char * reg_name : {"CUDA", "CPU"}) {
         ggml_backend_reg_t reg = ggml_backend_reg_by_name(reg_name);
         if (reg == nullptr || s.routes.count(reg_name)) {
@@ -227,6 +320,10 @@ int install() {
             continue;
         }
         s.routes[reg_name] = "intercept";
+        if (std::string(reg_name) == "CPU" && g_cpu_get_proc == nullptr && reg->iface.get_proc_address) {
+            g_cpu_get_proc = reg->iface.get_proc_address;
+            reg->iface.get_proc_address = cpu_get_proc_address;
+        }
         for (size_t i = 0; i < ggml_backend_reg_dev_count(reg); i++) {
             ggml_backend_dev_t dev = ggml_backend_reg_dev_get(reg, i);
             if (s.devices.count(dev) || dev->iface.init_backend == nullptr) {
@@ -254,6 +351,11 @@ void * reg_get_proc_address(ggml_backend_reg_t, const char * name) {
         {"llama_mk_get_enabled", (void *) llama_mk_get_enabled},
         {"llama_mk_status_json", (void *) llama_mk_status_json},
         {"llama_mk_reset_counters", (void *) llama_mk_reset_counters},
+        {"llama_mk_set_cpu_executor", (void *) llama_mk_set_cpu_executor},
+        {"llama_mk_get_cpu_executor", (void *) llama_mk_get_cpu_executor},
+        {"llama_mk_set_shuffle_seed", (void *) llama_mk_set_shuffle_seed},
+        {"llama_mk_explain_json", (void *) llama_mk_explain_json},
+        {"llama_mk_dequantize", (void *) llama_mk_dequantize},
     };
     auto it = procs.find(name);
     return it == procs.end() ? nullptr : it->second;
@@ -344,6 +446,9 @@ size_t llama_mk_status_json(char * buf, size_t size) {
             ",\"graphs_handed_back\":" + std::to_string(s.graphs_handed_back) +
             ",\"decode_graphs_seen\":" + std::to_string(s.decode_graphs_seen) +
             ",\"graphs_while_disabled\":" + std::to_string(s.graphs_while_disabled) +
+            ",\"programs_compiled\":" + std::to_string(s.programs_compiled) +
+            ",\"cpu_executor\":" + (s.cpu_executor.load() ? "true" : "false") +
+            ",\"shuffle_seed\":" + std::to_string(s.shuffle_seed) +
             ",\"reasons\":" + mk::json_counts(s.reasons) +
             ",\"last_graphs\":" + last + "}";
     }
@@ -359,11 +464,50 @@ void llama_mk_reset_counters(void) {
     state & s = st();
     std::lock_guard<std::mutex> lock(s.mu);
     s.graphs_seen = s.graphs_handled = s.graphs_handed_back = s.decode_graphs_seen = s.graphs_while_disabled = 0;
+    s.programs_compiled = 0;
     s.reasons.clear();
     s.last_graphs.clear();
     for (auto & b : s.backends) {
         b.second.last_uid = 0;
     }
+}
+
+void llama_mk_set_cpu_executor(int on) {
+    st().cpu_executor.store(on != 0);
+}
+
+int llama_mk_get_cpu_executor(void) {
+    return st().cpu_executor.load() ? 1 : 0;
+}
+
+void llama_mk_set_shuffle_seed(long long seed) {
+    state & s = st();
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.shuffle_seed = seed < 0 ? -1 : seed;
+}
+
+size_t llama_mk_explain_json(char * buf, size_t size) {
+    state & s = st();
+    std::string o;
+    {
+        std::lock_guard<std::mutex> lock(s.mu);
+        o = s.last_explain;
+    }
+    if (buf && size > 0) {
+        size_t n = std::min(size - 1, o.size());
+        memcpy(buf, o.data(), n);
+        buf[n] = '\0';
+    }
+    return o.size() + 1;
+}
+
+int llama_mk_dequantize(int type, const void * src, long long n, float * dst) {
+    const mk::type_info ti = mk::info_of(type);
+    if (ti.block == 0 || n % ti.block != 0) {
+        return -1;
+    }
+    mk::dequant_row(type, src, dst, n);
+    return 0;
 }
 
 }  // extern "C"

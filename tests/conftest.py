@@ -57,9 +57,10 @@ def run_py(code: str, env: dict | None = None, timeout: int = 600) -> subprocess
                           timeout=timeout)
 
 
-def greedy(model: Path, out: Path, steps: int, plugin: bool, flash_attn: bool = False) -> dict:
+def greedy(model: Path, out: Path, steps: int, plugin: bool, flash_attn: bool = False,
+           extra: list[str] | None = None) -> dict:
     args = [sys.executable, "-m", "llama_megakernel.greedy", str(model), str(out), "--steps", str(steps),
-            "--threads", "2"]
+            "--threads", "2", *(extra or [])]
     if plugin:
         args.append("--plugin")
     if flash_attn:

@@ -20,7 +20,7 @@ from .pinned import GGML_VERSION, LLAMA_CPP_COMMIT, LLAMA_CPP_PYTHON_VERSION
 
 __version__ = "0.1.0"
 __all__ = [
-    "enable", "disable", "status", "info", "reset_counters", "plugin_path", "is_enabled",
+    "enable", "disable", "status", "info", "reset_counters", "plugin_path", "is_enabled", "explain", "dequantize",
     "MegakernelError", "IncompatibleVersionError", "check_versions",
     "LLAMA_CPP_PYTHON_VERSION", "LLAMA_CPP_COMMIT", "GGML_VERSION",
 ]
@@ -39,11 +39,20 @@ def _load():
         return _loaded
 
 
-def enable() -> dict:
+def enable(cpu_executor: bool | None = None, shuffle_seed: int | None = None) -> dict:
     """Load the plugin (once) and route graphs through it. Call before creating the Llama context: backends
     created earlier are not intercepted. Raises MegakernelError (or IncompatibleVersionError) with the reason
-    if it cannot; nothing in the process is changed then."""
+    if it cannot; nothing in the process is changed then.
+
+    cpu_executor=True also runs compiled programs on CPU backends (slow; for tests and debugging without a
+    GPU; the same as LLAMA_MEGAKERNEL_CPU=1). Turn it on before the model loads: it keeps ggml-cpu from
+    repacking Q4_0/Q4_K weights into a layout the executor does not read. shuffle_seed runs the CPU executor's
+    tiles in a random valid order (LLAMA_MEGAKERNEL_SHUFFLE); None keeps the current setting, -1 canonical."""
     n = _load()
+    if cpu_executor is not None:
+        n.lib.llama_mk_set_cpu_executor(1 if cpu_executor else 0)
+    if shuffle_seed is not None:
+        n.lib.llama_mk_set_shuffle_seed(shuffle_seed)
     n.lib.llama_mk_set_enabled(1)
     return n.info()
 
@@ -72,6 +81,16 @@ def status() -> dict:
 def info() -> dict:
     """Build information of the loaded plugin (versions, CUDA architectures, GPUs it sees)."""
     return _load().info()
+
+
+def explain():
+    """The last program the plugin compiled, as a dict (instructions, tiles, bytes, serial edges), or None."""
+    return _load().explain()
+
+
+def dequantize(ggml_type: int, data: bytes, n: int):
+    """n values of ggml type `ggml_type` from raw GGUF block bytes, dequantized by the plugin's own code."""
+    return _load().dequantize(ggml_type, data, n)
 
 
 def reset_counters() -> None:

@@ -107,14 +107,35 @@ class Native:
     def info(self) -> dict:
         return json.loads(ffi.string(self.lib.llama_mk_info_json()).decode())
 
-    def status(self) -> dict:
-        size = self.lib.llama_mk_status_json(ffi.NULL, 0)
+    def _json(self, fn):
+        size = 1 << 16
         while True:  # graphs computed between the two calls can make the text longer
             buf = ffi.new("char[]", size)
-            need = self.lib.llama_mk_status_json(buf, size)
+            need = fn(buf, size)
             if need <= size:
                 return json.loads(ffi.string(buf).decode())
             size = need
+
+    def status(self) -> dict:
+        return self._json(self.lib.llama_mk_status_json)
+
+    def explain(self):
+        return self._json(self.lib.llama_mk_explain_json)
+
+    def op_test(self, what: str, ggml_type: int, flash_attn: bool = False, n_kv: int = 64, seed: int = 0) -> dict:
+        """Compare ggml-cpu and the CPU executor on one op or layer (see csrc/op-test.cpp)."""
+        w = what.encode()
+        return self._json(lambda buf, size: self.lib.llama_mk_op_test(w, ggml_type, int(flash_attn), n_kv, seed,
+                                                                         buf, size))
+
+    def dequantize(self, ggml_type: int, data: bytes, n: int):
+        import numpy as np
+
+        out = np.empty(n, np.float32)
+        src = ffi.from_buffer(data)
+        if self.lib.llama_mk_dequantize(ggml_type, src, n, ffi.cast("float *", ffi.from_buffer(out))) != 0:
+            raise MegakernelError(f"the plugin cannot dequantize ggml type {ggml_type} ({n} values)")
+        return out
 
     def registries(self) -> list[str]:
         return [ffi.string(self.ggml.ggml_backend_reg_name(self.ggml.ggml_backend_reg_get(i))).decode()

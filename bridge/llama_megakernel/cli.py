@@ -292,6 +292,57 @@ def cmd_install_llama_cpp_python(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    """Compile one decode graph of MODEL (a real decode step on the CPU, stock compute) and print the program."""
+    import json
+
+    if args.sms:
+        os.environ["LLAMA_MEGAKERNEL_TARGET_SMS"] = str(args.sms)
+    import llama_megakernel as mk
+
+    mk.enable()
+    import llama_cpp
+
+    _say(f"[explain] loading {args.model} and running one decode step on the CPU")
+    llm = llama_cpp.Llama(model_path=args.model, n_ctx=args.ctx, n_gpu_layers=0, flash_attn=args.flash_attn,
+                          verbose=False)
+    toks = llm.tokenize(b"Hello")
+    llm.eval(toks)
+    llm.eval([toks[-1]])
+    prog = mk.explain()
+    if prog is None:
+        last = mk.status().get("last_graphs") or [{}]
+        scan = last[-1].get("scan", {})
+        _say(f"no program: the decode graph was not compiled ({scan.get('reason')}: {scan.get('detail')})")
+        return 1
+    if args.json:
+        print(json.dumps(prog, indent=1))
+        return 0
+    ins = prog["instructions"]
+    layer0 = [i for i in ins if i["layer"] == 0]
+    _say(f"program for {prog['n_sm']} multiprocessors: {len(ins)} instructions, {prog['n_layers']} layers, "
+         f"scratch {prog['scratch_bytes'] / 1024:.0f} KiB")
+    _say("layer 0:")
+    _say(f"  {'#':>3} {'kind':<7} {'output':<18} {'input':<12} {'tiles':>5} {'KiB read':>9} {'depth':>5}  epilogue")
+    for k, i in enumerate(ins):
+        if i["layer"] != 0:
+            continue
+        epi = " | ".join(",".join(sg["epilogue"]) or "-" for sg in i["segments"]) if i["kind"] != "attn" else \
+            f"{i['heads']} heads / {i['kv_heads']} KV heads, {i['n_kv']} cells in {i['n_split']} splits"
+        _say(f"  {k:>3} {i['kind']:<7} {i['name'][:18]:<18} {i['input']:<12} {i['tiles']:>5} "
+             f"{i['bytes'] / 1024:>9.1f} {i['depth']:>5}  {epi}")
+    edges = prog["edges_per_layer"]
+    total = prog["bytes_per_token"]
+    bw = args.bandwidth * 1e12
+    _say(f"instructions per layer: {len(layer0)}; serial edges per layer: "
+         f"{min(edges) if edges else '-'}..{max(edges) if edges else '-'}; "
+         f"critical path: {prog['critical_path_edges']} edges")
+    _say(f"bytes per token: {total / 1e6:.2f} MB (weights, KV rows at {ins and max((i.get('n_kv', 0) for i in ins))} "
+         f"cells, vectors); floor at {args.bandwidth:.2f} TB/s: {total / bw * 1e6:.1f} us/token = "
+         f"{bw / total:,.0f} tok/s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import models
 
@@ -320,6 +371,15 @@ def main(argv: list[str] | None = None) -> int:
     mm.add_argument("out")
     mm.add_argument("--seed", type=int, default=0)
     mm.set_defaults(fn=cmd_make_model)
+
+    ex = sub.add_parser("explain", help="compile a model's decode graph and show the program and its byte floor")
+    ex.add_argument("model")
+    ex.add_argument("--sms", type=int, default=0, help="size the tiling for this many multiprocessors (default 132)")
+    ex.add_argument("--bandwidth", type=float, default=3.0, help="memory bandwidth for the floor, TB/s (H100: 3.0)")
+    ex.add_argument("--ctx", type=int, default=512)
+    ex.add_argument("--flash-attn", action="store_true")
+    ex.add_argument("--json", action="store_true", help="print the whole program as JSON")
+    ex.set_defaults(fn=cmd_explain)
 
     pt = sub.add_parser("patch", help="apply, check, revert or show llama-megakernel's llama.cpp patches")
     pt.add_argument("action", choices=["apply", "check", "revert", "status"])

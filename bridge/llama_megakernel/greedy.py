@@ -5,6 +5,9 @@ never loads the plugin, so it is the reference.
 
     python -m llama_megakernel.greedy MODEL OUT.npz --steps 32 [--plugin] [--flash-attn]
 
+With --force-tokens EARLIER.npz the run feeds that run's tokens instead of its own argmax, so that per-step
+logits of two runs are compared on the same contexts even after a near-tie flips one token.
+
 OUT.npz holds `tokens` (prompt + generated), `logits` (steps x n_vocab, float32, the distribution each
 generated token was chosen from) and, with --plugin, `status` (the plugin's counters as JSON).
 """
@@ -19,11 +22,12 @@ import numpy as np
 
 
 def run(model: str, steps: int, plugin: bool, flash_attn: bool = False, prompt: str = "The quick brown fox",
-        n_ctx: int = 512, n_threads: int | None = None, n_gpu_layers: int = -1, verbose: bool = False):
+        n_ctx: int = 512, n_threads: int | None = None, n_gpu_layers: int = -1, verbose: bool = False,
+        cpu_executor: bool | None = None, shuffle_seed: int | None = None, force_tokens=None):
     if plugin:
         import llama_megakernel
 
-        llama_megakernel.enable()
+        llama_megakernel.enable(cpu_executor=cpu_executor, shuffle_seed=shuffle_seed)
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
@@ -36,7 +40,7 @@ def run(model: str, steps: int, plugin: bool, flash_attn: bool = False, prompt: 
     for i in range(steps):
         row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
         logits[i] = row
-        tok = int(np.argmax(row))
+        tok = int(np.argmax(row)) if force_tokens is None else int(force_tokens[n_prompt + i])
         tokens.append(tok)
         if i + 1 < steps:
             llm.eval([tok])
@@ -57,12 +61,20 @@ def main(argv=None) -> int:
     p.add_argument("--flash-attn", action="store_true")
     p.add_argument("--prompt", default="The quick brown fox")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cpu-executor", action="store_true", help="run the plugin's programs on the CPU")
+    p.add_argument("--shuffle", type=int, default=None, help="CPU executor: random valid tile order, this seed")
+    p.add_argument("--n-ctx", type=int, default=512)
+    p.add_argument("--force-tokens", metavar="NPZ",
+                   help="feed the tokens of an earlier run (teacher forcing) so both runs see the same contexts")
     # llama-cpp-python 0.3.36 on a self-built CUDA llama.cpp (LLAMA_CPP_LIB_PATH) was seen to segfault inside
     # Llama(verbose=False) on an H100, plugin or not; verbose=True avoids that path.
     p.add_argument("--verbose", action="store_true")
     a = p.parse_args(argv)
-    tokens, n_prompt, logits, status = run(a.model, a.steps, a.plugin, a.flash_attn, a.prompt, n_threads=a.threads,
-                                           verbose=a.verbose)
+    forced = np.load(a.force_tokens)["tokens"] if a.force_tokens else None
+    tokens, n_prompt, logits, status = run(a.model, a.steps, a.plugin, a.flash_attn, a.prompt, n_ctx=a.n_ctx,
+                                           n_threads=a.threads, verbose=a.verbose,
+                                           cpu_executor=True if a.cpu_executor else None, shuffle_seed=a.shuffle,
+                                           force_tokens=forced)
     np.savez(a.out, tokens=tokens, n_prompt=n_prompt, logits=logits, status=json.dumps(status))
     return 0
 

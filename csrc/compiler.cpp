@@ -1,0 +1,1161 @@
+// ggml decode graph -> program. See compiler.h for the shape of the result.
+//
+// One pass over the graph's nodes in order. Every tensor the graph computes gets a `val` describing where its
+// values are at that point of the program:
+//   direct  stored as contiguous F32 (scratch, or the tensor's own memory for graph outputs)
+//   norm    not stored: RMS norm (and weight) of a direct value, folded into whichever instruction reads it
+//   attn    not stored: partial results of an attention instruction, merged by whichever instruction reads them
+//   open    still in the registers of an instruction's output (a matvec segment or a vec instruction): the next
+//           elementwise op is appended to that instruction's epilogue instead of becoming an instruction
+// An open value is stored (a `store` tap in the epilogue) as soon as something needs it in memory: a second
+// consumer, an instruction input, an attention query, or a graph output. Views, reshapes and permutes of a
+// single token are aliases. Anything outside this scheme is a compile_error and the graph goes back to ggml.
+#include "compiler.h"
+
+#include "json.h"
+#include "quants.h"
+
+#include "ggml-backend.h"
+#include "ggml-impl.h"
+#include "ggml.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <set>
+#include <unordered_map>
+
+namespace mk {
+namespace {
+
+[[noreturn]] void fail(const std::string & reason, const std::string & detail) {
+    throw compile_error(reason, detail);
+}
+
+std::string tname(const ggml_tensor * t) {
+    return std::string(t->name) + " (" + ggml_op_desc(t) + ")";
+}
+
+bool is_view_op(const ggml_tensor * t) {
+    return t->op == GGML_OP_VIEW || t->op == GGML_OP_RESHAPE || t->op == GGML_OP_PERMUTE ||
+           t->op == GGML_OP_TRANSPOSE || t->op == GGML_OP_NONE;
+}
+
+const ggml_tensor * root_of(const ggml_tensor * t) {
+    return t->view_src ? t->view_src : t;
+}
+
+bool is_weight(const ggml_tensor * t) {
+    const ggml_tensor * r = root_of(t);
+    return r->buffer && ggml_backend_buffer_get_usage(r->buffer) == GGML_BACKEND_BUFFER_USAGE_WEIGHTS;
+}
+
+addr abs_addr(const void * p) {
+    addr a;
+    a.off = (uint64_t) (uintptr_t) p;
+    return a;
+}
+
+addr offset(addr a, uint64_t bytes) {
+    a.off += bytes;
+    return a;
+}
+
+bool same(const addr & a, const addr & b) {
+    return a.off == b.off && a.scratch == b.scratch;
+}
+
+// A tensor whose elements, in logical order, are consecutive in memory (dims of size 1 may have any stride).
+bool dense(const ggml_tensor * t) {
+    size_t expect = ggml_type_size(t->type);
+    if (ggml_blck_size(t->type) != 1) {
+        return ggml_is_contiguous(t);
+    }
+    for (int d = 0; d < GGML_MAX_DIMS; d++) {
+        if (t->ne[d] == 1) {
+            continue;
+        }
+        if (t->nb[d] != expect) {
+            return false;
+        }
+        expect *= t->ne[d];
+    }
+    return true;
+}
+
+int layer_of(const ggml_tensor * t) {  // llama.cpp names per-layer tensors "<name>-<layer>"
+    const char * dash = strrchr(t->name, '-');
+    if (dash == nullptr || dash[1] == '\0') {
+        return -1;
+    }
+    char * end = nullptr;
+    long il = strtol(dash + 1, &end, 10);
+    return (*end == '\0' && il >= 0) ? (int) il : -1;
+}
+
+struct val {
+    enum form_t { direct, norm, attn_out, open } form = direct;
+    int64_t n = 0;          // number of values (one token)
+    addr    a;              // direct: where they are
+    int     producer = -1;  // the instruction that writes them (-1: outside the program)
+    // norm
+    addr    norm_src;
+    int     norm_src_producer = -1;
+    addr    norm_w;
+    float   eps = 0;
+    bool    norm_weighted = false;
+    // attn
+    int     attn = -1;  // attn_out: index into program::attns
+    // open
+    int     instr = -1, seg = 0, version = 0;
+    // direct copy made while open (a store tap), if any
+    bool    stored = false;
+    const ggml_tensor * ext = nullptr;  // a graph input read in place
+};
+
+struct compiler {
+    const ggml_cgraph * g;
+    target tgt;
+    program p;
+    std::unordered_map<const ggml_tensor *, val> vals;   // by root tensor
+    std::unordered_map<const ggml_tensor *, val> ext_vals;  // inputs of the graph read as vectors
+    std::unordered_map<const ggml_tensor *, int> uses;   // consumers of a root (through its views) + outputs
+    std::map<const ggml_tensor *, std::set<int>> cache_writers;  // root of an external tensor -> instructions
+    std::vector<int> chain_version;                      // per instruction (segment 0..3 packed as instr*4+seg)
+    std::set<const ggml_tensor *> done;                  // nodes consumed by a pattern (attention)
+    std::map<std::pair<uint64_t, uint64_t>, std::set<int>> input_ranges;  // graph inputs' memory -> readers
+    uint64_t scratch = 0;
+
+    addr scratch_alloc(uint64_t bytes) {
+        addr a;
+        a.scratch = 1;
+        a.off = scratch;
+        scratch += (bytes + 255) / 256 * 256;
+        return a;
+    }
+
+    bool computed(const ggml_tensor * t) const {
+        return vals.count(root_of(t)) != 0;
+    }
+
+    int & version(int instr, int seg) {
+        return chain_version[instr * k_max_segments + seg];
+    }
+
+    int new_instr(instr_kind kind, const ggml_tensor * t) {
+        instruction in;
+        in.kind = kind;
+        in.layer = layer_of(t);
+        snprintf(in.name, sizeof(in.name), "%s", t->name);
+        p.instrs.push_back(in);
+        chain_version.resize(p.instrs.size() * k_max_segments, 0);
+        return (int) p.instrs.size() - 1;
+    }
+
+    void add_dep(int instr, int producer) {
+        if (producer < 0 || producer == instr) {
+            return;
+        }
+        instruction & in = p.instrs[instr];
+        for (int i = 0; i < in.n_deps; i++) {
+            if (in.deps[i].instr == producer) {
+                return;
+            }
+        }
+        if (in.n_deps == k_max_deps) {
+            fail("too-many-deps", std::string("instruction ") + in.name + " reads from too many others");
+        }
+        in.deps[in.n_deps++].instr = producer;
+    }
+
+    epi_op & push_epi(int instr, int seg, epi_kind kind) {
+        segment & s = p.instrs[instr].seg[seg];
+        if (s.n_epi == k_max_epi) {
+            fail("epilogue-too-long", std::string("too many fused ops after ") + p.instrs[instr].name);
+        }
+        epi_op & e = s.epi[s.n_epi++];
+        e = epi_op();
+        e.kind = kind;
+        return e;
+    }
+
+    // The val of a tensor computed in this graph, seen through views: must cover the whole root.
+    val & whole(const ggml_tensor * t, const char * what) {
+        const ggml_tensor * r = root_of(t);
+        auto it = vals.find(r);
+        if (it == vals.end()) {
+            // an input of the graph (the embedding row copied in from another split): in memory already
+            if (t->type != GGML_TYPE_F32 || !dense(t) || is_weight(t)) {
+                fail("unsupported-pattern", std::string(what) + ": input " + tname(t) + " is not dense F32");
+            }
+            val & e = ext_vals[t];
+            e.form = val::direct;
+            e.n = ggml_nelements(t);
+            e.a = abs_addr(t->data);
+            e.ext = t;
+            return e;
+        }
+        if (t != r && (t->view_offs != 0 || ggml_nelements(t) != ggml_nelements(r) || !dense(t))) {
+            fail("unsupported-pattern", std::string(what) + ": partial or strided view " + tname(t));
+        }
+        return it->second;
+    }
+
+    // Make a value exist in memory as contiguous F32; returns its address (and records the producer).
+    addr ensure_direct(const ggml_tensor * r, val & v) {
+        if (v.form == val::direct || (v.form == val::open && v.stored)) {
+            return v.a;
+        }
+        const bool out = (r->flags & GGML_TENSOR_FLAG_OUTPUT) != 0;
+        addr dst = out ? abs_addr(r->data) : scratch_alloc(v.n * 4);
+        if (v.form == val::open) {
+            if (version(v.instr, v.seg) != v.version) {
+                fail("unsupported-pattern", "value " + tname(r) + " was changed in place before it was stored");
+            }
+            epi_op & e = push_epi(v.instr, v.seg, epi_kind::store);
+            e.a = dst;
+            v.a = dst;
+            v.producer = v.instr;
+            v.stored = true;
+            return dst;
+        }
+        // norm or attn: an instruction of its own that forms the vector and stores it
+        int i = new_vec(v, r);
+        epi_op & e = push_epi(i, 0, epi_kind::store);
+        e.a = dst;
+        v = val();
+        v.form = val::direct;
+        v.n = ggml_nelements(r);
+        v.a = dst;
+        v.producer = i;
+        return dst;
+    }
+
+    // The input description of an instruction reading v (norm and attn forms are folded in).
+    vec_in describe(const val & v) const {
+        vec_in x;
+        x.n = (int32_t) v.n;
+        switch (v.form) {
+            case val::norm:
+                x.kind = in_kind::rms_norm;
+                x.src  = v.norm_src;
+                x.w    = v.norm_w;
+                x.eps  = v.eps;
+                break;
+            case val::attn_out: {
+                const attention & at = p.attns[v.attn];
+                x.kind = in_kind::attn_reduce;
+                x.src = at.partials;
+                x.n_head = at.n_head;
+                x.head_dim = at.head_dim_v;
+                x.n_split = at.n_split;
+                break;
+            }
+            case val::open:
+                if (!v.stored) {
+                    fail("internal-error", "input read from registers of another instruction");
+                }
+                x.src = v.a;
+                break;
+            default:
+                x.src = v.a;
+                break;
+        }
+        return x;
+    }
+
+    vec_in input_of(const val & v, int instr) {
+        vec_in x = describe(v);
+        note_input(v.ext, instr);
+        add_dep(instr, v.form == val::norm ? v.norm_src_producer : v.producer);
+        return x;
+    }
+
+    // A vec instruction whose input is v (the start of a new chain), named after t.
+    int new_vec(const val & v, const ggml_tensor * t) {
+        vec_in x = describe(v);
+        int i = new_instr(instr_kind::vec, t);
+        p.instrs[i].in = x;
+        note_input(v.ext, i);
+        add_dep(i, v.form == val::norm ? v.norm_src_producer : v.producer);
+        p.instrs[i].n_segments = 1;
+        p.instrs[i].seg[0].rows = (int32_t) v.n;
+        return i;
+    }
+
+    // The val of an operand that must be in memory (F32, whole).
+    addr operand(const ggml_tensor * t, int64_t n_expect, int for_instr, const char * what) {
+        if (t->type != GGML_TYPE_F32) {
+            fail("unsupported-type", std::string(what) + " operand " + tname(t) + " is " + ggml_type_name(t->type));
+        }
+        if (!computed(t)) {  // weights and inputs
+            if (!dense(t)) {
+                fail("unsupported-pattern", std::string(what) + " operand " + tname(t) + " is strided");
+            }
+            if (n_expect > 0 && ggml_nelements(t) != n_expect) {
+                fail("unsupported-pattern", std::string(what) + " operand " + tname(t) + " has a shape it cannot broadcast");
+            }
+            note_input(t, for_instr);
+            return abs_addr(t->data);
+        }
+        val & v = whole(t, what);
+        if (n_expect > 0 && v.n != n_expect) {
+            fail("unsupported-pattern", std::string(what) + " operand " + tname(t) + " has a shape it cannot broadcast");
+        }
+        addr a = ensure_direct(root_of(t), v);
+        add_dep(for_instr, v.producer);
+        return a;
+    }
+
+    // Continue the chain of the open value `src` with a new op producing `dst`. Returns the val of dst, open,
+    // in the same instruction. A direct/norm/attn source first becomes the input of a new vec instruction.
+    val & extend(const ggml_tensor * src, const ggml_tensor * dst) {
+        const ggml_tensor * r = root_of(src);
+        val & v = whole(src, ggml_op_desc(dst));
+        if (v.form == val::open && (uses[r] > 1 || version(v.instr, v.seg) != v.version)) {
+            ensure_direct(r, v);  // other consumers still need the value as it is now
+        }
+        val nv;
+        nv.form = val::open;
+        nv.n = ggml_nelements(dst);
+        if (v.form == val::open && version(v.instr, v.seg) == v.version) {
+            nv.instr = v.instr;
+            nv.seg = v.seg;
+        } else {
+            nv.instr = new_vec(v, dst);
+            nv.seg = 0;
+        }
+        nv.version = ++version(nv.instr, nv.seg);
+        if (dst->type != GGML_TYPE_F32 || !ggml_is_contiguous(dst)) {
+            fail("unsupported-type", "result " + tname(dst) + " is not contiguous F32");
+        }
+        vals[dst] = nv;
+        return vals[dst];
+    }
+
+    // --- ops -------------------------------------------------------------------------------------------------
+
+    void op_matvec(const ggml_tensor * t) {
+        const ggml_tensor * w = t->src[0];
+        const ggml_tensor * x = t->src[1];
+        if (info_of(w->type).block == 0 || w->type == GGML_TYPE_I32) {
+            fail("unsupported-type", "weight type " + std::string(ggml_type_name(w->type)) + " (" + w->name + ")");
+        }
+        if (w->ne[2] != 1 || w->ne[3] != 1 || x->ne[0] != w->ne[0] || ggml_nelements(x) != x->ne[0]) {
+            fail("unsupported-pattern", "matmul shape " + tname(t));
+        }
+        if (w->nb[0] != ggml_type_size(w->type)) {
+            fail("unsupported-pattern", "transposed weight " + tname(w));
+        }
+        const ggml_tensor * xr = root_of(x);
+        val & xv = whole(x, "matmul input");
+        if (xv.form == val::open) {
+            ensure_direct(xr, xv);
+        }
+        // Join the previous instruction if it is a matvec over the same input (Q/K/V, gate/up).
+        int i = -1;
+        if (!p.instrs.empty()) {
+            int last = (int) p.instrs.size() - 1;
+            instruction & li = p.instrs[last];
+            vec_in cand = describe(xv);
+            if (li.kind == instr_kind::matvec && li.n_segments < k_max_segments && li.in.kind == cand.kind &&
+                same(li.in.src, cand.src) && same(li.in.w, cand.w) && li.in.n == cand.n && li.in.eps == cand.eps) {
+                i = last;
+            }
+        }
+        if (i < 0) {
+            i = new_instr(instr_kind::matvec, t);
+            p.instrs[i].in = input_of(xv, i);
+        } else {
+            input_of(xv, i);  // same input, same dependency
+        }
+        instruction & in = p.instrs[i];
+        segment & s = in.seg[in.n_segments];
+        s = segment();
+        s.w = abs_addr(w->data);
+        s.type = w->type;
+        s.rows = (int32_t) w->ne[1];
+        s.row_bytes = w->nb[1];
+        val nv;
+        nv.form = val::open;
+        nv.n = w->ne[1];
+        nv.instr = i;
+        nv.seg = in.n_segments;
+        nv.version = ++version(i, in.n_segments);
+        in.n_segments++;
+        vals[t] = nv;
+    }
+
+    void op_rms_norm(const ggml_tensor * t) {
+        const ggml_tensor * src = t->src[0];
+        val & sv = whole(src, "rms_norm");
+        float eps;
+        memcpy(&eps, t->op_params, sizeof(float));
+        if (src->ne[0] == ggml_nelements(src) && sv.form != val::norm && sv.form != val::attn_out) {
+            // whole vector: fold into the consumer
+            addr a = ensure_direct(root_of(src), sv);
+            val nv;
+            nv.form = val::norm;
+            nv.n = sv.n;
+            nv.norm_src = a;
+            nv.norm_src_producer = sv.producer;
+            nv.ext = sv.ext;
+            nv.eps = eps;
+            vals[t] = nv;
+            return;
+        }
+        // per head (Q/K norms): a row-wise op in the producer's epilogue
+        val & nv = extend(src, t);
+        epi_op & e = push_epi(nv.instr, nv.seg, epi_kind::rms_norm);
+        e.row_len = (int32_t) src->ne[0];
+        e.f0 = eps;
+    }
+
+    void op_mul(const ggml_tensor * t) {
+        const ggml_tensor * a = t->src[0];
+        const ggml_tensor * b = t->src[1];
+        if (computed(b) && !computed(a)) {
+            std::swap(a, b);
+        }
+        if (computed(b) || !ggml_is_contiguous(b) || b->type != GGML_TYPE_F32 || ggml_nelements(b) != b->ne[0] ||
+            a->ne[0] % b->ne[0] != 0 || !ggml_are_same_shape(a, t)) {
+            fail("unsupported-pattern", "mul of two activations or with a broadcast it cannot fold: " + tname(t));
+        }
+        const ggml_tensor * ar = root_of(a);
+        val & av = whole(a, "mul");
+        if (av.form == val::norm && !av.norm_weighted && uses[ar] == 1 && b->ne[0] == av.n) {
+            val nv = av;
+            nv.norm_w = abs_addr(b->data);
+            nv.norm_weighted = true;
+            vals[t] = nv;
+            return;
+        }
+        val & nv = extend(a, t);
+        epi_op & e = push_epi(nv.instr, nv.seg, epi_kind::mul);
+        e.a = abs_addr(b->data);
+        e.row_len = (int32_t) b->ne[0];
+    }
+
+    void op_add(const ggml_tensor * t) {
+        const ggml_tensor * a = t->src[0];
+        const ggml_tensor * b = t->src[1];
+        // The chain continues through the operand that is still in registers and used only here.
+        auto chainable = [&](const ggml_tensor * x) {
+            if (!computed(x)) {
+                return false;
+            }
+            const val & v = vals[root_of(x)];
+            return v.form == val::open && !v.stored && uses[root_of(x)] == 1;
+        };
+        if (!chainable(a) && chainable(b)) {
+            std::swap(a, b);
+        }
+        if (!ggml_are_same_shape(a, t)) {
+            fail("unsupported-pattern", "add with broadcast of the first operand: " + tname(t));
+        }
+        const int64_t nb_ = ggml_nelements(b);
+        if (nb_ != ggml_nelements(a) && nb_ != b->ne[0]) {
+            fail("unsupported-pattern", "add with a broadcast it cannot fold: " + tname(t));
+        }
+        val & nv = extend(a, t);
+        const int i = nv.instr, s = nv.seg;
+        if (computed(b) && vals[root_of(b)].form == val::open && vals[root_of(b)].instr == i) {
+            fail("unsupported-pattern", "add of two outputs of one instruction: " + tname(t));
+        }
+        addr ba = operand(b, 0, i, "add");
+        epi_op & e = push_epi(i, s, epi_kind::add);
+        e.a = ba;
+        e.row_len = (int32_t) (nb_ == ggml_nelements(a) ? 0 : b->ne[0]);
+    }
+
+    void op_scale(const ggml_tensor * t) {
+        float sc, bias;
+        memcpy(&sc, (const float *) t->op_params + 0, sizeof(float));
+        memcpy(&bias, (const float *) t->op_params + 1, sizeof(float));
+        val & nv = extend(t->src[0], t);
+        epi_op & e = push_epi(nv.instr, nv.seg, epi_kind::scale);
+        e.f0 = sc;
+        e.f1 = bias;
+    }
+
+    void op_rope(const ggml_tensor * t) {
+        const ggml_tensor * src = t->src[0];
+        const int32_t * ip = (const int32_t *) t->op_params;
+        const int n_dims = ip[1], mode = ip[2], n_ctx_orig = ip[4], n_offs = ip[15];
+        float freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow;
+        memcpy(&freq_base, ip + 5, 4);
+        memcpy(&freq_scale, ip + 6, 4);
+        memcpy(&ext_factor, ip + 7, 4);
+        memcpy(&attn_factor, ip + 8, 4);
+        memcpy(&beta_fast, ip + 9, 4);
+        memcpy(&beta_slow, ip + 10, 4);
+        if (mode != GGML_ROPE_TYPE_NORMAL && mode != GGML_ROPE_TYPE_NEOX) {
+            fail("unsupported-op", "rope mode " + std::to_string(mode) + " (" + t->name + ")");
+        }
+        if (src->ne[2] != 1 || src->ne[3] != 1 || t->src[1]->type != GGML_TYPE_I32 ||
+            (t->src[2] && t->src[2]->type != GGML_TYPE_F32)) {
+            fail("unsupported-pattern", "rope shape " + tname(t));
+        }
+        rope_params rp;
+        rp.n_dims = n_dims;
+        rp.mode = mode;
+        rp.n_offs = n_offs;
+        rp.freq_scale = freq_scale;
+        rp.ext_factor = ext_factor;
+        rp.attn_factor = attn_factor;
+        rp.theta_scale = powf(freq_base, -2.0f / n_dims);
+        ggml_rope_yarn_corr_dims(n_dims, n_ctx_orig, freq_base, beta_fast, beta_slow, rp.corr_dims);
+        rp.pos = abs_addr(t->src[1]->data);
+        if (computed(t->src[1])) {
+            fail("unsupported-pattern", "rope positions computed in the graph: " + tname(t));
+        }
+        if (t->src[2]) {
+            rp.freq_factors = abs_addr(t->src[2]->data);
+        }
+        p.ropes.push_back(rp);
+        val & nv = extend(src, t);
+        note_input(t->src[1], nv.instr);
+        epi_op & e = push_epi(nv.instr, nv.seg, epi_kind::rope);
+        e.row_len = (int32_t) src->ne[0];
+        e.rope = (int32_t) p.ropes.size() - 1;
+    }
+
+    void op_set_rows(const ggml_tensor * t) {
+        // ggml_set_rows(a, b, c): the result is a view of a (the destination, with a's shape and strides),
+        // src[0] = b the rows to write, src[1] = c their indices
+        const ggml_tensor * dst = t;
+        const ggml_tensor * src = t->src[0];
+        const ggml_tensor * idx = t->src[1];
+        if (computed(dst) || computed(idx)) {
+            fail("unsupported-pattern", "set_rows into a tensor of the graph: " + tname(t));
+        }
+        if (dst->type != GGML_TYPE_F32 && dst->type != GGML_TYPE_F16 && dst->type != GGML_TYPE_BF16) {
+            fail("unsupported-type", std::string("KV cache type ") + ggml_type_name(dst->type) + " (" + dst->name + ")");
+        }
+        if ((idx->type != GGML_TYPE_I32 && idx->type != GGML_TYPE_I64) || ggml_nelements(idx) != idx->ne[0] ||
+            src->ne[2] != 1 || src->ne[3] != 1 || src->ne[1] != idx->ne[0] || src->ne[0] != dst->ne[0] ||
+            dst->ne[2] != 1 || dst->ne[3] != 1 || !ggml_is_contiguous(idx)) {
+            fail("unsupported-pattern", "set_rows shape " + tname(t));
+        }
+        const ggml_tensor * sr = root_of(src);
+        val & sv = whole(src, "set_rows");
+        int instr, seg;
+        if (sv.form == val::open && version(sv.instr, sv.seg) == sv.version) {
+            instr = sv.instr;  // writing does not change the values: the chain stays usable for other consumers
+            seg = sv.seg;
+        } else {
+            if (sv.form == val::open) {
+                ensure_direct(sr, sv);
+            }
+            instr = new_vec(sv, t);  // reads the stored value and writes it into the cache
+            seg = 0;
+        }
+        note_input(idx, instr);
+        epi_op & e = push_epi(instr, seg, epi_kind::set_rows);
+        e.a = abs_addr(dst->data);
+        e.dst_type = dst->type;
+        e.nb0 = dst->nb[0];
+        e.nb1 = dst->nb[1];
+        e.idx = abs_addr(idx->data);
+        e.idx_type = idx->type;
+        e.row_len = (int32_t) src->ne[0];
+        cache_writers[root_of(dst)].insert(instr);
+    }
+
+    void op_glu(const ggml_tensor * t) {
+        const ggml_glu_op op = ggml_get_glu_op(t);
+        const bool swapped = ggml_get_op_params_i32(t, 1) != 0;
+        const ggml_tensor * a = t->src[0];
+        const ggml_tensor * b = t->src[1];
+        if (op != GGML_GLU_OP_SWIGLU || b == nullptr) {
+            fail("unsupported-op", std::string(ggml_op_desc(t)) + " (" + t->name + ")");
+        }
+        val & av = whole(a, "glu");
+        val & bv = whole(b, "glu");
+        if (av.form != val::open || bv.form != val::open || av.instr != bv.instr || av.seg == bv.seg ||
+            av.stored || bv.stored || uses[root_of(a)] != 1 || uses[root_of(b)] != 1) {
+            fail("unsupported-pattern", "glu whose halves are not two matvecs over one input: " + tname(t));
+        }
+        const int i = av.instr;
+        instruction & in = p.instrs[i];
+        if (in.kind != instr_kind::matvec || in.n_segments != 2 || in.seg[0].n_epi || in.seg[1].n_epi ||
+            in.seg[0].rows != in.seg[1].rows) {
+            fail("unsupported-pattern", "glu over an instruction with other outputs: " + tname(t));
+        }
+        // gate first: the activation applies to segment 0
+        if (av.seg != 0) {
+            std::swap(in.seg[0], in.seg[1]);
+        }
+        in.kind = instr_kind::glu;
+        in.glu_op = op;
+        in.glu_swapped = swapped;
+        snprintf(in.name, sizeof(in.name), "%s", t->name);
+        val nv;
+        nv.form = val::open;
+        nv.n = ggml_nelements(t);
+        nv.instr = i;
+        nv.seg = 0;
+        nv.version = ++version(i, 0);
+        vals[t] = nv;
+    }
+
+    // Attention: q (in memory), K and V cache views, mask -> partials; the output tensor gets form attn.
+    void attention_common(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v_cell_dim,
+                          bool v_cell_first, const ggml_tensor * mask, float scale, float softcap,
+                          const ggml_tensor * out, const ggml_tensor * named) {
+        if (computed(k) || computed(v_cell_dim)) {
+            fail("unsupported-pattern", "attention over K/V computed in the graph: " + tname(named));
+        }
+        if (q->ne[1] != 1 || q->ne[3] != 1 || k->ne[3] != 1 || v_cell_dim->ne[3] != 1) {
+            fail("unsupported-pattern", "attention shape " + tname(named));
+        }
+        for (const ggml_tensor * c : {k, v_cell_dim}) {
+            if (c->type != GGML_TYPE_F16 && c->type != GGML_TYPE_F32 && c->type != GGML_TYPE_BF16) {
+                fail("unsupported-type", std::string("KV cache type ") + ggml_type_name(c->type));
+            }
+        }
+        const int32_t n_head = (int32_t) q->ne[2], n_head_kv = (int32_t) k->ne[2];
+        if (n_head % n_head_kv != 0) {
+            fail("unsupported-pattern", "heads not a multiple of KV heads: " + tname(named));
+        }
+        attention at;
+        val & qv = whole(q, "attention query");
+        at.q = ensure_direct(root_of(q), qv);
+        at.k = abs_addr(k->data);
+        at.k_type = k->type;
+        at.k_nb_dim = k->nb[0];
+        at.k_nb_cell = k->nb[1];
+        at.k_nb_head = k->nb[2];
+        at.head_dim_k = (int32_t) k->ne[0];
+        at.n_kv = (int32_t) k->ne[1];
+        at.n_head = n_head;
+        at.n_head_kv = n_head_kv;
+        at.v = abs_addr(v_cell_dim->data);
+        at.v_type = v_cell_dim->type;
+        if (v_cell_first) {  // [n_kv, head_dim, heads] (transposed V cache, flash attention off)
+            at.v_nb_cell = v_cell_dim->nb[0];
+            at.v_nb_dim = v_cell_dim->nb[1];
+            at.head_dim_v = (int32_t) v_cell_dim->ne[1];
+            if (v_cell_dim->ne[0] != at.n_kv) {
+                fail("unsupported-pattern", "V cells differ from K cells: " + tname(named));
+            }
+        } else {
+            at.v_nb_dim = v_cell_dim->nb[0];
+            at.v_nb_cell = v_cell_dim->nb[1];
+            at.head_dim_v = (int32_t) v_cell_dim->ne[0];
+            if (v_cell_dim->ne[1] != at.n_kv) {
+                fail("unsupported-pattern", "V cells differ from K cells: " + tname(named));
+            }
+        }
+        at.v_nb_head = v_cell_dim->nb[2];
+        if (q->ne[0] != at.head_dim_k || v_cell_dim->ne[2] != n_head_kv) {
+            fail("unsupported-pattern", "attention head sizes: " + tname(named));
+        }
+        if (mask) {
+            if (computed(mask) || (mask->type != GGML_TYPE_F32 && mask->type != GGML_TYPE_F16) ||
+                mask->ne[0] < at.n_kv || mask->ne[2] != 1 || mask->ne[3] != 1 || mask->nb[0] != ggml_type_size(mask->type)) {
+                fail("unsupported-pattern", "attention mask " + tname(mask));
+            }
+            at.mask = abs_addr(mask->data);
+            at.mask_type = mask->type;
+        }
+        at.scale = scale;
+        at.softcap = softcap;
+        // Split the context so that all multiprocessors take part: about one tile per SM, at least 64 cells each.
+        const int per_head = std::max(1, tgt.n_sm / n_head_kv);
+        int cps = (at.n_kv + per_head - 1) / per_head;
+        cps = std::max(64, (cps + 31) / 32 * 32);
+        at.cells_per_split = cps;
+        at.n_split = (at.n_kv + cps - 1) / cps;
+        at.partials = scratch_alloc((uint64_t) n_head * at.n_split * (at.head_dim_v + 2) * 4);
+        p.attns.push_back(at);
+
+        int i = new_instr(instr_kind::attn, named);
+        p.instrs[i].attn = (int32_t) p.attns.size() - 1;
+        note_input(mask, i);
+        add_dep(i, qv.producer);
+        for (const ggml_tensor * c : {k, v_cell_dim}) {
+            auto it = cache_writers.find(root_of(c));
+            if (it != cache_writers.end()) {
+                for (int w : it->second) {
+                    add_dep(i, w);
+                }
+            }
+        }
+        val nv;
+        nv.form = val::attn_out;
+        nv.n = (int64_t) n_head * at.head_dim_v;
+        nv.attn = p.instrs[i].attn;
+        nv.producer = i;
+        if (ggml_nelements(out) != nv.n) {
+            fail("unsupported-pattern", "attention output shape " + tname(out));
+        }
+        vals[out] = nv;
+    }
+
+    const ggml_tensor * only_consumer(const ggml_tensor * t) {
+        const ggml_tensor * found = nullptr;
+        for (int i = 0; i < g->n_nodes; i++) {
+            const ggml_tensor * n = g->nodes[i];
+            for (int s = 0; s < GGML_MAX_SRC; s++) {
+                if (n->src[s] == t) {
+                    if (found && found != n) {
+                        return nullptr;
+                    }
+                    found = n;
+                }
+            }
+        }
+        return found;
+    }
+
+    // kq = mul_mat(k, q); softmax(kq, mask); kqv = mul_mat(v, kq); permute; cont
+    void op_attention_matmul(const ggml_tensor * kq) {
+        const ggml_tensor * sm = only_consumer(kq);
+        const ggml_tensor * kqv = sm ? only_consumer(sm) : nullptr;
+        const ggml_tensor * perm = kqv ? only_consumer(kqv) : nullptr;
+        const ggml_tensor * cont = perm ? only_consumer(perm) : nullptr;
+        if (!sm || sm->op != GGML_OP_SOFT_MAX || sm->src[0] != kq || !kqv || kqv->op != GGML_OP_MUL_MAT ||
+            kqv->src[1] != sm || !perm || perm->op != GGML_OP_PERMUTE || !cont || cont->op != GGML_OP_CONT) {
+            fail("unsupported-pattern", "matmul of two activations outside the attention pattern: " + tname(kq));
+        }
+        float scale, max_bias;
+        memcpy(&scale, (const float *) sm->op_params + 0, 4);
+        memcpy(&max_bias, (const float *) sm->op_params + 1, 4);
+        if (max_bias != 0.0f || sm->src[2] != nullptr) {
+            fail("unsupported-op", "soft_max with ALiBi or sinks (" + std::string(sm->name) + ")");
+        }
+        attention_common(kq->src[1], kq->src[0], kqv->src[0], true, sm->src[1], scale, 0.0f, cont, kq);
+        done.insert(sm);
+        done.insert(kqv);
+        done.insert(perm);
+        done.insert(cont);
+    }
+
+    void op_flash_attn(const ggml_tensor * t) {
+        float scale, max_bias, softcap;
+        memcpy(&scale, (const float *) t->op_params + 0, 4);
+        memcpy(&max_bias, (const float *) t->op_params + 1, 4);
+        memcpy(&softcap, (const float *) t->op_params + 2, 4);
+        if (max_bias != 0.0f || t->src[4] != nullptr) {
+            fail("unsupported-op", "flash attention with ALiBi or sinks (" + std::string(t->name) + ")");
+        }
+        attention_common(t->src[0], t->src[1], t->src[2], false, t->src[3], scale, softcap, t, t);
+    }
+
+    void op_alias(const ggml_tensor * t) {
+        // get_rows of the only row, cont/cpy of something already dense: the same values
+        const ggml_tensor * src = t->src[0];
+        const ggml_tensor * r = root_of(src);
+        val & v = whole(src, ggml_op_desc(t));
+        if (v.form == val::open && uses[r] > 1) {
+            ensure_direct(r, v);
+        }
+        vals[t] = v;
+    }
+
+    void node(const ggml_tensor * t) {
+        if (done.count(t)) {
+            return;
+        }
+        if (is_view_op(t)) {
+            return;  // aliases are resolved through root_of() by their consumers
+        }
+        switch (t->op) {
+            case GGML_OP_MUL_MAT:
+                if (is_weight(t->src[0])) {
+                    op_matvec(t);
+                } else {
+                    op_attention_matmul(t);
+                }
+                return;
+            case GGML_OP_RMS_NORM: op_rms_norm(t); return;
+            case GGML_OP_MUL:      op_mul(t); return;
+            case GGML_OP_ADD:      op_add(t); return;
+            case GGML_OP_SCALE:    op_scale(t); return;
+            case GGML_OP_ROPE:     op_rope(t); return;
+            case GGML_OP_SET_ROWS: op_set_rows(t); return;
+            case GGML_OP_GLU:      op_glu(t); return;
+            case GGML_OP_FLASH_ATTN_EXT: op_flash_attn(t); return;
+            case GGML_OP_GET_ROWS: {
+                const ggml_tensor * src = t->src[0];
+                const ggml_tensor * idx = t->src[1];
+                if (computed(idx) || idx->type != GGML_TYPE_I32 || ggml_nelements(idx) != 1 || t->ne[1] != 1 ||
+                    ggml_nelements(t) != t->ne[0]) {
+                    fail("unsupported-pattern", "get_rows of more than one row: " + tname(t));
+                }
+                if (!computed(src)) {  // token embedding: a vec instruction that dequantizes the row
+                    if (info_of(src->type).block == 0 || src->nb[0] != ggml_type_size(src->type) ||
+                        src->ne[0] != t->ne[0]) {
+                        fail("unsupported-type", "embedding type " + std::string(ggml_type_name(src->type)));
+                    }
+                    int i = new_instr(instr_kind::vec, t);
+                    instruction & in = p.instrs[i];
+                    in.in.kind = in_kind::embed_row;
+                    in.in.n = (int32_t) t->ne[0];
+                    in.in.src = abs_addr(src->data);
+                    in.in.src_type = src->type;
+                    in.in.src_row_bytes = src->nb[1];
+                    in.in.idx = abs_addr(idx->data);
+                    note_input(idx, i);
+                    in.n_segments = 1;
+                    in.seg[0].rows = (int32_t) t->ne[0];
+                    val nv;
+                    nv.form = val::open;
+                    nv.n = t->ne[0];
+                    nv.instr = i;
+                    nv.version = ++version(i, 0);
+                    vals[t] = nv;
+                    return;
+                }
+                if (src->ne[1] != 1) {
+                    fail("unsupported-pattern", "get_rows from several rows: " + tname(t));
+                }
+                op_alias(t);
+                return;
+            }
+            case GGML_OP_CONT:
+                if (!dense(t->src[0])) {
+                    fail("unsupported-pattern", "copy with a layout change: " + tname(t));
+                }
+                op_alias(t);
+                return;
+            default:
+                fail("unsupported-op", std::string("op ") + ggml_op_desc(t) + " (" + t->name + ")");
+        }
+    }
+
+    // --- after the pass ----------------------------------------------------------------------------------------
+
+    void outputs() {
+        bool any = false;
+        for (int i = 0; i < g->n_nodes; i++) {
+            const ggml_tensor * t = g->nodes[i];
+            if (!(t->flags & GGML_TENSOR_FLAG_OUTPUT)) {
+                continue;
+            }
+            any = true;
+            const ggml_tensor * r = root_of(t);
+            if (r != t || !vals.count(t)) {
+                fail("unsupported-pattern", "graph output is a view: " + tname(t));
+            }
+            val & v = vals[t];
+            if (!(v.form == val::direct || (v.form == val::open && v.stored)) || !same(v.a, abs_addr(t->data))) {
+                if (v.form == val::direct || v.stored) {
+                    // the same values as another tensor's (an alias): copy them out
+                    int c = new_vec(v, t);
+                    epi_op & e = push_epi(c, 0, epi_kind::store);
+                    e.a = abs_addr(t->data);
+                } else {
+                    ensure_direct(t, v);
+                }
+            }
+        }
+        if (!any) {
+            fail("partial-graph", "no output tensor: not the split that ends the model");
+        }
+        // Nodes nobody reads must be outputs or writes into outside memory; otherwise another split needs them.
+        for (int i = 0; i < g->n_nodes; i++) {
+            const ggml_tensor * t = g->nodes[i];
+            if (is_view_op(t) || uses.count(t) || (t->flags & GGML_TENSOR_FLAG_OUTPUT) ||
+                t->op == GGML_OP_SET_ROWS || done.count(t)) {
+                continue;
+            }
+            fail("partial-graph", "result " + tname(t) + " is read outside this graph");
+        }
+    }
+
+    // ggml's allocator frees a graph input after its last reader, so a graph output may occupy the same memory.
+    // ggml computes in node order; our instructions overlap, so an instruction that writes an output must come
+    // after every instruction that reads memory it overlaps.
+    void order_output_writes() {
+        struct range { uint64_t lo, hi; int instr; };
+        std::vector<range> reads, writes;
+        for (auto & kv : input_ranges) {
+            for (int i : kv.second) {
+                reads.push_back({kv.first.first, kv.first.second, i});
+            }
+        }
+        for (size_t i = 0; i < p.instrs.size(); i++) {
+            const instruction & in = p.instrs[i];
+            for (int s = 0; s < (in.kind == instr_kind::attn ? 0 : std::max<int>(1, in.n_segments)); s++) {
+                for (int e = 0; e < in.seg[s].n_epi; e++) {
+                    const epi_op & op = in.seg[s].epi[e];
+                    if (op.kind == epi_kind::store && !op.a.scratch) {
+                        const uint64_t n = (uint64_t) (in.kind == instr_kind::vec ? in.in.n : in.seg[s].rows) * 4;
+                        writes.push_back({op.a.off, op.a.off + n, (int) i});
+                    }
+                }
+            }
+        }
+        if (writes.empty()) {
+            return;
+        }
+        // ancestors of each instruction (dependencies point backwards, so one pass in order suffices)
+        const size_t n = p.instrs.size();
+        std::vector<std::vector<char>> anc(n, std::vector<char>(n, 0));
+        for (size_t i = 0; i < n; i++) {
+            for (int d = 0; d < p.instrs[i].n_deps; d++) {
+                const int j = p.instrs[i].deps[d].instr;
+                anc[i][j] = 1;
+                for (size_t k = 0; k < n; k++) {
+                    anc[i][k] |= anc[j][k];
+                }
+            }
+        }
+        for (const range & w : writes) {
+            for (const range & r : reads) {
+                if (r.lo < w.hi && w.lo < r.hi && r.instr != w.instr && !anc[w.instr][r.instr]) {
+                    if (r.instr > w.instr) {
+                        fail("unsupported-pattern", std::string("output of ") + p.instrs[w.instr].name +
+                                                        " overlaps an input read later");
+                    }
+                    add_dep(w.instr, r.instr);
+                }
+            }
+        }
+    }
+
+    // the memory of a graph input (not a weight, not the KV cache) that instruction `instr` reads
+    void note_input(const ggml_tensor * t, int instr) {
+        if (t == nullptr || is_weight(t) || t->buffer == nullptr ||
+            ggml_backend_buffer_get_usage(t->buffer) != GGML_BACKEND_BUFFER_USAGE_COMPUTE) {
+            return;
+        }
+        const uint64_t lo = (uint64_t) (uintptr_t) t->data;
+        input_ranges[{lo, lo + ggml_nbytes(t)}].insert(instr);
+    }
+
+    void tile() {
+        for (instruction & in : p.instrs) {
+            if (in.kind == instr_kind::attn) {
+                const attention & at = p.attns[in.attn];
+                in.n_tiles = at.n_head_kv * at.n_split;
+                continue;
+            }
+            if (in.kind == instr_kind::vec) {
+                in.seg[0].rows_per_tile = in.seg[0].rows;
+                in.n_tiles = 1;
+                continue;
+            }
+            // matvec/glu: about one wave of tiles over the multiprocessors, aligned to whole rows of any
+            // row-wise epilogue op (rope and norms need a whole head in one tile)
+            const int n_out = in.kind == instr_kind::glu ? 1 : in.n_segments;
+            int64_t total = 0;
+            for (int s = 0; s < n_out; s++) {
+                total += in.seg[s].rows;
+            }
+            const int64_t base = std::max<int64_t>(8, (total + tgt.n_sm - 1) / tgt.n_sm);
+            int tiles = 0;
+            for (int s = 0; s < n_out; s++) {
+                segment & sg = in.seg[s];
+                int align = 1;
+                for (int e = 0; e < sg.n_epi; e++) {
+                    if (sg.epi[e].kind == epi_kind::rope || sg.epi[e].kind == epi_kind::rms_norm) {
+                        align = std::max(align, sg.epi[e].row_len);
+                    }
+                }
+                for (int e = 0; e < sg.n_epi; e++) {
+                    const epi_op & op = sg.epi[e];
+                    if ((op.kind == epi_kind::rope || op.kind == epi_kind::rms_norm) && align % op.row_len != 0) {
+                        fail("unsupported-pattern", std::string("row-wise ops of different lengths in ") + in.name);
+                    }
+                }
+                int64_t rpt = (base + align - 1) / align * align;
+                rpt = std::min<int64_t>(rpt, (sg.rows + align - 1) / align * align);
+                sg.rows_per_tile = (int32_t) rpt;
+                sg.tile_begin = tiles;
+                tiles += (int) ((sg.rows + rpt - 1) / rpt);
+            }
+            if (in.kind == instr_kind::glu) {
+                in.seg[1].rows_per_tile = in.seg[0].rows_per_tile;
+                in.seg[1].tile_begin = 0;
+            }
+            in.n_tiles = tiles;
+        }
+        for (size_t i = 0; i < p.instrs.size(); i++) {
+            instruction & in = p.instrs[i];
+            for (int d = 0; d < in.n_deps; d++) {
+                if (in.deps[d].instr >= (int) i) {  // executors run instructions in list order
+                    fail("unsupported-pattern", std::string("instruction ") + in.name + " reads a later one");
+                }
+                in.deps[d].needed = p.instrs[in.deps[d].instr].n_tiles;
+            }
+        }
+    }
+
+    uint64_t bytes_of(const instruction & in) const {
+        uint64_t b = 0;
+        switch (in.in.kind) {
+            case in_kind::embed_row: b += in.in.src_row_bytes; break;
+            case in_kind::attn_reduce: b += (uint64_t) in.in.n_head * in.in.n_split * (in.in.head_dim + 2) * 4; break;
+            default: b += (uint64_t) in.in.n * 4; break;
+        }
+        if (in.kind == instr_kind::attn) {
+            const attention & at = p.attns[in.attn];
+            const uint64_t kb = (uint64_t) at.head_dim_k * (at.k_type == GGML_TYPE_F32 ? 4 : 2);
+            const uint64_t vb = (uint64_t) at.head_dim_v * (at.v_type == GGML_TYPE_F32 ? 4 : 2);
+            return (uint64_t) at.n_kv * at.n_head_kv * (kb + vb) + (uint64_t) at.n_head * at.head_dim_k * 4;
+        }
+        const int n = in.kind == instr_kind::vec ? 0 : in.n_segments;
+        for (int s = 0; s < n; s++) {
+            b += (uint64_t) in.seg[s].rows * in.seg[s].row_bytes;
+        }
+        return b;
+    }
+
+    void run() {
+        for (int i = 0; i < g->n_nodes; i++) {
+            const ggml_tensor * t = g->nodes[i];
+            if (is_view_op(t)) {
+                continue;
+            }
+            for (int s = 0; s < GGML_MAX_SRC; s++) {
+                if (t->src[s]) {
+                    uses[root_of(t->src[s])]++;
+                }
+            }
+        }
+        for (int i = 0; i < g->n_nodes; i++) {
+            const ggml_tensor * t = g->nodes[i];
+            if (t->flags & GGML_TENSOR_FLAG_OUTPUT) {
+                uses[t]++;
+            }
+        }
+        for (int i = 0; i < g->n_nodes; i++) {
+            const ggml_tensor * t = g->nodes[i];
+            if (!is_view_op(t) && t->type != GGML_TYPE_F32 && t->op != GGML_OP_SET_ROWS) {
+                fail("unsupported-type", "activation " + tname(t) + " is " + ggml_type_name(t->type));
+            }
+            node(t);
+        }
+        outputs();
+        order_output_writes();
+        tile();
+        p.scratch_bytes = scratch;
+        p.tgt = tgt;
+        int max_layer = -1;
+        for (const instruction & in : p.instrs) {
+            max_layer = std::max<int>(max_layer, in.layer);
+            p.bytes_read.push_back(bytes_of(in));
+        }
+        p.n_layers = max_layer + 1;
+    }
+};
+
+}  // namespace
+
+program compile(const ggml_cgraph * graph, const target & tgt) {
+    compiler c;
+    c.g = graph;
+    c.tgt = tgt;
+    c.run();
+    return std::move(c.p);
+}
+
+std::vector<int> depths(const program & p) {
+    std::vector<int> d(p.instrs.size(), 0);
+    for (size_t i = 0; i < p.instrs.size(); i++) {
+        for (int k = 0; k < p.instrs[i].n_deps; k++) {
+            d[i] = std::max(d[i], d[p.instrs[i].deps[k].instr] + 1);
+        }
+    }
+    return d;
+}
+
+static const char * kind_name(instr_kind k) {
+    switch (k) {
+        case instr_kind::vec: return "vec";
+        case instr_kind::matvec: return "matvec";
+        case instr_kind::glu: return "glu";
+        case instr_kind::attn: return "attn";
+    }
+    return "?";
+}
+
+static const char * in_name(in_kind k) {
+    switch (k) {
+        case in_kind::plain: return "plain";
+        case in_kind::rms_norm: return "rms_norm";
+        case in_kind::attn_reduce: return "attn_reduce";
+        case in_kind::embed_row: return "embed_row";
+    }
+    return "?";
+}
+
+static const char * epi_name(epi_kind k) {
+    switch (k) {
+        case epi_kind::add: return "add";
+        case epi_kind::mul: return "mul";
+        case epi_kind::scale: return "scale";
+        case epi_kind::rms_norm: return "rms_norm";
+        case epi_kind::rope: return "rope";
+        case epi_kind::store: return "store";
+        case epi_kind::set_rows: return "set_rows";
+    }
+    return "?";
+}
+
+std::string explain_json(const program & p) {
+    const std::vector<int> d = depths(p);
+    std::string o = "{\"n_sm\":" + std::to_string(p.tgt.n_sm) + ",\"n_layers\":" + std::to_string(p.n_layers) +
+                    ",\"scratch_bytes\":" + std::to_string(p.scratch_bytes) + ",\"instructions\":[";
+    uint64_t total = 0;
+    for (size_t i = 0; i < p.instrs.size(); i++) {
+        const instruction & in = p.instrs[i];
+        total += p.bytes_read[i];
+        std::string segs = "[";
+        const int nseg = in.kind == instr_kind::vec ? 1 : in.n_segments;
+        for (int s = 0; s < nseg; s++) {
+            const segment & sg = in.seg[s];
+            std::string epi = "[";
+            for (int e = 0; e < sg.n_epi; e++) {
+                epi += (e ? "," : "") + json_str(epi_name(sg.epi[e].kind));
+            }
+            epi += "]";
+            segs += (s ? "," : "") + std::string("{\"rows\":") + std::to_string(sg.rows) +
+                    ",\"type\":" + json_str(in.kind == instr_kind::vec ? "" : ggml_type_name((ggml_type) sg.type)) +
+                    ",\"rows_per_tile\":" + std::to_string(sg.rows_per_tile) + ",\"epilogue\":" + epi + "}";
+        }
+        segs += "]";
+        std::string deps = "[";
+        for (int k = 0; k < in.n_deps; k++) {
+            deps += (k ? "," : "") + std::to_string(in.deps[k].instr);
+        }
+        deps += "]";
+        o += (i ? "," : "") + std::string("{\"kind\":") + json_str(kind_name(in.kind)) +
+             ",\"name\":" + json_str(in.name) + ",\"layer\":" + std::to_string(in.layer) +
+             ",\"input\":" + json_str(in_name(in.in.kind)) + ",\"tiles\":" + std::to_string(in.n_tiles) +
+             ",\"bytes\":" + std::to_string(p.bytes_read[i]) + ",\"depth\":" + std::to_string(d[i]) +
+             ",\"deps\":" + deps + ",\"segments\":" + segs;
+        if (in.kind == instr_kind::attn) {
+            const attention & at = p.attns[in.attn];
+            o += ",\"n_kv\":" + std::to_string(at.n_kv) + ",\"n_split\":" + std::to_string(at.n_split) +
+                 ",\"heads\":" + std::to_string(at.n_head) + ",\"kv_heads\":" + std::to_string(at.n_head_kv);
+        }
+        o += "}";
+    }
+    o += "],\"bytes_per_token\":" + std::to_string(total);
+    // serial edges of each layer: depth of its first instruction to the depth of the next layer's first
+    std::vector<int> first(p.n_layers + 1, -1);
+    for (size_t i = 0; i < p.instrs.size(); i++) {
+        const int l = p.instrs[i].layer;
+        if (l >= 0 && first[l] < 0) {
+            first[l] = (int) i;
+        }
+    }
+    int max_depth = 0;
+    for (int x : d) {
+        max_depth = std::max(max_depth, x);
+    }
+    o += ",\"critical_path_edges\":" + std::to_string(max_depth) + ",\"edges_per_layer\":[";
+    for (int l = 0; l + 1 < p.n_layers; l++) {
+        int e = (first[l] >= 0 && first[l + 1] >= 0) ? d[first[l + 1]] - d[first[l]] : -1;
+        o += (l ? "," : "") + std::to_string(e);
+    }
+    o += "]}";
+    return o;
+}
+
+}  // namespace mk

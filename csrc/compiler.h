@@ -1,0 +1,51 @@
+// The compiler: one ggml batch-1 decode graph (a whole split, as the scheduler hands it to a backend) to a program
+// (program.h). It fuses the llama layer into five instructions with one serial edge each:
+//   norm + QKV matvec + rope + KV append  ->  attention partials  ->  attention merge + O matvec + residual
+//   ->  norm + gate/up matvec + GLU  ->  down matvec + residual
+// A graph it cannot express is refused with a reason (compile_error), and the plugin hands it back unchanged.
+#pragma once
+
+#include "program.h"
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+struct ggml_cgraph;
+
+namespace mk {
+
+// What the tiling is sized for: the GPU the program will run on (or, for the CPU executor and `explain` without a
+// GPU, a stand-in with the same numbers).
+struct target {
+    int n_sm = 132;               // multiprocessors (one persistent block each)
+    int smem_bytes = 227 * 1024;  // shared memory per block
+};
+
+struct program {
+    std::vector<instruction> instrs;
+    std::vector<attention>   attns;
+    std::vector<rope_params> ropes;
+    uint64_t scratch_bytes = 0;
+    int      n_layers = 0;
+    target   tgt;
+
+    // Accounting for explain: bytes each instruction reads from memory (weights, KV rows, inputs).
+    std::vector<uint64_t> bytes_read;
+};
+
+struct compile_error : std::runtime_error {
+    std::string reason;  // stable key, as in graph_scan
+    compile_error(const std::string & reason_, const std::string & detail)
+        : std::runtime_error(detail), reason(reason_) {}
+};
+
+program compile(const ggml_cgraph * graph, const target & tgt);
+
+// Longest chain of dependencies (edges) from the start of the program to each instruction.
+std::vector<int> depths(const program & p);
+
+// JSON for explain: instructions with kind, layer, tiles, bytes read, depth; per-layer summary; totals.
+std::string explain_json(const program & p);
+
+}  // namespace mk

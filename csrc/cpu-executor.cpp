@@ -1,0 +1,385 @@
+// Op math follows ggml-cpu's definitions (rms_norm with a double sum, rope's iterative theta, softmax with the
+// mask added after scaling); weights are dequantized with quants.h. Accumulation is in double so that the
+// executor is a reference for the GPU rather than a copy of either side's rounding.
+#include "cpu-executor.h"
+
+#include "quants.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cmath>
+#include <random>
+#include <stdexcept>
+#include <string>
+
+namespace mk {
+namespace {
+
+struct tile_ctx {
+    const program & p;
+    uint8_t * scratch;
+
+    template <typename T = float> T * ptr(const addr & a) const {
+        return (T *) (a.scratch ? scratch + a.off : (uint8_t *) (uintptr_t) a.off);
+    }
+};
+
+float silu(float x) {
+    return x / (1.0f + expf(-x));
+}
+
+void form_input(const tile_ctx & c, const vec_in & in, std::vector<float> & x) {
+    x.resize(in.n);
+    switch (in.kind) {
+        case in_kind::plain: {
+            const float * s = c.ptr(in.src);
+            std::copy(s, s + in.n, x.begin());
+            return;
+        }
+        case in_kind::rms_norm: {
+            const float * s = c.ptr(in.src);
+            double sum = 0.0;
+            for (int i = 0; i < in.n; i++) {
+                sum += (double) (s[i] * s[i]);
+            }
+            const float mean = (float) (sum / in.n);
+            const float scale = 1.0f / sqrtf(mean + in.eps);
+            const float * w = in.w.null() ? nullptr : c.ptr(in.w);
+            for (int i = 0; i < in.n; i++) {
+                x[i] = s[i] * scale * (w ? w[i] : 1.0f);
+            }
+            return;
+        }
+        case in_kind::attn_reduce: {
+            const float * part = c.ptr(in.src);
+            const int stride = in.head_dim + 2;
+            for (int h = 0; h < in.n_head; h++) {
+                float m = -INFINITY;
+                for (int s = 0; s < in.n_split; s++) {
+                    m = std::max(m, part[(h * in.n_split + s) * stride]);
+                }
+                double den = 0.0;
+                std::vector<double> num(in.head_dim, 0.0);
+                for (int s = 0; s < in.n_split; s++) {
+                    const float * ps = part + (h * in.n_split + s) * stride;
+                    if (ps[0] == -INFINITY) {
+                        continue;
+                    }
+                    const double f = exp((double) ps[0] - m);
+                    den += f * ps[1];
+                    for (int d = 0; d < in.head_dim; d++) {
+                        num[d] += f * ps[2 + d];
+                    }
+                }
+                for (int d = 0; d < in.head_dim; d++) {
+                    x[h * in.head_dim + d] = den > 0 ? (float) (num[d] / den) : 0.0f;
+                }
+            }
+            return;
+        }
+        case in_kind::embed_row: {
+            const int32_t row = *c.ptr<const int32_t>(in.idx);
+            dequant_row(in.src_type, c.ptr<const uint8_t>(in.src) + (uint64_t) row * in.src_row_bytes, x.data(), in.n);
+            return;
+        }
+    }
+}
+
+void rope_row(const rope_params & rp, int32_t pos, float * y, int row_len) {
+    float theta = (float) pos;
+    const float * ff = rp.freq_factors.null() ? nullptr : (const float *) (uintptr_t) rp.freq_factors.off;
+    float * v = y + rp.n_offs;
+    for (int i0 = 0; i0 < rp.n_dims; i0 += 2) {
+        const float theta_extrap = theta / (ff ? ff[i0 / 2] : 1.0f);
+        const float theta_interp = rp.freq_scale * theta_extrap;
+        float th = theta_interp, mscale = rp.attn_factor;
+        if (rp.ext_factor != 0.0f) {
+            const float yr = (i0 / 2 - rp.corr_dims[0]) / std::max(0.001f, rp.corr_dims[1] - rp.corr_dims[0]);
+            const float ramp = (1 - std::min(1.0f, std::max(0.0f, yr))) * rp.ext_factor;
+            th = theta_interp * (1 - ramp) + theta_extrap * ramp;
+            mscale *= 1.0f + 0.1f * logf(1.0f / rp.freq_scale);
+        }
+        const float cs = cosf(th) * mscale, sn = sinf(th) * mscale;
+        const int a = rp.mode == 0 ? i0 : i0 / 2;           // normal: adjacent pairs; neox: first and second half
+        const int b = rp.mode == 0 ? i0 + 1 : i0 / 2 + rp.n_dims / 2;
+        const float x0 = v[a], x1 = v[b];
+        v[a] = x0 * cs - x1 * sn;
+        v[b] = x0 * sn + x1 * cs;
+        theta *= rp.theta_scale;
+    }
+    (void) row_len;
+}
+
+// y holds outputs [r0, r1) of the instruction's segment (element index j is global within the segment).
+void epilogue(const tile_ctx & c, const segment & sg, float * y, int r0, int r1) {
+    for (int k = 0; k < sg.n_epi; k++) {
+        const epi_op & op = sg.epi[k];
+        switch (op.kind) {
+            case epi_kind::add: {
+                const float * a = c.ptr(op.a);
+                for (int j = r0; j < r1; j++) {
+                    y[j - r0] += a[op.row_len ? j % op.row_len : j];
+                }
+                break;
+            }
+            case epi_kind::mul: {
+                const float * a = c.ptr(op.a);
+                for (int j = r0; j < r1; j++) {
+                    y[j - r0] *= a[j % op.row_len];
+                }
+                break;
+            }
+            case epi_kind::scale:
+                for (int j = r0; j < r1; j++) {
+                    y[j - r0] = y[j - r0] * op.f0 + op.f1;
+                }
+                break;
+            case epi_kind::rms_norm:
+                for (int j = r0; j < r1; j += op.row_len) {
+                    double sum = 0.0;
+                    for (int i = 0; i < op.row_len; i++) {
+                        sum += (double) (y[j - r0 + i] * y[j - r0 + i]);
+                    }
+                    const float scale = 1.0f / sqrtf((float) (sum / op.row_len) + op.f0);
+                    for (int i = 0; i < op.row_len; i++) {
+                        y[j - r0 + i] *= scale;
+                    }
+                }
+                break;
+            case epi_kind::rope: {
+                const rope_params & rp = c.p.ropes[op.rope];
+                const int32_t pos = *c.ptr<const int32_t>(rp.pos);
+                for (int j = r0; j < r1; j += op.row_len) {
+                    rope_row(rp, pos, y + (j - r0), op.row_len);
+                }
+                break;
+            }
+            case epi_kind::store: {
+                float * o = c.ptr(op.a);
+                std::copy(y, y + (r1 - r0), o + r0);
+                break;
+            }
+            case epi_kind::set_rows: {
+                uint8_t * dst = c.ptr<uint8_t>(op.a);
+                const void * idx = c.ptr<const void>(op.idx);
+                for (int j = r0; j < r1; j++) {
+                    const int r = j / op.row_len, col = j % op.row_len;
+                    const int64_t row = op.idx_type == T_I64 ? ((const int64_t *) idx)[r] : ((const int32_t *) idx)[r];
+                    store_scalar(op.dst_type, dst, (uint64_t) row * op.nb1 + (uint64_t) col * op.nb0, y[j - r0]);
+                }
+                break;
+            }
+        }
+    }
+}
+
+// x as segment sg's weight type sees it (ggml's activation rounding), computed once per tile and segment.
+// For Q8_1 (the partner of Q4_1/Q5_1) ggml also keeps each block's sum as F16(d * sum(q)) and multiplies the
+// weights' block minimum by it; `corr` holds, per block of 32, that sum minus the sum of the rounded values.
+struct act_vec {
+    std::vector<float> v, corr;
+};
+
+const std::vector<float> & act_for(const segment & sg, const std::vector<float> & x, act_vec & buf) {
+    static const bool exact = getenv("MK_DEBUG_EXACT") != nullptr;
+    const int32_t act = exact ? T_F32 : act_type_of(sg.type);
+    if (act == T_F32) {
+        return x;
+    }
+    buf.v.resize(x.size());
+    round_activations(act, x.data(), buf.v.data(), (int) x.size());
+    buf.corr.clear();
+    if (act == T_Q8_1) {
+        for (size_t b = 0; b + 32 <= x.size(); b += 32) {
+            float amax = 0.0f, sum_q = 0.0f, sum_v = 0.0f;
+            for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b + j]));
+            const float d = amax / 127.f, id = amax != 0.0f ? 127.f / amax : 0.0f;
+            for (int j = 0; j < 32; j++) {
+                sum_q += nearbyintf(x[b + j] * id);
+                sum_v += buf.v[b + j];
+            }
+            buf.corr.push_back(half_to_float(float_to_half(d * sum_q)) - sum_v);
+        }
+    }
+    return buf.v;
+}
+
+double dot_row(const segment & sg, const tile_ctx & c, int row, const std::vector<float> & x, const act_vec & a,
+               std::vector<float> & w) {
+    w.resize(x.size());
+    const uint8_t * wr = c.ptr<const uint8_t>(sg.w) + (uint64_t) row * sg.row_bytes;
+    dequant_row(sg.type, wr, w.data(), (int64_t) x.size());
+    double acc = 0.0;
+    for (size_t i = 0; i < x.size(); i++) {
+        acc += (double) w[i] * x[i];
+    }
+    if (!a.corr.empty() && (sg.type == T_Q4_1 || sg.type == T_Q5_1)) {
+        const int bytes = info_of(sg.type).bytes;
+        for (size_t b = 0; b < a.corr.size(); b++) {
+            acc += (double) half_to_float(rd16(wr + b * bytes + 2)) * a.corr[b];  // block min * correction
+        }
+    }
+    return acc;
+}
+
+void run_attn_tile(const tile_ctx & c, const attention & at, int tile) {
+    const int kvh = tile / at.n_split, split = tile % at.n_split;
+    const int c0 = split * at.cells_per_split, c1 = std::min(at.n_kv, c0 + at.cells_per_split);
+    const int group = at.n_head / at.n_head_kv;
+    const uint8_t * kb = c.ptr<const uint8_t>(at.k);
+    const uint8_t * vb = c.ptr<const uint8_t>(at.v);
+    const float * q_all = c.ptr(at.q);
+    float * part = c.ptr(at.partials);
+    for (int g = 0; g < group; g++) {
+        const int h = kvh * group + g;
+        std::vector<float> q(at.head_dim_k);
+        round_activations(act_type_of(at.k_type), q_all + (size_t) h * at.head_dim_k, q.data(), at.head_dim_k);
+        float m = -INFINITY;
+        double l = 0.0;
+        std::vector<double> acc(at.head_dim_v, 0.0);
+        for (int cell = c0; cell < c1; cell++) {
+            float mk = 0.0f;
+            if (!at.mask.null()) {
+                mk = load_scalar(at.mask_type, c.ptr<const void>(at.mask), (uint64_t) cell * (at.mask_type == T_F16 ? 2 : 4));
+                if (mk == -INFINITY) {
+                    continue;
+                }
+            }
+            double s = 0.0;
+            for (int d = 0; d < at.head_dim_k; d++) {
+                s += (double) q[d] * load_scalar(at.k_type, kb, (uint64_t) kvh * at.k_nb_head + (uint64_t) cell * at.k_nb_cell + (uint64_t) d * at.k_nb_dim);
+            }
+            float sc = (float) s * at.scale;
+            if (at.softcap != 0.0f) {
+                sc = at.softcap * tanhf(sc / at.softcap);
+            }
+            sc += mk;
+            const float m_new = std::max(m, sc);
+            const double corr = m == -INFINITY ? 0.0 : exp((double) m - m_new);
+            const double pexp = exp((double) sc - m_new);
+            l = l * corr + pexp;
+            for (int d = 0; d < at.head_dim_v; d++) {
+                acc[d] = acc[d] * corr + pexp * load_scalar(at.v_type, vb, (uint64_t) kvh * at.v_nb_head + (uint64_t) cell * at.v_nb_cell + (uint64_t) d * at.v_nb_dim);
+            }
+            m = m_new;
+        }
+        float * o = part + ((size_t) h * at.n_split + split) * (at.head_dim_v + 2);
+        o[0] = m;
+        o[1] = (float) l;
+        for (int d = 0; d < at.head_dim_v; d++) {
+            o[2 + d] = (float) acc[d];
+        }
+    }
+}
+
+void run_tile(const tile_ctx & c, const instruction & in, int tile) {
+    if (in.kind == instr_kind::attn) {
+        run_attn_tile(c, c.p.attns[in.attn], tile);
+        return;
+    }
+    std::vector<float> x, w;
+    form_input(c, in.in, x);
+    if (in.kind == instr_kind::vec) {
+        epilogue(c, in.seg[0], x.data(), 0, in.in.n);
+        return;
+    }
+    int s = 0;
+    if (in.kind == instr_kind::matvec) {
+        while (s + 1 < in.n_segments && tile >= in.seg[s + 1].tile_begin) {
+            s++;
+        }
+    }
+    const segment & sg = in.seg[s];
+    const int r0 = (tile - sg.tile_begin) * sg.rows_per_tile;
+    const int r1 = std::min(sg.rows, r0 + sg.rows_per_tile);
+    std::vector<float> y(r1 - r0);
+    act_vec xa0, xa1;
+    const std::vector<float> & x0 = act_for(in.seg[in.kind == instr_kind::glu ? 0 : s], x, xa0);
+    const std::vector<float> & x1 = in.kind == instr_kind::glu ? act_for(in.seg[1], x, xa1) : x0;
+    const act_vec & a1 = in.kind == instr_kind::glu ? xa1 : xa0;
+    for (int r = r0; r < r1; r++) {
+        if (in.kind == instr_kind::glu) {
+            float g = (float) dot_row(in.seg[0], c, r, x0, xa0, w);
+            float u = (float) dot_row(in.seg[1], c, r, x1, a1, w);
+            if (in.glu_swapped) {
+                std::swap(g, u);
+            }
+            y[r - r0] = silu(g) * u;
+        } else {
+            y[r - r0] = (float) dot_row(sg, c, r, x0, xa0, w);
+        }
+    }
+    epilogue(c, sg, y.data(), r0, r1);
+}
+
+}  // namespace
+
+void cpu_executor::run(const program & p, long long shuffle_seed) {
+    if (prog != &p) {  // a new program: fresh counters
+        prog = &p;
+        counters.assign(p.instrs.size(), 0);
+        epoch = 0;
+    }
+    if (scratch.size() < p.scratch_bytes) {
+        scratch.resize(p.scratch_bytes);
+    }
+    tile_ctx c{p, scratch.data()};
+    const int n = (int) p.instrs.size();
+    auto ready = [&](int i) {
+        const instruction & in = p.instrs[i];
+        for (int d = 0; d < in.n_deps; d++) {
+            const dep & dp = in.deps[d];
+            if (counters[dp.instr] < epoch * (uint64_t) p.instrs[dp.instr].n_tiles + (uint64_t) dp.needed) {
+                return false;
+            }
+        }
+        return true;
+    };
+    if (shuffle_seed < 0) {
+        for (int i = 0; i < n; i++) {
+            if (!ready(i)) {
+                throw std::runtime_error(std::string("dependencies of ") + p.instrs[i].name + " not met in order");
+            }
+            for (int t = 0; t < p.instrs[i].n_tiles; t++) {
+                run_tile(c, p.instrs[i], t);
+                counters[i]++;
+            }
+        }
+    } else {
+        std::mt19937_64 rng((uint64_t) shuffle_seed + epoch);
+        std::vector<std::pair<int, int>> pool;  // runnable tiles
+        std::vector<int> waiting;
+        for (int i = 0; i < n; i++) {
+            waiting.push_back(i);
+        }
+        auto admit = [&]() {
+            std::vector<int> still;
+            for (int i : waiting) {
+                if (ready(i)) {
+                    for (int t = 0; t < p.instrs[i].n_tiles; t++) {
+                        pool.emplace_back(i, t);
+                    }
+                } else {
+                    still.push_back(i);
+                }
+            }
+            waiting.swap(still);
+        };
+        admit();
+        while (!pool.empty()) {
+            size_t k = rng() % pool.size();
+            std::pair<int, int> job = pool[k];
+            pool[k] = pool.back();
+            pool.pop_back();
+            run_tile(c, p.instrs[job.first], job.second);
+            counters[job.first]++;
+            admit();
+        }
+        if (!waiting.empty()) {
+            throw std::runtime_error(std::string("instruction ") + p.instrs[waiting[0]].name + " never became ready");
+        }
+    }
+    epoch++;
+}
+
+}  // namespace mk

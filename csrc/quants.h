@@ -1,0 +1,350 @@
+// Weight formats: the GGUF block layouts the executors read, dequantized by our own code (checked against the
+// `gguf` package's dequantization in tests/test_quants.py). Host and device code share these functions; adding a
+// weight type means a block decoder here plus its entry in `type_info` and `dequant_block`.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define MK_HD __host__ __device__ __forceinline__
+#else
+#define MK_HD inline
+#endif
+
+namespace mk {
+
+// ggml_type values (ggml.h); repeated here so device code needs no ggml header.
+enum wtype : int32_t {
+    T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
+    T_Q8_1 = 9, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_Q8_K = 15, T_I32 = 26, T_I64 = 27, T_BF16 = 30,
+};
+
+MK_HD float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t) (h & 0x8000) << 16;
+    uint32_t exp  = (h >> 10) & 0x1f;
+    uint32_t mant = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else {  // subnormal: normalise
+            exp = 127 - 15 + 1;
+            while ((mant & 0x400) == 0) {
+                mant <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// Round to nearest even, as the F16C instructions ggml-cpu uses.
+MK_HD uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000;
+    const uint32_t absx = x & 0x7fffffffu;
+    if (absx >= 0x7f800000u) {  // inf or nan
+        return (uint16_t) (sign | 0x7c00 | (absx > 0x7f800000u ? 0x200 : 0));
+    }
+    if (absx >= 0x477ff000u) {  // rounds to >= 65520: overflow to inf
+        return (uint16_t) (sign | 0x7c00);
+    }
+    if (absx < 0x38800000u) {  // below the smallest normal half: subnormal or zero
+        if (absx < 0x33000000u) {
+            return (uint16_t) sign;
+        }
+        const uint32_t e     = absx >> 23;
+        const uint32_t mant  = (absx & 0x7fffff) | 0x800000;
+        const uint32_t shift = 126 - e;  // 14 + (113 - e) - ... chosen so the result has 10 fractional bits
+        uint32_t q = mant >> shift;
+        const uint32_t rem  = mant & ((1u << shift) - 1);
+        const uint32_t half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (q & 1))) {
+            q++;
+        }
+        return (uint16_t) (sign | q);
+    }
+    uint32_t q = ((absx >> 13) - ((127 - 15) << 10));
+    const uint32_t rem = absx & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (q & 1))) {
+        q++;
+    }
+    return (uint16_t) (sign | q);
+}
+
+MK_HD float bf16_to_float(uint16_t h) {
+    const uint32_t bits = (uint32_t) h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+MK_HD uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept quiet (as ggml)
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u) {
+        return (uint16_t) ((x >> 16) | 64);
+    }
+    return (uint16_t) ((x + (0x7fff + ((x >> 16) & 1))) >> 16);
+}
+
+MK_HD uint16_t rd16(const uint8_t * p) {
+    return (uint16_t) (p[0] | (p[1] << 8));
+}
+
+// Elements per block and bytes per block.
+struct type_info {
+    int32_t block;
+    int32_t bytes;
+};
+
+MK_HD type_info info_of(int32_t t) {
+    switch (t) {
+        case T_F32:  return {1, 4};
+        case T_F16:  return {1, 2};
+        case T_BF16: return {1, 2};
+        case T_Q4_0: return {32, 18};
+        case T_Q4_1: return {32, 20};
+        case T_Q5_0: return {32, 22};
+        case T_Q5_1: return {32, 24};
+        case T_Q8_0: return {32, 34};
+        case T_Q4_K: return {256, 144};
+        case T_Q5_K: return {256, 176};
+        case T_Q6_K: return {256, 210};
+        default:     return {0, 0};
+    }
+}
+
+// The 6-bit scale and min of sub-block j (0..7) of a Q4_K/Q5_K super-block.
+MK_HD void k_scale_min(int j, const uint8_t * s, int & sc, int & m) {
+    if (j < 4) {
+        sc = s[j] & 63;
+        m  = s[j + 4] & 63;
+    } else {
+        sc = (s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4);
+        m  = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+// Dequantize one block (info_of(t).block values) starting at `b` into `y`.
+MK_HD void dequant_block(int32_t t, const uint8_t * b, float * y) {
+    switch (t) {
+        case T_F32: {
+            memcpy(y, b, 4);
+            return;
+        }
+        case T_F16:  y[0] = half_to_float(rd16(b)); return;
+        case T_BF16: y[0] = bf16_to_float(rd16(b)); return;
+        case T_Q4_0: {  // d, 16 bytes of nibbles: low nibbles are values 0..15, high nibbles 16..31
+            const float d = half_to_float(rd16(b));
+            for (int j = 0; j < 16; j++) {
+                y[j]      = (float) ((b[2 + j] & 0xf) - 8) * d;
+                y[j + 16] = (float) ((b[2 + j] >> 4) - 8) * d;
+            }
+            return;
+        }
+        case T_Q4_1: {
+            const float d = half_to_float(rd16(b)), m = half_to_float(rd16(b + 2));
+            for (int j = 0; j < 16; j++) {
+                y[j]      = (float) (b[4 + j] & 0xf) * d + m;
+                y[j + 16] = (float) (b[4 + j] >> 4) * d + m;
+            }
+            return;
+        }
+        case T_Q5_0: {  // d, 32 high bits, 16 bytes of low nibbles
+            const float d = half_to_float(rd16(b));
+            uint32_t qh;
+            memcpy(&qh, b + 2, 4);
+            for (int j = 0; j < 16; j++) {
+                const int h0 = (qh >> j) & 1, h1 = (qh >> (j + 16)) & 1;
+                y[j]      = (float) (((b[6 + j] & 0xf) | (h0 << 4)) - 16) * d;
+                y[j + 16] = (float) (((b[6 + j] >> 4) | (h1 << 4)) - 16) * d;
+            }
+            return;
+        }
+        case T_Q5_1: {
+            const float d = half_to_float(rd16(b)), m = half_to_float(rd16(b + 2));
+            uint32_t qh;
+            memcpy(&qh, b + 4, 4);
+            for (int j = 0; j < 16; j++) {
+                const int h0 = (qh >> j) & 1, h1 = (qh >> (j + 16)) & 1;
+                y[j]      = (float) ((b[8 + j] & 0xf) | (h0 << 4)) * d + m;
+                y[j + 16] = (float) ((b[8 + j] >> 4) | (h1 << 4)) * d + m;
+            }
+            return;
+        }
+        case T_Q8_0: {
+            const float d = half_to_float(rd16(b));
+            for (int j = 0; j < 32; j++) {
+                y[j] = (float) (int8_t) b[2 + j] * d;
+            }
+            return;
+        }
+        case T_Q4_K: {  // d, dmin, 12 bytes of 6-bit scales/mins for 8 sub-blocks of 32, 128 bytes of nibbles
+            const float d = half_to_float(rd16(b)), dmin = half_to_float(rd16(b + 2));
+            const uint8_t * sc = b + 4;
+            const uint8_t * q  = b + 16;
+            for (int g = 0; g < 4; g++) {  // 64 values per group: low nibbles, then high nibbles, of 32 bytes
+                int s0, m0, s1, m1;
+                k_scale_min(2 * g, sc, s0, m0);
+                k_scale_min(2 * g + 1, sc, s1, m1);
+                for (int l = 0; l < 32; l++) {
+                    y[64 * g + l]      = d * s0 * (q[32 * g + l] & 0xf) - dmin * m0;
+                    y[64 * g + 32 + l] = d * s1 * (q[32 * g + l] >> 4) - dmin * m1;
+                }
+            }
+            return;
+        }
+        case T_Q5_K: {  // as Q4_K plus 32 bytes of high bits (bit 2g and 2g+1 for group g)
+            const float d = half_to_float(rd16(b)), dmin = half_to_float(rd16(b + 2));
+            const uint8_t * sc = b + 4;
+            const uint8_t * qh = b + 16;
+            const uint8_t * q  = b + 48;
+            for (int g = 0; g < 4; g++) {
+                int s0, m0, s1, m1;
+                k_scale_min(2 * g, sc, s0, m0);
+                k_scale_min(2 * g + 1, sc, s1, m1);
+                for (int l = 0; l < 32; l++) {
+                    const int h0 = (qh[l] >> (2 * g)) & 1, h1 = (qh[l] >> (2 * g + 1)) & 1;
+                    y[64 * g + l]      = d * s0 * ((q[32 * g + l] & 0xf) | (h0 << 4)) - dmin * m0;
+                    y[64 * g + 32 + l] = d * s1 * ((q[32 * g + l] >> 4) | (h1 << 4)) - dmin * m1;
+                }
+            }
+            return;
+        }
+        case T_Q6_K: {  // 128 bytes low nibbles, 64 bytes of 2-bit highs, 16 int8 scales, d
+            const uint8_t * ql = b;
+            const uint8_t * qh = b + 128;
+            const int8_t  * sc = (const int8_t *) (b + 192);
+            const float d = half_to_float(rd16(b + 208));
+            for (int h = 0; h < 2; h++) {  // two halves of 128 values
+                const uint8_t * l4 = ql + 64 * h;
+                const uint8_t * h2 = qh + 32 * h;
+                const int8_t  * s  = sc + 8 * h;
+                float * o = y + 128 * h;
+                for (int l = 0; l < 32; l++) {
+                    const int is = l / 16;
+                    const int q0 = ((l4[l] & 0xf) | (((h2[l] >> 0) & 3) << 4)) - 32;
+                    const int q1 = ((l4[l + 32] & 0xf) | (((h2[l] >> 2) & 3) << 4)) - 32;
+                    const int q2 = ((l4[l] >> 4) | (((h2[l] >> 4) & 3) << 4)) - 32;
+                    const int q3 = ((l4[l + 32] >> 4) | (((h2[l] >> 6) & 3) << 4)) - 32;
+                    o[l]      = d * s[is + 0] * q0;
+                    o[l + 32] = d * s[is + 2] * q1;
+                    o[l + 64] = d * s[is + 4] * q2;
+                    o[l + 96] = d * s[is + 6] * q3;
+                }
+            }
+            return;
+        }
+        default:
+            return;
+    }
+}
+
+// Dequantize n values (a multiple of the block size) of type t.
+MK_HD void dequant_row(int32_t t, const void * src, float * y, int64_t n) {
+    const type_info ti = info_of(t);
+    const uint8_t * b = (const uint8_t *) src;
+    for (int64_t i = 0; i < n; i += ti.block) {
+        dequant_block(t, b, y + i);
+        b += ti.bytes;
+    }
+}
+
+MK_HD float load_scalar(int32_t t, const void * base, uint64_t byte_off) {
+    const uint8_t * p = (const uint8_t *) base + byte_off;
+    switch (t) {
+        case T_F16:  return half_to_float(rd16(p));
+        case T_BF16: return bf16_to_float(rd16(p));
+        default: {
+            float f;
+            memcpy(&f, p, 4);
+            return f;
+        }
+    }
+}
+
+MK_HD void store_scalar(int32_t t, void * base, uint64_t byte_off, float v) {
+    uint8_t * p = (uint8_t *) base + byte_off;
+    switch (t) {
+        case T_F16: {
+            const uint16_t h = float_to_half(v);
+            memcpy(p, &h, 2);
+            return;
+        }
+        case T_BF16: {
+            const uint16_t h = float_to_bf16(v);
+            memcpy(p, &h, 2);
+            return;
+        }
+        default:
+            memcpy(p, &v, 4);
+    }
+}
+
+// The activation format a weight type's dot product uses in ggml (ggml-cpu's vec_dot_type): the matvec input is
+// rounded to it first. Both stock backends do this (ggml-cuda quantizes to q8_1 blocks of 32), so a reference
+// that skips it disagrees with them by more than it disagrees with itself.
+MK_HD int32_t act_type_of(int32_t w) {
+    switch (w) {
+        case T_F16:  return T_F16;
+        case T_BF16: return T_BF16;
+        case T_Q4_0: case T_Q5_0: case T_Q8_0: return T_Q8_0;
+        case T_Q4_1: case T_Q5_1: return T_Q8_1;
+        case T_Q4_K: case T_Q5_K: case T_Q6_K: return T_Q8_K;
+        default:     return T_F32;
+    }
+}
+
+// y = x as the dot product sees it after rounding to activation format `act` (values, not blocks). Q8_0/Q8_1:
+// blocks of 32, d = amax/127 kept as F16, q = round-to-even(x * 127/amax). Q8_K: blocks of 256,
+// d = -max/127 (F32, max the value of largest magnitude), q = min(127, round-to-even(x * -127/max)).
+MK_HD void round_activations(int32_t act, const float * x, float * y, int n) {
+    switch (act) {
+        case T_F16:
+            for (int i = 0; i < n; i++) y[i] = half_to_float(float_to_half(x[i]));
+            return;
+        case T_BF16:
+            for (int i = 0; i < n; i++) y[i] = bf16_to_float(float_to_bf16(x[i]));
+            return;
+        case T_Q8_0:
+        case T_Q8_1:
+            for (int b = 0; b + 32 <= n; b += 32) {
+                float amax = 0.0f;
+                for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b + j]));
+                const float d  = half_to_float(float_to_half(amax / 127.f));
+                const float id = amax != 0.0f ? 127.f / amax : 0.0f;
+                for (int j = 0; j < 32; j++) y[b + j] = nearbyintf(x[b + j] * id) * d;
+            }
+            return;
+        case T_Q8_K:
+            for (int b = 0; b + 256 <= n; b += 256) {
+                float amax = 0.0f, mx = 0.0f;
+                for (int j = 0; j < 256; j++) {
+                    if (fabsf(x[b + j]) > amax) { amax = fabsf(x[b + j]); mx = x[b + j]; }
+                }
+                if (amax == 0.0f) {
+                    for (int j = 0; j < 256; j++) y[b + j] = 0.0f;
+                    continue;
+                }
+                const float iscale = -127.f / mx;
+                const float d = 1 / iscale;
+                for (int j = 0; j < 256; j++) y[b + j] = fminf(127.f, nearbyintf(iscale * x[b + j])) * d;
+            }
+            return;
+        default:
+            for (int i = 0; i < n; i++) y[i] = x[i];
+    }
+}
+
+}  // namespace mk
