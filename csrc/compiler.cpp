@@ -994,8 +994,8 @@ struct compiler {
         }
         if (in.kind == instr_kind::attn) {
             const attention & at = p.attns[in.attn];
-            const uint64_t kb = (uint64_t) at.head_dim_k * (at.k_type == GGML_TYPE_F32 ? 4 : 2);
-            const uint64_t vb = (uint64_t) at.head_dim_v * (at.v_type == GGML_TYPE_F32 ? 4 : 2);
+            const uint64_t kb = ggml_row_size((ggml_type) at.k_type, at.head_dim_k);
+            const uint64_t vb = ggml_row_size((ggml_type) at.v_type, at.head_dim_v);
             return (uint64_t) at.n_kv * at.n_head_kv * (kb + vb) + (uint64_t) at.n_head * at.head_dim_k * 4;
         }
         const int n = in.kind == instr_kind::vec ? 0 : in.n_segments;

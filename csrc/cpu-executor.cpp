@@ -85,7 +85,7 @@ void form_input(const tile_ctx & c, const vec_in & in, std::vector<float> & x) {
     }
 }
 
-void rope_row(const rope_params & rp, int32_t pos, float * y, int row_len) {
+void rope_row(const rope_params & rp, int32_t pos, float * y) {
     float theta = (float) pos;
     const float * ff = rp.freq_factors.null() ? nullptr : (const float *) (uintptr_t) rp.freq_factors.off;
     float * v = y + rp.n_offs;
@@ -107,7 +107,6 @@ void rope_row(const rope_params & rp, int32_t pos, float * y, int row_len) {
         v[b] = x0 * sn + x1 * cs;
         theta *= rp.theta_scale;
     }
-    (void) row_len;
 }
 
 // y holds outputs [r0, r1) of the instruction's segment (element index j is global within the segment).
@@ -150,7 +149,7 @@ void epilogue(const tile_ctx & c, const segment & sg, float * y, int r0, int r1)
                 const rope_params & rp = c.p.ropes[op.rope];
                 const int32_t pos = *c.ptr<const int32_t>(rp.pos);
                 for (int j = r0; j < r1; j += op.row_len) {
-                    rope_row(rp, pos, y + (j - r0), op.row_len);
+                    rope_row(rp, pos, y + (j - r0));
                 }
                 break;
             }
@@ -173,9 +172,8 @@ void epilogue(const tile_ctx & c, const segment & sg, float * y, int r0, int r1)
     }
 }
 
-// x as segment sg's weight type sees it (ggml's activation rounding), computed once per tile and segment.
-// For Q8_1 (the partner of Q4_1/Q5_1) ggml also keeps each block's sum as F16(d * sum(q)) and multiplies the
-// weights' block minimum by it; `corr` holds, per block of 32, that sum minus the sum of the rounded values.
+// x as segment sg's weight type sees it (ggml's activation rounding), computed once per tile and segment;
+// `corr` is the Q8_1 block-sum correction (see round_activations).
 struct act_vec {
     std::vector<float> v, corr;
 };
@@ -187,20 +185,8 @@ const std::vector<float> & act_for(const segment & sg, const std::vector<float> 
         return x;
     }
     buf.v.resize(x.size());
-    round_activations(act, x.data(), buf.v.data(), (int) x.size());
-    buf.corr.clear();
-    if (act == T_Q8_1) {
-        for (size_t b = 0; b + 32 <= x.size(); b += 32) {
-            float amax = 0.0f, sum_q = 0.0f, sum_v = 0.0f;
-            for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b + j]));
-            const float d = amax / 127.f, id = amax != 0.0f ? 127.f / amax : 0.0f;
-            for (int j = 0; j < 32; j++) {
-                sum_q += nearbyintf(x[b + j] * id);
-                sum_v += buf.v[b + j];
-            }
-            buf.corr.push_back(half_to_float(float_to_half(d * sum_q)) - sum_v);
-        }
-    }
+    buf.corr.assign(act == T_Q8_1 ? x.size() / 32 : 0, 0.0f);
+    round_activations(act, x.data(), buf.v.data(), (int) x.size(), buf.corr.empty() ? nullptr : buf.corr.data());
     return buf.v;
 }
 

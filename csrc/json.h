@@ -1,6 +1,8 @@
 // Just enough JSON writing for the status and info strings the bridge parses.
 #pragma once
 
+#include <algorithm>
+#include <cstring>
 #include <map>
 #include <string>
 
@@ -28,6 +30,17 @@ inline std::string json_counts(const std::map<std::string, T> & m) {
         o += json_str(it->first) + ":" + json_value(it->second);
     }
     return o + "}";
+}
+
+// Copy text into a caller's buffer (truncated, NUL-terminated) and return the size it needs: the shape of every
+// JSON-returning C API function.
+inline size_t copy_out(const std::string & text, char * buf, size_t size) {
+    if (buf && size > 0) {
+        const size_t n = std::min(size - 1, text.size());
+        memcpy(buf, text.data(), n);
+        buf[n] = '\0';
+    }
+    return text.size() + 1;
 }
 
 }  // namespace mk

@@ -184,7 +184,7 @@ extern "C" __attribute__((visibility("default"))) size_t llama_mk_op_test(const 
             if (flash_attn) {
                 ggml_tensor * vv = ggml_permute(cg, ggml_view_3d(cg, v_cache, hd, n_head_kv, n_kv, e * hd, e * n_gqa, 0), 0, 2, 1, 3);
                 o = ggml_flash_attn_ext(cg, qp, kv, vv, mask, scale, 0.0f, 0.0f);
-                ggml_flash_attn_ext_set_prec(o, GGML_PREC_F32);
+                ggml_prec_set_acc(o, GGML_PREC_F32);
                 o = ggml_reshape_2d(cg, o, n_embd, 1);
             } else {
                 // V cache read transposed: element (cell, dim j) at j * n_kv + cell
@@ -315,10 +315,5 @@ extern "C" __attribute__((visibility("default"))) size_t llama_mk_op_test(const 
     if (cw) ggml_free(cw);
     if (ckv) ggml_free(ckv);
     if (cpu) ggml_backend_free(cpu);
-    if (out && size > 0) {
-        size_t n = std::min(size - 1, result.size());
-        memcpy(out, result.data(), n);
-        out[n] = '\0';
-    }
-    return result.size() + 1;
+    return mk::copy_out(result, out, size);
 }

@@ -452,12 +452,7 @@ size_t llama_mk_status_json(char * buf, size_t size) {
             ",\"reasons\":" + mk::json_counts(s.reasons) +
             ",\"last_graphs\":" + last + "}";
     }
-    if (buf && size > 0) {
-        size_t n = std::min(size - 1, o.size());
-        memcpy(buf, o.data(), n);
-        buf[n] = '\0';
-    }
-    return o.size() + 1;
+    return mk::copy_out(o, buf, size);
 }
 
 void llama_mk_reset_counters(void) {
@@ -493,12 +488,7 @@ size_t llama_mk_explain_json(char * buf, size_t size) {
         std::lock_guard<std::mutex> lock(s.mu);
         o = s.last_explain;
     }
-    if (buf && size > 0) {
-        size_t n = std::min(size - 1, o.size());
-        memcpy(buf, o.data(), n);
-        buf[n] = '\0';
-    }
-    return o.size() + 1;
+    return mk::copy_out(o, buf, size);
 }
 
 int llama_mk_dequantize(int type, const void * src, long long n, float * dst) {

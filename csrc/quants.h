@@ -309,7 +309,9 @@ MK_HD int32_t act_type_of(int32_t w) {
 // y = x as the dot product sees it after rounding to activation format `act` (values, not blocks). Q8_0/Q8_1:
 // blocks of 32, d = amax/127 kept as F16, q = round-to-even(x * 127/amax). Q8_K: blocks of 256,
 // d = -max/127 (F32, max the value of largest magnitude), q = min(127, round-to-even(x * -127/max)).
-MK_HD void round_activations(int32_t act, const float * x, float * y, int n) {
+// For Q8_1, ggml also keeps each block's sum as F16(d * sum(q)) and multiplies the weights' block minimum
+// (Q4_1/Q5_1) by it; if `corr` is given it receives, per block of 32, that sum minus the sum of the values in y.
+MK_HD void round_activations(int32_t act, const float * x, float * y, int n, float * corr = nullptr) {
     switch (act) {
         case T_F16:
             for (int i = 0; i < n; i++) y[i] = half_to_float(float_to_half(x[i]));
@@ -324,7 +326,16 @@ MK_HD void round_activations(int32_t act, const float * x, float * y, int n) {
                 for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b + j]));
                 const float d  = half_to_float(float_to_half(amax / 127.f));
                 const float id = amax != 0.0f ? 127.f / amax : 0.0f;
-                for (int j = 0; j < 32; j++) y[b + j] = nearbyintf(x[b + j] * id) * d;
+                float sum_q = 0.0f, sum_y = 0.0f;
+                for (int j = 0; j < 32; j++) {
+                    const float q = nearbyintf(x[b + j] * id);
+                    y[b + j] = q * d;
+                    sum_q += q;
+                    sum_y += y[b + j];
+                }
+                if (corr && act == T_Q8_1) {
+                    corr[b / 32] = half_to_float(float_to_half(amax / 127.f * sum_q)) - sum_y;
+                }
             }
             return;
         case T_Q8_K:

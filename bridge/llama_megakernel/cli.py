@@ -337,7 +337,7 @@ def cmd_explain(args) -> int:
     _say(f"instructions per layer: {len(layer0)}; serial edges per layer: "
          f"{min(edges) if edges else '-'}..{max(edges) if edges else '-'}; "
          f"critical path: {prog['critical_path_edges']} edges")
-    _say(f"bytes per token: {total / 1e6:.2f} MB (weights, KV rows at {ins and max((i.get('n_kv', 0) for i in ins))} "
+    _say(f"bytes per token: {total / 1e6:.2f} MB (weights, KV rows at {max((i.get('n_kv', 0) for i in ins), default=0)} "
          f"cells, vectors); floor at {args.bandwidth:.2f} TB/s: {total / bw * 1e6:.1f} us/token = "
          f"{bw / total:,.0f} tok/s")
     return 0
