@@ -14,6 +14,7 @@
 
 #include "compiler.h"
 #include "cpu-executor.h"
+#include "gpu-executor.h"
 #include "graph-scan.h"
 #include "json.h"
 #include "quants.h"
@@ -48,16 +49,26 @@ using backend_free_fn  = void (*)(ggml_backend_t);
 using cuda_hook_fn     = bool (*)(ggml_backend_t, ggml_cgraph *, void * stream, void * user_data);
 using set_cuda_hook_fn = void (*)(cuda_hook_fn, void *);
 
+struct gpu_program_free {
+    void operator()(mk::gpu_program * g) const { mk::gpu_free(g); }
+};
+
 struct wrapped_backend {
     graph_compute_fn orig_compute = nullptr;  // interception route only
     backend_free_fn  orig_free    = nullptr;
     std::string      device;
     bool             is_cpu = false;
+    int              cuda_device = -1;  // CUDA backends: the device index (from the name, "CUDA<n>")
     uint64_t         last_uid = 0;  // scan and program are cached per split uid: a reused graph is not redone
     mk::graph_scan   last_scan;
     std::unique_ptr<mk::program> prog;  // the compiled program of that graph, if it compiled
     mk::cpu_executor cpu;
+    std::unique_ptr<mk::gpu_program, gpu_program_free> gpu;  // that program on the GPU
 };
+
+int cuda_device_of(const std::string & name) {
+    return name.compare(0, 4, "CUDA") == 0 && name.size() > 4 && isdigit((unsigned char) name[4]) ? atoi(name.c_str() + 4) : -1;
+}
 
 struct graph_record {  // one distinct graph the plugin saw, for doctor/status
     std::string backend;
@@ -73,6 +84,10 @@ struct state {
 
     std::atomic<bool> enabled{true};
     std::atomic<bool> cpu_executor{false};  // run programs on CPU backends (tests, debugging)
+    std::atomic<bool> gpu_executor{true};   // run programs on CUDA backends (LLAMA_MEGAKERNEL_GPU=0: compile only)
+    void * (*cuda_get_stream)(ggml_backend_t) = nullptr;  // patched ggml-cuda's stream getter, if any
+    uint64_t gpu_steps = 0, gpu_failures = 0;
+    std::string last_gpu_error;
     long long shuffle_seed = -1;            // CPU executor: canonical tile order (-1) or a random valid one
     std::string last_explain = "null";      // explain_json of the last program compiled
     uint64_t graphs_seen = 0, graphs_handled = 0, graphs_handed_back = 0, decode_graphs_seen = 0;
@@ -112,8 +127,12 @@ void record(const std::string & backend, const mk::graph_scan & scan, bool new_g
     s.last_graphs.back().calls++;
 }
 
-mk::target target_for(const wrapped_backend &) {
+mk::target target_for(const wrapped_backend & wb) {
     mk::target t;
+    std::string err;
+    if (wb.cuda_device >= 0 && !mk::gpu_target(wb.cuda_device, t, err)) {
+        t = mk::target{};
+    }
     if (const char * e = getenv("LLAMA_MEGAKERNEL_TARGET_SMS")) {  // size the tiling for another GPU
         t.n_sm = std::max(1, atoi(e));
     }
@@ -122,6 +141,7 @@ mk::target target_for(const wrapped_backend &) {
 
 // Scan a new graph and compile it if the scan found nothing unsupported. Called with s.mu held.
 void prepare(state & s, wrapped_backend & wb, ggml_cgraph * graph) {
+    wb.gpu.reset();
     wb.prog.reset();
     wb.cpu.prog = nullptr;  // fresh counters for the next program
     try {
@@ -151,7 +171,7 @@ void prepare(state & s, wrapped_backend & wb, ggml_cgraph * graph) {
 }
 
 // Decide for one graph; true if the plugin computed it. Called with s.mu held.
-bool take_graph(state & s, wrapped_backend & wb, ggml_cgraph * graph) {
+bool take_graph(state & s, wrapped_backend & wb, ggml_backend_t backend, ggml_cgraph * graph, void * stream_) {
     if (!s.enabled.load()) {
         s.graphs_while_disabled++;
         return false;
@@ -183,9 +203,40 @@ bool take_graph(state & s, wrapped_backend & wb, ggml_cgraph * graph) {
                 wb.prog.reset();
             }
         }
+    } else if (wb.prog && wb.cuda_device >= 0 && !s.gpu_executor.load()) {
+        sc.reason = "no-executor";
+        sc.detail = "compiled; the GPU executor is off (LLAMA_MEGAKERNEL_GPU=0)";
+    } else if (wb.prog && wb.cuda_device >= 0) {
+        std::string err;
+        if (!wb.gpu) {
+            wb.gpu.reset(mk::gpu_load(*wb.prog, wb.cuda_device, err));
+            if (!wb.gpu) {
+                sc.reason = "gpu-refused";
+                sc.detail = err;
+                wb.prog.reset();  // this graph stays on the stock path
+            }
+        }
+        if (wb.gpu) {
+            void * stream = stream_ != nullptr ? stream_ : (s.cuda_get_stream ? s.cuda_get_stream(backend) : nullptr);
+            if (mk::gpu_run(wb.gpu.get(), stream, err)) {
+                s.gpu_steps++;
+                sc.reason = "executed";
+                sc.detail = "compiled to " + std::to_string(wb.prog->instrs.size()) + " instructions; one launch on " + wb.device;
+                record(wb.device, sc, new_graph, true);
+                return true;
+            }
+            // nothing is lost: the stock backend recomputes the whole step, KV writes included
+            s.gpu_failures++;
+            s.last_gpu_error = err;
+            GGML_LOG_WARN("llama-megakernel: %s; this graph goes back to the stock path\n", err.c_str());
+            sc.reason = "gpu-error";
+            sc.detail = err;
+            wb.gpu.reset();
+            wb.prog.reset();
+        }
     } else if (wb.prog) {
         sc.reason = "no-executor";
-        sc.detail = "compiled; this build has no GPU executor yet";
+        sc.detail = "compiled; no executor for this backend";
     }
     record(wb.device, sc, new_graph, false);
     return false;
@@ -203,21 +254,22 @@ ggml_status mk_graph_compute(ggml_backend_t backend, ggml_cgraph * graph) {
             return GGML_STATUS_FAILED;
         }
         orig = it->second.orig_compute;
-        if (take_graph(s, it->second, graph)) {
+        if (take_graph(s, it->second, backend, graph, nullptr)) {
             return GGML_STATUS_SUCCESS;
         }
     }
     return orig(backend, graph);
 }
 
-bool mk_cuda_hook(ggml_backend_t backend, ggml_cgraph * graph, void * /*stream*/, void * /*user_data*/) {
+bool mk_cuda_hook(ggml_backend_t backend, ggml_cgraph * graph, void * stream, void * /*user_data*/) {
     state & s = st();
     std::lock_guard<std::mutex> lock(s.mu);
     wrapped_backend & wb = s.backends[backend];  // created on first use; the hook route never frees it
     if (wb.device.empty()) {
         wb.device = ggml_backend_name(backend);
+        wb.cuda_device = cuda_device_of(wb.device);
     }
-    return take_graph(s, wb, graph);
+    return take_graph(s, wb, backend, graph, stream);
 }
 
 void mk_backend_free(ggml_backend_t backend) {
@@ -258,6 +310,7 @@ ggml_backend_t mk_init_backend(ggml_backend_dev_t dev, const char * params) {
     wb.orig_free    = backend->iface.free;
     wb.device       = ggml_backend_dev_name(dev);
     wb.is_cpu       = ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+    wb.cuda_device  = cuda_device_of(wb.device);
     s.backends[backend] = std::move(wb);
     backend->iface.graph_compute = mk_graph_compute;
     backend->iface.free          = mk_backend_free;
@@ -304,6 +357,9 @@ int install() {
     if (const char * e = getenv("LLAMA_MEGAKERNEL_CPU")) {
         s.cpu_executor.store(atoi(e) != 0);
     }
+    if (const char * e = getenv("LLAMA_MEGAKERNEL_GPU")) {
+        s.gpu_executor.store(atoi(e) != 0);
+    }
     if (const char * e = getenv("LLAMA_MEGAKERNEL_SHUFFLE")) {
         s.shuffle_seed = atoll(e);
     }
@@ -311,6 +367,9 @@ int install() {
         ggml_backend_reg_t reg = ggml_backend_reg_by_name(reg_name);
         if (reg == nullptr || s.routes.count(reg_name)) {
             continue;
+        }
+        if (std::string(reg_name) == "CUDA") {
+            s.cuda_get_stream = (void * (*)(ggml_backend_t)) ggml_backend_reg_get_proc_address(reg, "ggml_backend_cuda_get_stream");
         }
         auto set_hook = (set_cuda_hook_fn) ggml_backend_reg_get_proc_address(
             reg, "ggml_backend_cuda_set_graph_compute_hook");
@@ -448,6 +507,10 @@ size_t llama_mk_status_json(char * buf, size_t size) {
             ",\"graphs_while_disabled\":" + std::to_string(s.graphs_while_disabled) +
             ",\"programs_compiled\":" + std::to_string(s.programs_compiled) +
             ",\"cpu_executor\":" + (s.cpu_executor.load() ? "true" : "false") +
+            ",\"gpu_executor\":" + (s.gpu_executor.load() ? "true" : "false") +
+            ",\"gpu_steps\":" + std::to_string(s.gpu_steps) +
+            ",\"gpu_failures\":" + std::to_string(s.gpu_failures) +
+            ",\"last_gpu_error\":" + mk::json_str(s.last_gpu_error) +
             ",\"shuffle_seed\":" + std::to_string(s.shuffle_seed) +
             ",\"reasons\":" + mk::json_counts(s.reasons) +
             ",\"last_graphs\":" + last + "}";
@@ -460,6 +523,7 @@ void llama_mk_reset_counters(void) {
     std::lock_guard<std::mutex> lock(s.mu);
     s.graphs_seen = s.graphs_handled = s.graphs_handed_back = s.decode_graphs_seen = s.graphs_while_disabled = 0;
     s.programs_compiled = 0;
+    s.gpu_steps = s.gpu_failures = 0;
     s.reasons.clear();
     s.last_graphs.clear();
     for (auto & b : s.backends) {

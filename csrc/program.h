@@ -13,6 +13,12 @@
 
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define MK_PROGRAM_HD __host__ __device__
+#else
+#define MK_PROGRAM_HD
+#endif
+
 namespace mk {
 
 // An address: either absolute (a ggml tensor's data: weights, KV cache, graph inputs and outputs) or an offset
@@ -21,7 +27,7 @@ namespace mk {
 struct addr {
     uint64_t off     = 0;
     uint8_t  scratch = 0;  // 1: `off` is a byte offset into the scratch arena
-    bool null() const { return off == 0 && !scratch; }
+    MK_PROGRAM_HD bool null() const { return off == 0 && !scratch; }
 };
 
 // How an instruction forms its input vector x (n floats). Folding these into the consumer (each tile recomputes

@@ -21,7 +21,7 @@ tar -C "$(dirname "$tree")" -czf .device/llama.cpp.tar.gz \
     "$(basename "$tree")"
 echo "[bundle] llama-cpp-python's Python package from $(basename "$sdist")"
 tar -xzf "$sdist" -C .device --strip-components=1 "llama_cpp_python-0.3.36/llama_cpp"
-cp -r "$cache/vocab" .device/cache/ 2>/dev/null || true
+mkdir -p .device/cache/vocab && cp "$cache"/vocab/ggml-vocab-llama-bpe-* .device/cache/vocab/ 2>/dev/null || true
 echo "[bundle] wheels"
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -1,50 +1,72 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call on the GPU machine (no network): build stock llama.cpp with CUDA from the
-# pinned source, build the plugin, make the test models, check the plugin against stock (same binary, same
-# process kind), and time llama-bench with and without the plugin, interleaved.
-# Prepare here first: bash scripts/device-bundle.sh; then run `MK_COMMIT=<sha> bash scripts/gpu-check.sh` with
-# .device carried. Results go to $OUT.
+# pinned source (with llama-megakernel's additive patches), build the plugin and the in-process comparison tool,
+# make the test models, check the megakernel against stock llama.cpp (same binary, same process), run
+# compute-sanitizer, and time llama-bench with and without the plugin, interleaved. Results go to $OUT.
+#
+# Prepare here first: bash scripts/device-bundle.sh; then, on the GPU machine, with .device carried:
+#   MK_COMMIT=<sha> bash scripts/gpu-check.sh                 everything
+#   MK_STAGES="correct bench" ...                             some stages (build and models are always made)
+# A build of llama.cpp takes ~5 minutes there; its binaries are packed into $OUT/llama-bin.tar.xz.* (to carry
+# back in .device/prebuilt/ so that later calls skip the build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 W=/tmp/mk; mkdir -p $W
 exec > >(tee "$OUT/gpu-check.log") 2>&1
 stamp() { echo "[$(date +%T)] $*"; }
+STAGES=${MK_STAGES:-"correct depth sanitize bench"}
 
 stamp "GPU"; nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm --format=csv
-python3 -m pip install -q --no-index --no-deps --target $W/site .device/wheels/*.whl
+python3 -m pip install -q --no-index --no-deps --target $W/site .device/wheels/*.whl 2>/dev/null || true
 export PYTHONPATH=$PWD/bridge:$PWD/.device:$W/site
 export LLAMA_MEGAKERNEL_CACHE=$PWD/.device/cache
 
-stamp "llama.cpp (pinned, CUDA, sm_90, with llama-megakernel's patches)"
 tar -xzf .device/llama.cpp.tar.gz -C $W
 export LLAMA_CPP_DIR=$(ls -d $W/llama.cpp-*)
-# The patched build carries both routes: the hook (default) and interception (LLAMA_MEGAKERNEL_ROUTE=intercept);
-# without the plugin it is stock llama.cpp (the patches are additive).
-python3 -m llama_megakernel patch apply $LLAMA_CPP_DIR || { echo "patch CLI failed, falling back to patch(1)";
+python3 -m llama_megakernel patch apply $LLAMA_CPP_DIR > /dev/null || {
+  echo "patch CLI failed, falling back to patch(1)"
   for p in patches/0c1e5709/0*.patch; do patch -s -p1 -d $LLAMA_CPP_DIR -i $PWD/$p; done; }
-python3 -m llama_megakernel patch status $LLAMA_CPP_DIR
-if [ ! -x $W/build/bin/llama-bench ]; then
+B=$W/build/bin
+if [ ! -x $B/llama-bench ] && ls .device/prebuilt/llama-bin.tar.xz.* > /dev/null 2>&1; then
+  stamp "llama.cpp: prebuilt binaries from an earlier call"
+  mkdir -p $B && cat .device/prebuilt/llama-bin.tar.xz.* | tar -xJ -C $B
+fi
+if [ ! -x $B/llama-bench ]; then
+  stamp "llama.cpp (pinned, CUDA sm_90, patched)"
   cmake -S $LLAMA_CPP_DIR -B $W/build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release > $W/cmake.log
-  cmake --build $W/build --target llama-bench llama-quantize llama-completion -j16 > $W/build.log 2>&1 || { tail -50 $W/build.log; exit 1; }
+  cmake --build $W/build --target llama-bench llama-quantize -j16 > $W/build.log 2>&1 || { tail -50 $W/build.log; exit 1; }
+  (cd $B && tar -cf - *.so* llama-bench llama-quantize | xz -T16 -6 | split -b 15M - "$OUT/llama-bin.tar.xz.")
+  ls -la $OUT
 fi
-export LLAMA_CPP_LIB_PATH=$W/build/bin
 
-stamp "plugin"
+stamp "plugin and mk-compare"
 cmake -S . -B $W/plugin -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_MK_CUDA=ON > $W/plugin-cmake.log
 cmake --build $W/plugin > $W/plugin-build.log 2>&1 || { tail -30 $W/plugin-build.log; exit 1; }
 export LLAMA_MEGAKERNEL_PLUGIN=$W/plugin/libggml-megakernel.so
+g++ -O2 -std=c++17 scripts/mk-compare.cpp -I$LLAMA_CPP_DIR/include -I$LLAMA_CPP_DIR/ggml/include -L$B -lllama \
+    -lggml-base -lggml -Wl,-rpath,$B -o $W/mk-compare
 
 stamp "models"
 M=$W/models; mkdir -p $M
-for spec in "llama tiny" "llama smollm2-135m"; do
-  set -- $spec
-  [ -f $M/$1-$2-f.gguf ] || python3 -m llama_megakernel make-model $1 $2 F32 $M/$1-$2-f.gguf | tail -1
-  [ -f $M/$1-$2-q4_0.gguf ] || $W/build/bin/llama-quantize $M/$1-$2-f.gguf $M/$1-$2-q4_0.gguf Q4_0 > /dev/null 2>&1
-done
+mkmodel() {  # arch shape base-type types...
+  local arch=$1 shape=$2 base=$3; shift 3
+  [ -f $M/$arch-$shape-$base.gguf ] || python3 -m llama_megakernel make-model $arch $shape $base $M/$arch-$shape-$base.gguf | tail -1
+  for q in "$@"; do
+    [ -f $M/$arch-$shape-$q.gguf ] || $B/llama-quantize $M/$arch-$shape-$base.gguf $M/$arch-$shape-$q.gguf $q > /dev/null 2>&1 \
+      || echo "quantize $shape $q failed"
+  done
+}
+mkmodel llama tiny F32 Q4_0 Q4_K_M F16
+mkmodel llama smollm2-135m F32 Q4_0 F16 BF16 Q8_0 Q4_K_M Q6_K
+if [[ " ${MK_MODELS_1B:-yes} " == " yes " ]]; then
+  mkmodel llama llama-3.2-1b F16 Q4_0 BF16 Q8_0 Q4_K_M Q6_K
+fi
+[ -f .device/smollm2-q4_1.gguf ] && cp .device/smollm2-q4_1.gguf $M/smollm2-135m-real-Q4_1.gguf
+ls -la $M
 
-stamp "checks"
-python3 scripts/gpu_checks.py --models $M --bin $W/build/bin --out "$OUT/gpu-check.json"
+stamp "checks: $STAGES"
+python3 scripts/gpu_checks.py --models $M --bin $B --compare $W/mk-compare --out "$OUT/gpu-check.json" --rounds ${MK_ROUNDS:-4} --stages $STAGES
 stamp "done"

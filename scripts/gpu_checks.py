@@ -1,12 +1,13 @@
 """GPU checks run by scripts/gpu-check.sh on the GPU machine; writes a results file in the shape of
 shared/design/results-schema.md.
 
-The llama.cpp build is the patched one, so one binary gives three configurations:
-  stock      no plugin (the patches are additive; with no hook set ggml-cuda behaves as released)
-  hook       plugin through GGML_BACKEND_PATH, reaching CUDA graphs through the patched hook
-  intercept  the same with LLAMA_MEGAKERNEL_ROUTE=intercept: the no-patch route of stock builds
-Checks: greedy text from llama-completion is identical in all three; llama-bench tg128/pp512 with the order of
-the three rotated every round (medians); the Python bridge's greedy decoding bit for bit against stock.
+The llama.cpp build is the patched one (the patches are additive: without the plugin it is stock llama.cpp), so
+stock and megakernel run the same binary. Stages:
+  correct   mk-compare (scripts/mk-compare.cpp) per model and flash-attention setting: stock greedy vs the plugin
+            teacher-forced (logits cosine, top-1) and free-running (identical tokens), in one process
+  depth     the same past 4096 tokens of context (prefill handed back, then decode across graph rebuilds)
+  sanitize  compute-sanitizer memcheck and racecheck on a short decode
+  bench     llama-bench, stock and plugin interleaved (A B A B), medians, ratio, % of the copy-bandwidth floor
 """
 
 from __future__ import annotations
@@ -15,163 +16,226 @@ import argparse
 import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-import numpy as np
+T0 = time.time()
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ("stock", "hook", "intercept")
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
 
 
 def sh(cmd, env=None, timeout=600) -> subprocess.CompletedProcess:
-    # random-weight models print arbitrary bytes: never fail on decoding them
     return subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, timeout=timeout)
 
 
-def env_for(config: str, status_file: Path | None = None) -> dict:
+def env_for(plugin: bool, status_file: Path | None = None, extra: dict | None = None) -> dict:
     env = dict(os.environ)
-    for k in ("GGML_BACKEND_PATH", "LLAMA_MEGAKERNEL_ROUTE", "LLAMA_MEGAKERNEL_STATUS_FILE"):
+    for k in ("GGML_BACKEND_PATH", "LLAMA_MEGAKERNEL_STATUS_FILE"):
         env.pop(k, None)
-    if config != "stock":
+    if plugin:
         env["GGML_BACKEND_PATH"] = env["LLAMA_MEGAKERNEL_PLUGIN"]
         if status_file:
             env["LLAMA_MEGAKERNEL_STATUS_FILE"] = str(status_file)
             status_file.unlink(missing_ok=True)
-    if config == "intercept":
-        env["LLAMA_MEGAKERNEL_ROUTE"] = "intercept"
+    env.update(extra or {})
     return env
+
+
+def compare(tool: Path, model: Path, fa: int, steps: int, prompt: int = 8, cpu_steps: int = 0,
+            timeout: int = 300) -> dict:
+    cmd = [str(tool), str(model), "--steps", str(steps), "--fa", str(fa), "--prompt", str(prompt)]
+    if cpu_steps:
+        cmd += ["--cpu-steps", str(cpu_steps)]
+    if prompt + steps > 4000:
+        cmd += ["--ctx", str(prompt + steps + 256)]
+    r = sh(cmd, env=env_for(True), timeout=timeout)
+    res = {"model": model.stem, "flash_attn": fa, "steps": steps, "prompt": prompt, "command": " ".join(cmd)}
+    if r.returncode != 0 or not r.stdout.strip():
+        res.update(passed=False, error=(r.stderr or "")[-2000:], rc=r.returncode)
+        return res
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    tf, sf, sb = d["teacher_forced"], d["status_free"], d["status_forced"]
+    res.update(teacher_forced=tf, free_greedy_identical_steps=d["free_greedy_identical_steps"],
+               bytes_per_token=d.get("bytes_per_token"),
+               executed=sf["reasons"].get("executed", 0), reasons=sf["reasons"],
+               gpu_failures=sf.get("gpu_failures"), last_gpu_error=sf.get("last_gpu_error"))
+    res["executed_forced"] = sb["reasons"].get("executed", 0)
+    if d.get("cpu"):
+        res["gpu_vs_cpu_executor"] = d["cpu"]["gpu_vs_cpu_executor"]
+        res["stock_vs_cpu_executor"] = d["cpu"]["stock_vs_cpu_executor"]
+        res["cpu_executed"] = d["cpu"]["status"]["reasons"].get("executed", 0)
+    # every decode step of the forced and the free run through the megakernel, none handed back with an error
+    ran = res["executed"] >= 2 * steps - 2 and sf.get("gpu_failures", 1) == 0
+    res["passed"] = bool(ran and tf["min_cos"] >= 0.999 and tf["top1_agree"] >= 0.99
+                         and ("gpu_vs_cpu_executor" not in res or res["gpu_vs_cpu_executor"]["min_cos"] >= 0.999))
+    return res
+
+
+def sanitize(tool: Path, model: Path, which: str) -> dict:
+    cmd = ["compute-sanitizer", "--tool", which, "--print-limit", "20", str(tool), str(model), "--steps", "4",
+           "--prompt", "4"]
+    r = sh(cmd, env=env_for(True, extra={"LLAMA_MEGAKERNEL_WAIT_TIMEOUT_MS": "300000"}), timeout=560)
+    m = re.search(r"ERROR SUMMARY: (\d+) error", r.stdout + r.stderr)
+    ran = '"executed"' in r.stdout
+    res = {"model": model.stem, "check": f"compute-sanitizer-{which}", "command": " ".join(cmd),
+           "errors": int(m.group(1)) if m else None, "megakernel_ran": ran, "rc": r.returncode}
+    res["passed"] = bool(m and int(m.group(1)) == 0 and ran and r.returncode == 0)
+    if not res["passed"]:
+        res["tail"] = (r.stdout + r.stderr)[-3000:]
+    return res
 
 
 def plugin_summary(status_file: Path) -> dict | None:
     if not status_file.is_file():
-        return None  # the tool did not load the plugin, or exited without running atexit handlers
+        return None
     st = json.loads(status_file.read_text())
-    cuda = [g for g in st["last_graphs"] if g["backend"].startswith("CUDA")]
-    return {"routes": st["routes"], "graphs_seen": st["graphs_seen"], "decode_graphs_seen": st["decode_graphs_seen"],
-            "reasons": st["reasons"], "cuda_graphs_in_last": sum(g["calls"] for g in cuda)}
-
-
-def check_completion(bindir: Path, model: Path, tmp: Path) -> tuple[dict, list[str]]:
-    texts, plugin, cmds = {}, {}, []
-    cmd = [str(bindir / "llama-completion"), "-m", str(model), "-p", "The quick brown fox", "-n", "64",
-           "--temp", "0", "--seed", "0", "-ngl", "99", "-no-cnv"]
-    for c in CONFIGS:
-        sf = tmp / f"completion-{c}.json"
-        r = subprocess.run(cmd, capture_output=True, env=env_for(c, sf), timeout=600)
-        if r.returncode != 0:
-            raise RuntimeError(f"llama-completion ({c}) failed: {r.stderr[-2000:].decode(errors='replace')}")
-        texts[c] = r.stdout  # bytes: compared exactly
-        if c != "stock":
-            plugin[c] = plugin_summary(sf) or {"status_file": None,
-                                               "plugin_loaded": b"loaded MEGAKERNEL backend" in r.stderr}
-    cmds.append(" ".join(cmd) + "  (stock / GGML_BACKEND_PATH=<plugin> / + LLAMA_MEGAKERNEL_ROUTE=intercept)")
-    res = {"model": model.stem, "check": "llama-completion-greedy-64-same-text-stock-hook-intercept",
-           "identical": texts["stock"] == texts["hook"] == texts["intercept"], "text_chars": len(texts["stock"]),
-           "plugin": plugin}
-    res["passed"] = (res["identical"] and plugin["hook"].get("routes", {}).get("CUDA") == "hook"
-                     and plugin["intercept"].get("routes", {}).get("CUDA") == "intercept"
-                     and all(p["cuda_graphs_in_last"] > 0 and p["decode_graphs_seen"] >= 63 for p in plugin.values()))
-    return res, cmds
+    return {"routes": st["routes"], "reasons": st["reasons"], "gpu_steps": st.get("gpu_steps"),
+            "gpu_failures": st.get("gpu_failures"), "last_gpu_error": st.get("last_gpu_error")}
 
 
 def bench(bindir: Path, model: Path, test: str, args: list[str], rounds: int, tmp: Path) -> dict:
-    runs = {c: [] for c in CONFIGS}
-    last = {}
-    cmd = [str(bindir / "llama-bench"), "-m", str(model), "-o", "json"] + args
+    runs = {"stock": [], "mk": []}
+    last = None
+    cmd = [str(bindir / "llama-bench"), "-m", str(model), "-o", "json", "-ngl", "99"] + args
     for i in range(rounds):
-        order = CONFIGS[i % 3:] + CONFIGS[:i % 3]  # rotate, so no configuration always runs first
-        for c in order:
-            sf = tmp / f"bench-{c}.json"
-            r = sh(cmd, env=env_for(c, sf))
+        for c in (("stock", "mk") if i % 2 == 0 else ("mk", "stock")):  # A B, B A, ...
+            sf = tmp / "bench-status.json"
+            r = sh(cmd, env=env_for(c == "mk", sf))
             if r.returncode != 0:
                 raise RuntimeError(f"llama-bench ({c}) failed: {r.stderr[-2000:]}")
             runs[c].append(float(json.loads(r.stdout)[0]["avg_ts"]))
-            if c != "stock":
-                last[c] = plugin_summary(sf)
+            if c == "mk":
+                last = plugin_summary(sf)
     med = {c: statistics.median(v) for c, v in runs.items()}
-    return {"model": model.stem, "test": test, "depth": 0, "reps": 5, "rounds": rounds,
-            "stock_tok_s": round(med["stock"], 1), "mk_tok_s": round(med["hook"], 1),
-            "ratio": round(med["hook"] / med["stock"], 4),
-            "intercept_tok_s": round(med["intercept"], 1), "intercept_ratio": round(med["intercept"] / med["stock"], 4),
-            "runs": runs, "plugin": last, "command": " ".join(cmd)}
+    return {"model": model.stem, "test": test, "reps": 5, "rounds": rounds,
+            "stock_tok_s": round(med["stock"], 1), "mk_tok_s": round(med["mk"], 1),
+            "ratio": round(med["mk"] / med["stock"], 4), "runs": runs, "plugin": last,
+            "command": " ".join(cmd) + "  (stock, then GGML_BACKEND_PATH=<plugin>; order alternated each round)"}
 
 
-def check_bridge(model: Path, steps: int, tmp: Path) -> dict:
-    """Greedy through llama-cpp-python (LLAMA_CPP_LIB_PATH = this build), stock process vs plugin process."""
-    out = {}
-    for plugin in (False, True):
-        f = tmp / f"{model.stem}-{plugin}.npz"
-        cmd = [sys.executable, "-m", "llama_megakernel.greedy", str(model), str(f), "--steps", str(steps), "--verbose"]
-        if plugin:
-            cmd.append("--plugin")
-        r = sh(cmd, env=dict(env_for("stock"), PYTHONFAULTHANDLER="1"))
-        if r.returncode != 0:
-            bt = sh(["cuda-gdb", "-batch", "-ex", "run", "-ex", "bt 25", "--args"] + cmd, timeout=300)
-            frames = [l for l in bt.stdout.splitlines() if l.startswith("#")]
-            return {"model": model.stem, "check": f"bridge-greedy-{steps}-bitwise-identical-to-stock",
-                    "passed": False, "failed_process": "plugin" if plugin else "stock", "rc": r.returncode,
-                    "native_backtrace": frames[:25] or bt.stdout[-1500:].splitlines()}
-        z = np.load(f)
-        out[plugin] = (z["tokens"], z["logits"], json.loads(str(z["status"])))
-    st = out[True][2]
-    res = {"model": model.stem, "check": f"bridge-greedy-{steps}-bitwise-identical-to-stock",
-           "tokens_identical": bool(np.array_equal(out[False][0], out[True][0])),
-           "logits_bitwise_identical": bool(np.array_equal(out[False][1].view(np.uint32), out[True][1].view(np.uint32))),
-           "routes": st["routes"], "decode_graphs_seen": st["decode_graphs_seen"], "reasons": st["reasons"]}
-    res["passed"] = res["tokens_identical"] and res["logits_bitwise_identical"] and st["decode_graphs_seen"] == steps - 1
-    return res
+def copy_bandwidth() -> float | None:
+    """Device-to-device copy, bytes read + written per second, through PyTorch (the GPU image has it)."""
+    code = ("import torch,time\n"
+            "a=torch.empty(1<<30,dtype=torch.uint8,device='cuda');b=torch.empty_like(a)\n"
+            "for _ in range(3): b.copy_(a)\n"
+            "torch.cuda.synchronize();t=time.perf_counter()\n"
+            "for _ in range(20): b.copy_(a)\n"
+            "torch.cuda.synchronize();print(2*20*(1<<30)/(time.perf_counter()-t)/1e9)\n")
+    r = sh(["python3", "-c", code], env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=120)
+    try:
+        return round(float(r.stdout.strip().splitlines()[-1]), 1)
+    except (ValueError, IndexError):
+        return None
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--models", required=True)
     p.add_argument("--bin", required=True)
+    p.add_argument("--compare", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--stages", nargs="*", default=["correct", "depth", "sanitize", "bench"])
+    p.add_argument("--rounds", type=int, default=4)
     a = p.parse_args()
-    models, bindir = Path(a.models), Path(a.bin)
+    M, bindir, tool = Path(a.models), Path(a.bin), Path(a.compare)
     tmp = Path(tempfile.mkdtemp())
     smi = sh(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]).stdout.strip().split(", ")
-    # The device's copy of the tree has no .git: the caller passes MK_COMMIT=$(git rev-parse --short=12 HEAD).
-    commit = os.environ.get("MK_COMMIT") or "unknown"
-    result = {"date": datetime.date.today().isoformat(), "commit": commit, "llama_cpp_commit": "0c1e5709",
-              "gpu": smi[0], "driver": smi[1] if len(smi) > 1 else "", "commands": [], "rows": [],
-              "correctness": [],
-              "what": "patched llama.cpp build; no executor yet, so the plugin hands every graph back: mk_* is the "
-                      "hook route's cost, intercept_* the no-patch route's"}
+    result = {"date": datetime.date.today().isoformat(), "commit": os.environ.get("MK_COMMIT") or "unknown",
+              "llama_cpp_commit": "0c1e5709", "gpu": smi[0], "driver": smi[1] if len(smi) > 1 else "",
+              "commands": [], "rows": [], "correctness": [], "stages": a.stages}
+    out = Path(a.out)
 
-    for name in ("llama-tiny-q4_0", "llama-smollm2-135m-q4_0"):
-        try:
-            res, cmds = check_completion(bindir, models / f"{name}.gguf", tmp)
-            result["commands"] += cmds
-        except (RuntimeError, KeyError, subprocess.TimeoutExpired) as e:  # record, and go on to the benchmark
-            res = {"model": name, "check": "llama-completion-greedy-64-same-text-stock-hook-intercept",
-                   "passed": False, "error": str(e)[-1500:]}
-        result["correctness"].append(res)
-        print(json.dumps(res), flush=True)
+    def save():
+        out.write_text(json.dumps(result, indent=1))
 
-    m = models / "llama-smollm2-135m-q4_0.gguf"
-    for test, args in (("tg128", ["-p", "0", "-n", "128", "-r", "5"]), ("pp512", ["-p", "512", "-n", "0", "-r", "5"])):
-        row = bench(bindir, m, test, args, a.rounds, tmp)
-        result["rows"].append(row)
-        result["commands"].append(row["command"] + "  (order of stock/hook/intercept rotated each round)")
-        print(json.dumps(row), flush=True)
+    def have(name):
+        return (M / f"{name}.gguf").is_file()
 
-    res = check_bridge(models / "llama-tiny-q4_0.gguf", 32, tmp)
-    result["correctness"].append(res)
-    print(json.dumps(res), flush=True)
+    if "correct" in a.stages:
+        plan = [("llama-tiny-Q4_0", 64, 32), ("llama-tiny-F16", 64, 32), ("llama-tiny-Q4_K_M", 64, 32)]
+        plan += [(f"llama-smollm2-135m-{q}", 256, 0) for q in ("Q4_0", "F16", "BF16", "Q8_0", "Q4_K_M", "Q6_K")]
+        plan += [(f"llama-llama-3.2-1b-{q}", 256, 0) for q in ("Q4_0", "F16", "BF16", "Q8_0", "Q4_K_M", "Q6_K")]
+        plan += [("smollm2-135m-real-Q4_1", 256, 0)]
+        for name, steps, cpu in plan:
+            if not have(name):
+                continue
+            for fa in (0, 1):
+                try:
+                    res = compare(tool, M / f"{name}.gguf", fa, steps, cpu_steps=cpu)
+                except subprocess.TimeoutExpired:
+                    res = {"model": name, "flash_attn": fa, "passed": False, "error": "timeout"}
+                res["check"] = f"vs-stock-{steps}-steps-fa{fa}"
+                result["correctness"].append(res)
+                log(f"{name} fa={fa}: " + json.dumps({k: res.get(k) for k in (
+                    "passed", "teacher_forced", "free_greedy_identical_steps", "executed", "gpu_failures",
+                    "last_gpu_error", "gpu_vs_cpu_executor", "error")}))
+                save()
 
-    Path(a.out).write_text(json.dumps(result, indent=1))
-    print(f"\n{'model':26s} {'test':6s} {'stock':>9s} {'hook':>9s} {'ratio':>6s} {'intercept':>9s} {'ratio':>6s}")
+    if "depth" in a.stages and have("llama-llama-3.2-1b-Q4_0"):
+        for fa in (0, 1):
+            res = compare(tool, M / "llama-llama-3.2-1b-Q4_0.gguf", fa, 256, prompt=3968, timeout=560)
+            res["check"] = f"depth-3968-to-4224-fa{fa}"
+            result["correctness"].append(res)
+            log(f"depth fa={fa}: " + json.dumps({k: res.get(k) for k in ("passed", "teacher_forced", "executed", "error")}))
+            save()
+
+    if "sanitize" in a.stages and have("llama-tiny-Q4_0"):
+        for which in ("memcheck", "racecheck"):
+            res = sanitize(tool, M / "llama-tiny-Q4_0.gguf", which)
+            result["correctness"].append(res)
+            log(f"sanitize {which}: " + json.dumps({k: res.get(k) for k in ("passed", "errors", "megakernel_ran", "rc")}))
+            save()
+
+    if "bench" in a.stages:
+        bw = copy_bandwidth()
+        result["copy_bandwidth_gbs"] = bw
+        log(f"copy bandwidth {bw} GB/s")
+        bytes_of = {c["model"]: c.get("bytes_per_token") for c in result["correctness"] if c.get("bytes_per_token")}
+        rows = [("llama-smollm2-135m-Q4_0", "tg128", 0, ["-p", "0", "-n", "128", "-r", "5"]),
+                ("llama-llama-3.2-1b-Q4_0", "tg128", 0, ["-p", "0", "-n", "128", "-r", "5"]),
+                ("llama-llama-3.2-1b-Q4_K_M", "tg128", 0, ["-p", "0", "-n", "128", "-r", "5"]),
+                ("llama-llama-3.2-1b-BF16", "tg128", 0, ["-p", "0", "-n", "128", "-r", "5"]),
+                ("llama-llama-3.2-1b-Q4_0", "tg128", 4096, ["-p", "0", "-n", "128", "-r", "5", "-d", "4096"]),
+                ("llama-llama-3.2-1b-Q4_0", "pp512", 0, ["-p", "512", "-n", "0", "-r", "5"])]
+        for name, test, depth, args in rows:
+            if not have(name):
+                continue
+            try:
+                row = bench(bindir, M / f"{name}.gguf", test, args, a.rounds, tmp)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                row = {"model": name, "test": test, "error": str(e)[-1500:]}
+            row["depth"] = depth
+            b = bytes_of.get(name)
+            if b and test.startswith("tg") and "mk_tok_s" in row and bw:
+                # KV rows read at this depth are not in the depth-0 program's count: add them (F16 K and V)
+                cfg = {"llama-smollm2-135m": (30, 3, 64), "llama-llama-3.2-1b": (16, 8, 64)}
+                for k, (nl, kvh, hd) in cfg.items():
+                    if name.startswith(k):
+                        b += depth * nl * kvh * hd * 2 * 2
+                row["bytes_per_token"] = b
+                floor_tok_s = bw * 1e9 / b  # bytes moved per second by a copy (read + write), as megakernel.md
+                row["stock_pct_floor"] = round(100 * row["stock_tok_s"] / floor_tok_s, 1)
+                row["mk_pct_floor"] = round(100 * row["mk_tok_s"] / floor_tok_s, 1)
+            result["rows"].append(row)
+            result["commands"].append(row.get("command", ""))
+            log(f"bench {name} {test} d{depth}: " + json.dumps({k: row.get(k) for k in (
+                "stock_tok_s", "mk_tok_s", "ratio", "mk_pct_floor", "plugin", "error")}))
+            save()
+
+    save()
+    print(f"\n{'model':28s} {'test':6s} {'depth':>5s} {'stock':>9s} {'mk':>9s} {'ratio':>6s}")
     for r in result["rows"]:
-        print(f"{r['model']:26s} {r['test']:6s} {r['stock_tok_s']:9.1f} {r['mk_tok_s']:9.1f} {r['ratio']:6.3f} "
-              f"{r['intercept_tok_s']:9.1f} {r['intercept_ratio']:6.3f}")
+        if "ratio" in r:
+            print(f"{r['model']:28s} {r['test']:6s} {r['depth']:5d} {r['stock_tok_s']:9.1f} {r['mk_tok_s']:9.1f} {r['ratio']:6.3f}")
     for c in result["correctness"]:
-        print(f"{c['model']:26s} {c['check']}: {'PASS' if c['passed'] else 'FAIL'}")
+        print(f"{c['model']:28s} {c.get('check', '')}: {'PASS' if c.get('passed') else 'FAIL'}")
     return 0
 
 

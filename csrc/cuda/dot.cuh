@@ -1,0 +1,324 @@
+// Weight rows times an F32 vector in shared memory, on the GPU: one struct per weight type, each saying how a row is
+// cut into groups of 16 values and how one lane dots one group (loads, dequantisation in registers, FMAs). The
+// row loop (row_dot) is shared. Adding a weight type means one struct here plus its case in dispatch_type.
+//
+// A group is 16 values whose bytes are contiguous or nearly so in the block (low and high nibbles of the same bytes
+// count as one group), so that the lanes of a warp read neighbouring bytes. Loads are as wide as the block layout's
+// alignment allows (gpu_load checks row alignment against `align`).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace mk {
+namespace dev {
+
+__device__ __forceinline__ float h2f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+__device__ __forceinline__ float b2f(uint16_t h) { return __uint_as_float((uint32_t) h << 16); }
+__device__ __forceinline__ uint16_t ld16(const uint8_t * p) { return __ldg((const unsigned short *) p); }
+__device__ __forceinline__ uint32_t ld32(const uint8_t * p) { return __ldg((const unsigned int *) p); }
+// 4 bytes from a 2-byte aligned address
+__device__ __forceinline__ uint32_t ld32_a2(const uint8_t * p) { return (uint32_t) ld16(p) | ((uint32_t) ld16(p + 2) << 16); }
+
+// Sixteen 4-bit values q[0..7] (low nibbles of bytes b0,b1) and q[8..15] (high nibbles), as floats, dotted with two
+// runs of eight x values.
+__device__ __forceinline__ float dot_nibbles(uint32_t b0, uint32_t b1, const float * xlo, const float * xhi, float off) {
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        s += ((float) ((b0 >> (8 * i)) & 0xf) + off) * xlo[i];
+        s += ((float) ((b1 >> (8 * i)) & 0xf) + off) * xlo[4 + i];
+        s += ((float) ((b0 >> (8 * i + 4)) & 0xf) + off) * xhi[i];
+        s += ((float) ((b1 >> (8 * i + 4)) & 0xf) + off) * xhi[4 + i];
+    }
+    return s;
+}
+
+struct w_f32 {
+    static constexpr int block = 16, bytes = 64, groups = 1, align = 16;
+    __device__ static float elem(const uint8_t * row, int i) { return __ldg((const float *) row + i); }
+    __device__ static float dot(const uint8_t * b, int, const float * x) {
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float4 w = __ldg((const float4 *) b + i);
+            s += w.x * x[4 * i] + w.y * x[4 * i + 1] + w.z * x[4 * i + 2] + w.w * x[4 * i + 3];
+        }
+        return s;
+    }
+};
+
+template <bool bf16> struct w_f16_like {
+    static constexpr int block = 16, bytes = 32, groups = 1, align = 16;
+    __device__ static float elem(const uint8_t * row, int i) {
+        const uint16_t h = __ldg((const unsigned short *) row + i);
+        return bf16 ? b2f(h) : h2f(h);
+    }
+    __device__ static float dot(const uint8_t * b, int, const float * x) {
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const uint4 w = __ldg((const uint4 *) b + i);
+            const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float lo = bf16 ? b2f(u[j] & 0xffff) : h2f(u[j] & 0xffff);
+                const float hi = bf16 ? b2f(u[j] >> 16) : h2f(u[j] >> 16);
+                s += lo * x[8 * i + 2 * j] + hi * x[8 * i + 2 * j + 1];
+            }
+        }
+        return s;
+    }
+};
+using w_f16  = w_f16_like<false>;
+using w_bf16 = w_f16_like<true>;
+
+// Q4_0: d (f16), 16 bytes: value j in the low nibble of byte j, value 16+j in the high nibble. Group g: bytes 8g..8g+7.
+struct w_q4_0 {
+    static constexpr int block = 32, bytes = 18, groups = 2, align = 2;
+    __device__ static float dot(const uint8_t * b, int g, const float * x) {
+        const float d = h2f(ld16(b));
+        const uint8_t * q = b + 2 + 8 * g;
+        return d * dot_nibbles(ld32_a2(q), ld32_a2(q + 4), x + 8 * g, x + 16 + 8 * g, -8.0f);
+    }
+};
+
+struct w_q4_1 {  // d, m (f16), 16 bytes of nibbles
+    static constexpr int block = 32, bytes = 20, groups = 2, align = 4;
+    __device__ static float dot(const uint8_t * b, int g, const float * x) {
+        const uint32_t dm = ld32(b);
+        const float d = h2f(dm & 0xffff), m = h2f(dm >> 16);
+        const uint8_t * q = b + 4 + 8 * g;
+        const float * xl = x + 8 * g;
+        const float * xh = x + 16 + 8 * g;
+        float sx = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            sx += xl[i] + xh[i];
+        }
+        return d * dot_nibbles(ld32(q), ld32(q + 4), xl, xh, 0.0f) + m * sx;
+    }
+};
+
+// Q5_0/Q5_1: the fifth bit of value j is bit j of qh (values 0..31).
+__device__ __forceinline__ float dot_q5(uint32_t b0, uint32_t b1, uint32_t qh, int g, const float * xl, const float * xh,
+                                       float off) {
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int j0 = 8 * g + i, j1 = 8 * g + 4 + i;
+        s += ((float) (((b0 >> (8 * i)) & 0xf) | (((qh >> j0) & 1) << 4)) + off) * xl[i];
+        s += ((float) (((b1 >> (8 * i)) & 0xf) | (((qh >> j1) & 1) << 4)) + off) * xl[4 + i];
+        s += ((float) (((b0 >> (8 * i + 4)) & 0xf) | (((qh >> (j0 + 16)) & 1) << 4)) + off) * xh[i];
+        s += ((float) (((b1 >> (8 * i + 4)) & 0xf) | (((qh >> (j1 + 16)) & 1) << 4)) + off) * xh[4 + i];
+    }
+    return s;
+}
+
+struct w_q5_0 {  // d, qh (4 bytes), 16 bytes of nibbles
+    static constexpr int block = 32, bytes = 22, groups = 2, align = 2;
+    __device__ static float dot(const uint8_t * b, int g, const float * x) {
+        const float d = h2f(ld16(b));
+        const uint32_t qh = ld32_a2(b + 2);
+        const uint8_t * q = b + 6 + 8 * g;
+        return d * dot_q5(ld32_a2(q), ld32_a2(q + 4), qh, g, x + 8 * g, x + 16 + 8 * g, -16.0f);
+    }
+};
+
+struct w_q5_1 {  // d, m, qh, 16 bytes of nibbles
+    static constexpr int block = 32, bytes = 24, groups = 2, align = 8;
+    __device__ static float dot(const uint8_t * b, int g, const float * x) {
+        const uint32_t dm = ld32(b);
+        const float d = h2f(dm & 0xffff), m = h2f(dm >> 16);
+        const uint32_t qh = ld32(b + 4);
+        const uint2 q = __ldg((const uint2 *) (b + 8 + 8 * g));
+        const float * xl = x + 8 * g;
+        const float * xh = x + 16 + 8 * g;
+        float sx = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            sx += xl[i] + xh[i];
+        }
+        return d * dot_q5(q.x, q.y, qh, g, xl, xh, 0.0f) + m * sx;
+    }
+};
+
+struct w_q8_0 {  // d, 32 int8
+    static constexpr int block = 32, bytes = 34, groups = 2, align = 2;
+    __device__ static float dot(const uint8_t * b, int g, const float * x) {
+        const float d = h2f(ld16(b));
+        const uint8_t * q = b + 2 + 16 * g;
+        const float * xg = x + 16 * g;
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const uint32_t v = ld16(q + 2 * i);
+            s += (float) (int8_t) (v & 0xff) * xg[2 * i] + (float) (int8_t) (v >> 8) * xg[2 * i + 1];
+        }
+        return d * s;
+    }
+};
+
+// Q4_K/Q5_K scales: 6-bit scale and min of sub-block j from the 12 scale bytes (as 3 words).
+__device__ __forceinline__ void k_sm(int j, const uint32_t * sw, float & sc, float & mn) {
+    const uint8_t * s = (const uint8_t *) sw;
+    if (j < 4) {
+        sc = (float) (s[j] & 63);
+        mn = (float) (s[j + 4] & 63);
+    } else {
+        sc = (float) ((s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4));
+        mn = (float) ((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+    }
+}
+
+// Q4_K: d, dmin, 12 scale bytes, 128 bytes: byte 32c+l holds value 64c+l (low) and 64c+32+l (high). Group g:
+// c = g/4, bytes 32c+8(g%4) .. +7, i.e. 8 values of sub-block 2c and 8 of sub-block 2c+1.
+struct w_q4_k {
+    static constexpr int block = 256, bytes = 144, groups = 16, align = 16;
+    __device__ static float dot(const uint8_t * b, int g, const float * x) {
+        const uint32_t dm = ld32(b);
+        const float d = h2f(dm & 0xffff), dmin = h2f(dm >> 16);
+        const uint32_t sw[3] = {ld32(b + 4), ld32(b + 8), ld32(b + 12)};
+        const int c = g >> 2, p = g & 3;
+        float s0, m0, s1, m1;
+        k_sm(2 * c, sw, s0, m0);
+        k_sm(2 * c + 1, sw, s1, m1);
+        const uint2 q = __ldg((const uint2 *) (b + 16 + 32 * c + 8 * p));
+        const float * xl = x + 64 * c + 8 * p;
+        const float * xh = xl + 32;
+        float sl = 0.0f, sh = 0.0f, xsl = 0.0f, xsh = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            sl += (float) ((q.x >> (8 * i)) & 0xf) * xl[i] + (float) ((q.y >> (8 * i)) & 0xf) * xl[4 + i];
+            sh += (float) ((q.x >> (8 * i + 4)) & 0xf) * xh[i] + (float) ((q.y >> (8 * i + 4)) & 0xf) * xh[4 + i];
+            xsl += xl[i] + xl[4 + i];
+            xsh += xh[i] + xh[4 + i];
+        }
+        return d * (s0 * sl + s1 * sh) - dmin * (m0 * xsl + m1 * xsh);
+    }
+};
+
+// Q5_K: as Q4_K, plus 32 bytes of high bits before the nibbles: bit 2c (low) and 2c+1 (high) of byte l.
+struct w_q5_k {
+    static constexpr int block = 256, bytes = 176, groups = 16, align = 16;
+    __device__ static float dot(const uint8_t * b, int g, const float * x) {
+        const uint32_t dm = ld32(b);
+        const float d = h2f(dm & 0xffff), dmin = h2f(dm >> 16);
+        const uint32_t sw[3] = {ld32(b + 4), ld32(b + 8), ld32(b + 12)};
+        const int c = g >> 2, p = g & 3;
+        float s0, m0, s1, m1;
+        k_sm(2 * c, sw, s0, m0);
+        k_sm(2 * c + 1, sw, s1, m1);
+        const uint2 h = __ldg((const uint2 *) (b + 16 + 8 * p));
+        const uint2 q = __ldg((const uint2 *) (b + 48 + 32 * c + 8 * p));
+        const float * xl = x + 64 * c + 8 * p;
+        const float * xh = xl + 32;
+        float sl = 0.0f, sh = 0.0f, xsl = 0.0f, xsh = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const uint32_t h0 = (h.x >> (8 * i)) >> (2 * c), h1 = (h.y >> (8 * i)) >> (2 * c);
+            sl += (float) (((q.x >> (8 * i)) & 0xf) | ((h0 & 1) << 4)) * xl[i] +
+                  (float) (((q.y >> (8 * i)) & 0xf) | ((h1 & 1) << 4)) * xl[4 + i];
+            sh += (float) (((q.x >> (8 * i + 4)) & 0xf) | ((h0 & 2) << 3)) * xh[i] +
+                  (float) (((q.y >> (8 * i + 4)) & 0xf) | ((h1 & 2) << 3)) * xh[4 + i];
+            xsl += xl[i] + xl[4 + i];
+            xsh += xh[i] + xh[4 + i];
+        }
+        return d * (s0 * sl + s1 * sh) - dmin * (m0 * xsl + m1 * xsh);
+    }
+};
+
+// Q6_K: 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 int8 scales, d. Half h (128 values), index l (0..31):
+// values l, l+32, l+64, l+96 of the half. Group g: h = g/8, l = 4(g%8) .. +3.
+struct w_q6_k {
+    static constexpr int block = 256, bytes = 210, groups = 16, align = 2;
+    __device__ static float dot(const uint8_t * b, int g, const float * x) {
+        const int h = g >> 3, l0 = 4 * (g & 7);
+        const float d = h2f(ld16(b + 208));
+        const uint32_t a  = ld32_a2(b + 64 * h + l0);        // values l (low nibble), l+64 (high)
+        const uint32_t c  = ld32_a2(b + 64 * h + 32 + l0);   // values l+32, l+96
+        const uint32_t hb = ld32_a2(b + 128 + 32 * h + l0);
+        const int8_t * sc = (const int8_t *) (b + 192 + 8 * h);
+        const int is = l0 / 16;
+        const float * xb = x + 128 * h + l0;
+        float s[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const uint32_t hh = (hb >> (8 * i)) & 0xff;
+            s[0] += (float) ((int) (((a >> (8 * i)) & 0xf) | ((hh & 3) << 4)) - 32) * xb[i];
+            s[1] += (float) ((int) (((c >> (8 * i)) & 0xf) | (((hh >> 2) & 3) << 4)) - 32) * xb[32 + i];
+            s[2] += (float) ((int) (((a >> (8 * i + 4)) & 0xf) | (((hh >> 4) & 3) << 4)) - 32) * xb[64 + i];
+            s[3] += (float) ((int) (((c >> (8 * i + 4)) & 0xf) | (((hh >> 6) & 3) << 4)) - 32) * xb[96 + i];
+        }
+        return d * ((float) sc[is] * s[0] + (float) sc[is + 2] * s[1] + (float) sc[is + 4] * s[2] + (float) sc[is + 6] * s[3]);
+    }
+};
+
+// Call f.template operator()<W>() with the struct of weight type t; false if the type has none.
+template <typename F> __device__ __forceinline__ bool dispatch_type(int t, F && f) {
+    switch (t) {
+        case 0:  f(w_f32{});  return true;
+        case 1:  f(w_f16{});  return true;
+        case 30: f(w_bf16{}); return true;
+        case 2:  f(w_q4_0{}); return true;
+        case 3:  f(w_q4_1{}); return true;
+        case 6:  f(w_q5_0{}); return true;
+        case 7:  f(w_q5_1{}); return true;
+        case 8:  f(w_q8_0{}); return true;
+        case 12: f(w_q4_k{}); return true;
+        case 13: f(w_q5_k{}); return true;
+        case 14: f(w_q6_k{}); return true;
+        default: return false;
+    }
+}
+
+// Host side of the same table: the row alignment each type's loads need (0: not supported on the GPU).
+inline int weight_align(int t) {
+    switch (t) {
+        case 0: return w_f32::align;
+        case 1: case 30: return w_f16::align;
+        case 2: return w_q4_0::align;
+        case 3: return w_q4_1::align;
+        case 6: return w_q5_0::align;
+        case 7: return w_q5_1::align;
+        case 8: return w_q8_0::align;
+        case 12: return w_q4_k::align;
+        case 13: return w_q5_k::align;
+        case 14: return w_q6_k::align;
+        default: return 0;
+    }
+}
+
+// One lane's share of one row: groups lane, lane+32, ...; the caller reduces over the warp. n: values in the row
+// (a multiple of W::block for the quantized types; float types may have a tail of fewer than 16).
+template <typename W> __device__ __forceinline__ float row_dot(const uint8_t * row, const float * x, int n, int lane) {
+    const int nb = n / W::block;
+    const int ng = nb * W::groups;
+    float s = 0.0f;
+    int gi = lane;
+#pragma unroll 1
+    for (; gi + 96 < ng; gi += 128) {  // four groups in flight per lane
+        float p[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int k = gi + 32 * u, blk = k / W::groups, g = k % W::groups;
+            p[u] = W::dot(row + (size_t) blk * W::bytes, g, x + blk * W::block);
+        }
+        s += (p[0] + p[1]) + (p[2] + p[3]);
+    }
+    for (; gi < ng; gi += 32) {
+        const int blk = gi / W::groups, g = gi % W::groups;
+        s += W::dot(row + (size_t) blk * W::bytes, g, x + blk * W::block);
+    }
+    if constexpr (W::block == 16) {  // float types: the values after the last whole group
+        for (int i = nb * 16 + lane; i < n; i += 32) {
+            s += W::elem(row, i) * x[i];
+        }
+    }
+    return s;
+}
+
+}  // namespace dev
+}  // namespace mk

@@ -1,0 +1,790 @@
+// The GPU executor: one persistent kernel launch runs a whole program (every layer, the LM head, KV writes, output
+// copies). One block per multiprocessor; every block walks the instruction list in order and takes the tiles of
+// each instruction that fall to it (tile t goes to block (t + offset_i) mod grid, the offsets spreading small
+// instructions over different blocks). Before its first tile of an instruction a block prefetches that tile's
+// weights into L2 and then waits on the producers' counters; after each tile it bumps the instruction's counter.
+//
+// Ordering: a tile's results are written by all threads, then __syncthreads, then one thread fences and adds to
+// the counter (release); a consumer's thread 0 reads the counter, fences (acquire), __syncthreads. Data written
+// inside the launch (scratch, the KV rows of this step) is read with ld.global.cg so that no stale L1 line is used;
+// weights, which nothing writes, go through the read-only path.
+//
+// Never hanging the GPU: the grid is launched cooperatively (the launch fails rather than run blocks that are not
+// co-resident); every wait is bounded by a deadline on the global timer, after which the block writes the error
+// word and all blocks leave at their next wait. The host reads the word after the step and hands the step back.
+#include "../gpu-executor.h"
+#include "../quants.h"
+#include "dot.cuh"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace mk {
+
+namespace {
+
+constexpr int k_threads = 512;
+constexpr int k_warps   = k_threads / 32;
+
+struct kernel_args {
+    const instruction * instrs;
+    const attention *   attns;
+    const rope_params * ropes;
+    const int32_t *     offsets;   // per instruction: tile rotation
+    int32_t             n_instrs;
+    uint8_t *           scratch;
+    unsigned long long * counters;  // per instruction, monotonic
+    int *               abort;      // device memory: non-zero once any block gave up (checked while waiting)
+    int *               error;      // mapped host memory: 0, or 1 + the instruction whose wait timed out
+    unsigned long long  epoch;      // steps run before this one
+    unsigned long long  timeout_ns;
+    // shared memory layout (floats): x | y | w
+    int32_t x_floats, y_floats;
+};
+
+// --- small device helpers --------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint8_t * resolve(const kernel_args & a, const addr & p) {
+    return p.scratch ? a.scratch + p.off : (uint8_t *) (uintptr_t) p.off;
+}
+
+__device__ __forceinline__ float ldcg_f(const float * p) { return __ldcg(p); }
+
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ __forceinline__ unsigned long long ld_acquire(const unsigned long long * p) {
+    unsigned long long v;
+    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    }
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    }
+    return v;
+}
+
+// Sum over the block; every thread gets the result. `red` is k_warps floats of shared memory.
+__device__ float block_sum(float v, float * red) {
+    v = warp_sum(v);
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    __syncthreads();
+    if (l == 0) {
+        red[w] = v;
+    }
+    __syncthreads();
+    float s = l < k_warps ? red[l] : 0.0f;
+    return warp_sum(s);
+}
+
+__device__ __forceinline__ void prefetch_l2(const void * p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// --- waiting ---------------------------------------------------------------------------------------------------
+
+// True if the block may go on; false if the step is being abandoned (a wait timed out somewhere).
+__device__ bool wait_deps(const kernel_args & a, const instruction & in, int self, volatile int * s_flag) {
+    if (threadIdx.x == 0) {
+        int ok = 1;
+        const unsigned long long deadline = global_ns() + a.timeout_ns;
+        for (int d = 0; d < in.n_deps && ok; d++) {
+            const int p = in.deps[d].instr;
+            const unsigned long long target = a.epoch * (unsigned long long) a.instrs[p].n_tiles + in.deps[d].needed;
+            while (ld_acquire(a.counters + p) < target) {
+                if (*(volatile int *) a.abort != 0) {
+                    ok = 0;
+                    break;
+                }
+                if (global_ns() > deadline) {
+                    atomicExch(a.abort, 1);
+                    *(volatile int *) a.error = 1 + self;
+                    __threadfence_system();
+                    ok = 0;
+                    break;
+                }
+                __nanosleep(64);
+            }
+        }
+        __threadfence();
+        *s_flag = ok;
+    }
+    __syncthreads();
+    const bool ok = *s_flag != 0;
+    __syncthreads();
+    return ok;
+}
+
+__device__ void tile_done(const kernel_args & a, int i) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(a.counters + i, 1ull);
+    }
+}
+
+// --- input prologue ----------------------------------------------------------------------------------------------
+
+__device__ void form_input(const kernel_args & a, const vec_in & in, float * x, float * w) {
+    const int n = in.n;
+    switch (in.kind) {
+        case in_kind::plain: {
+            const float * s = (const float *) resolve(a, in.src);
+            for (int i = threadIdx.x; i < n; i += k_threads) {
+                x[i] = ldcg_f(s + i);
+            }
+            break;
+        }
+        case in_kind::rms_norm: {
+            const float * s = (const float *) resolve(a, in.src);
+            float ss = 0.0f;
+            for (int i = threadIdx.x; i < n; i += k_threads) {
+                const float v = ldcg_f(s + i);
+                x[i] = v;
+                ss += v * v;
+            }
+            const float scale = rsqrtf(block_sum(ss, w) / n + in.eps);
+            const float * nw = in.w.null() ? nullptr : (const float *) resolve(a, in.w);
+            for (int i = threadIdx.x; i < n; i += k_threads) {
+                x[i] = x[i] * scale * (nw ? ldcg_f(nw + i) : 1.0f);
+            }
+            break;
+        }
+        case in_kind::attn_reduce: {
+            // weights of each split: exp(m_s - M) / sum_s(exp(m_s - M) l_s), then one pass over the accumulators
+            const float * part = (const float *) resolve(a, in.src);
+            const int stride = in.head_dim + 2, ns = in.n_split;
+            for (int h = threadIdx.x; h < in.n_head; h += k_threads) {
+                float m = -INFINITY;
+                for (int s = 0; s < ns; s++) {
+                    m = fmaxf(m, ldcg_f(part + (h * ns + s) * stride));
+                }
+                float den = 0.0f;
+                for (int s = 0; s < ns; s++) {
+                    const float ms = ldcg_f(part + (h * ns + s) * stride);
+                    const float f = ms == -INFINITY ? 0.0f : __expf(ms - m);
+                    w[h * ns + s] = f;
+                    den += f * ldcg_f(part + (h * ns + s) * stride + 1);
+                }
+                const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+                for (int s = 0; s < ns; s++) {
+                    w[h * ns + s] *= inv;
+                }
+            }
+            __syncthreads();
+            for (int e = threadIdx.x; e < n; e += k_threads) {
+                const int h = e / in.head_dim, d = e % in.head_dim;
+                float v = 0.0f;
+                for (int s = 0; s < ns; s++) {
+                    const float f = w[h * ns + s];
+                    if (f != 0.0f) {
+                        v += f * ldcg_f(part + (h * ns + s) * stride + 2 + d);
+                    }
+                }
+                x[e] = v;
+            }
+            break;
+        }
+        case in_kind::embed_row: {
+            const int32_t row = __ldcg((const int32_t *) resolve(a, in.idx));
+            const uint8_t * src = resolve(a, in.src) + (uint64_t) row * in.src_row_bytes;
+            const type_info ti = info_of(in.src_type);
+            for (int b = threadIdx.x; b < n / ti.block; b += k_threads) {
+                float tmp[256];
+                dequant_block(in.src_type, src + (uint64_t) b * ti.bytes, tmp);
+                for (int j = 0; j < ti.block; j++) {
+                    x[b * ti.block + j] = tmp[j];
+                }
+            }
+            break;
+        }
+    }
+    __syncthreads();
+}
+
+// --- epilogue ------------------------------------------------------------------------------------------------------
+
+// ggml-cuda's rope: theta = pos * theta_scale^(i0/2), with YaRN ramp when ext_factor != 0.
+__device__ void rope_pair(const rope_params & rp, float pos, const float * ff, int i0, float & cs, float & sn) {
+    const float theta_extrap = pos * powf(rp.theta_scale, (float) (i0 / 2)) / (ff ? ff[i0 / 2] : 1.0f);
+    const float theta_interp = rp.freq_scale * theta_extrap;
+    float th = theta_interp, mscale = rp.attn_factor;
+    if (rp.ext_factor != 0.0f) {
+        const float yr = (i0 / 2 - rp.corr_dims[0]) / fmaxf(0.001f, rp.corr_dims[1] - rp.corr_dims[0]);
+        const float ramp = (1.0f - fminf(1.0f, fmaxf(0.0f, yr))) * rp.ext_factor;
+        th = theta_interp * (1.0f - ramp) + theta_extrap * ramp;
+        mscale *= 1.0f + 0.1f * logf(1.0f / rp.freq_scale);
+    }
+    sincosf(th, &sn, &cs);
+    cs *= mscale;
+    sn *= mscale;
+}
+
+// y holds the tile's outputs [r0, r1) of its segment, in shared memory.
+__device__ void epilogue(const kernel_args & a, const segment & sg, float * y, int r0, int r1, float * red) {
+    const int nv = r1 - r0;
+    for (int k = 0; k < sg.n_epi; k++) {
+        const epi_op & op = sg.epi[k];
+        switch (op.kind) {
+            case epi_kind::add: {
+                const float * src = (const float *) resolve(a, op.a);
+                for (int j = threadIdx.x; j < nv; j += k_threads) {
+                    const int g = r0 + j;
+                    y[j] += ldcg_f(src + (op.row_len ? g % op.row_len : g));
+                }
+                break;
+            }
+            case epi_kind::mul: {
+                const float * src = (const float *) resolve(a, op.a);
+                for (int j = threadIdx.x; j < nv; j += k_threads) {
+                    y[j] *= ldcg_f(src + (r0 + j) % op.row_len);
+                }
+                break;
+            }
+            case epi_kind::scale:
+                for (int j = threadIdx.x; j < nv; j += k_threads) {
+                    y[j] = y[j] * op.f0 + op.f1;
+                }
+                break;
+            case epi_kind::rms_norm: {  // one warp per row
+                const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+                for (int r = w; r * op.row_len < nv; r += k_warps) {
+                    float * v = y + r * op.row_len;
+                    float ss = 0.0f;
+                    for (int i = l; i < op.row_len; i += 32) {
+                        ss += v[i] * v[i];
+                    }
+                    const float scale = rsqrtf(warp_sum(ss) / op.row_len + op.f0);
+                    __syncwarp();
+                    for (int i = l; i < op.row_len; i += 32) {
+                        v[i] *= scale;
+                    }
+                }
+                break;
+            }
+            case epi_kind::rope: {
+                const rope_params & rp = a.ropes[op.rope];
+                const float pos = (float) __ldcg((const int32_t *) resolve(a, rp.pos));
+                const float * ff = rp.freq_factors.null() ? nullptr : (const float *) resolve(a, rp.freq_factors);
+                const int half = rp.n_dims / 2, rows = nv / op.row_len;
+                for (int e = threadIdx.x; e < rows * half; e += k_threads) {
+                    const int r = e / half, i0 = 2 * (e % half);
+                    float * v = y + r * op.row_len + rp.n_offs;
+                    float cs, sn;
+                    rope_pair(rp, pos, ff, i0, cs, sn);
+                    const int ia = rp.mode == 0 ? i0 : i0 / 2;
+                    const int ib = rp.mode == 0 ? i0 + 1 : i0 / 2 + half;
+                    const float x0 = v[ia], x1 = v[ib];
+                    v[ia] = x0 * cs - x1 * sn;
+                    v[ib] = x0 * sn + x1 * cs;
+                }
+                break;
+            }
+            case epi_kind::store: {
+                float * o = (float *) resolve(a, op.a);
+                for (int j = threadIdx.x; j < nv; j += k_threads) {
+                    o[r0 + j] = y[j];
+                }
+                break;
+            }
+            case epi_kind::set_rows: {
+                uint8_t * dst = resolve(a, op.a);
+                const uint8_t * idx = resolve(a, op.idx);
+                for (int j = threadIdx.x; j < nv; j += k_threads) {
+                    const int g = r0 + j, r = g / op.row_len, col = g % op.row_len;
+                    const int64_t row = op.idx_type == T_I64 ? (int64_t) __ldcg((const long long *) idx + r)
+                                                             : (int64_t) __ldcg((const int32_t *) idx + r);
+                    store_scalar(op.dst_type, dst, (uint64_t) row * op.nb1 + (uint64_t) col * op.nb0, y[j]);
+                }
+                break;
+            }
+        }
+        __syncthreads();
+    }
+    (void) red;
+}
+
+// --- tiles ---------------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float silu(float v) { return v / (1.0f + __expf(-v)); }
+
+// Rows [r0, r1) of segment s (glu: of both segments) into y.
+__device__ void matvec_rows(const kernel_args & a, const instruction & in, int s, const float * x, float * y, int r0, int r1) {
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32, n = in.in.n;
+    const segment & sg = in.seg[s];
+    const uint8_t * base = resolve(a, sg.w);
+    if (in.kind == instr_kind::glu) {
+        const segment & su = in.seg[1];
+        const uint8_t * ub = resolve(a, su.w);
+        for (int r = r0 + w; r < r1; r += k_warps) {
+            float g = 0.0f, u = 0.0f;
+            dev::dispatch_type(sg.type, [&](auto W) { g = dev::row_dot<decltype(W)>(base + (uint64_t) r * sg.row_bytes, x, n, l); });
+            dev::dispatch_type(su.type, [&](auto W) { u = dev::row_dot<decltype(W)>(ub + (uint64_t) r * su.row_bytes, x, n, l); });
+            g = warp_sum(g);
+            u = warp_sum(u);
+            if (l == 0) {
+                y[r - r0] = in.glu_swapped ? silu(u) * g : silu(g) * u;
+            }
+        }
+    } else {
+        dev::dispatch_type(sg.type, [&](auto W) {
+            for (int r = r0 + w; r < r1; r += k_warps) {
+                float v = dev::row_dot<decltype(W)>(base + (uint64_t) r * sg.row_bytes, x, n, l);
+                v = warp_sum(v);
+                if (l == 0) {
+                    y[r - r0] = v;
+                }
+            }
+        });
+    }
+    __syncthreads();
+}
+
+__device__ void attn_tile(const kernel_args & a, const attention & at, int tile, float * smem) {
+    const int kvh = tile / at.n_split, split = tile % at.n_split;
+    const int c0 = split * at.cells_per_split, c1 = min(at.n_kv, c0 + at.cells_per_split), nc = max(0, c1 - c0);
+    const int group = at.n_head / at.n_head_kv;
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    float * q  = smem;                                  // group * head_dim_k
+    float * sc = q + group * at.head_dim_k;             // group * cells_per_split
+    float * st = sc + group * at.cells_per_split;       // group * 2: max, 1/sum... (m, l)
+    const float * qg = (const float *) resolve(a, at.q);
+    for (int i = threadIdx.x; i < group * at.head_dim_k; i += k_threads) {
+        q[i] = ldcg_f(qg + kvh * group * at.head_dim_k + i);
+    }
+    __syncthreads();
+    const uint8_t * kb = resolve(a, at.k) + (uint64_t) kvh * at.k_nb_head;
+    const uint8_t * vb = resolve(a, at.v) + (uint64_t) kvh * at.v_nb_head;
+    const uint8_t * mb = at.mask.null() ? nullptr : resolve(a, at.mask);
+    // scores: a warp per cell, lanes over the head dimension
+    for (int c = w; c < nc; c += k_warps) {
+        const int cell = c0 + c;
+        float mk = 0.0f;
+        if (mb) {
+            mk = at.mask_type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) mb + cell)))
+                                       : __ldcg((const float *) mb + cell);
+        }
+        for (int g = 0; g < group; g++) {
+            float s = 0.0f;
+            if (mk != -INFINITY) {
+                for (int d = l; d < at.head_dim_k; d += 32) {
+                    const uint8_t * p = kb + (uint64_t) cell * at.k_nb_cell + (uint64_t) d * at.k_nb_dim;
+                    const float kv = at.k_type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) p)))
+                                   : at.k_type == T_BF16 ? dev::b2f(__ldcg((const unsigned short *) p))
+                                                         : __ldcg((const float *) p);
+                    s += q[g * at.head_dim_k + d] * kv;
+                }
+                s = warp_sum(s);
+            }
+            if (l == 0) {
+                float v = s * at.scale;
+                if (at.softcap != 0.0f) {
+                    v = at.softcap * tanhf(v / at.softcap);
+                }
+                sc[g * at.cells_per_split + c] = mk == -INFINITY ? -INFINITY : v + mk;
+            }
+        }
+    }
+    __syncthreads();
+    // per head: max and sum of exp, a warp per head
+    for (int g = w; g < group; g += k_warps) {
+        float m = -INFINITY;
+        for (int c = l; c < nc; c += 32) {
+            m = fmaxf(m, sc[g * at.cells_per_split + c]);
+        }
+        m = warp_max(m);
+        float sum = 0.0f;
+        for (int c = l; c < nc; c += 32) {
+            const float v = sc[g * at.cells_per_split + c];
+            const float p = v == -INFINITY ? 0.0f : __expf(v - m);
+            sc[g * at.cells_per_split + c] = p;
+            sum += p;
+        }
+        sum = warp_sum(sum);
+        if (l == 0) {
+            st[2 * g] = m;
+            st[2 * g + 1] = sum;
+        }
+    }
+    __syncthreads();
+    // accumulators. Transposed V (flash attention off): a warp per (head of the group, value dimension), lanes
+    // over the cells, which are contiguous. Otherwise a thread per (head, dimension), looping over the cells.
+    float * part = (float *) resolve(a, at.partials);
+    auto v_at = [&](int cell, int d) {
+        const uint8_t * ptr = vb + (uint64_t) cell * at.v_nb_cell + (uint64_t) d * at.v_nb_dim;
+        return at.v_type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) ptr)))
+             : at.v_type == T_BF16 ? dev::b2f(__ldcg((const unsigned short *) ptr))
+                                   : __ldcg((const float *) ptr);
+    };
+    auto out = [&](int g, int d, float acc) {
+        const int h = kvh * group + g;
+        float * o = part + ((size_t) h * at.n_split + split) * (at.head_dim_v + 2);
+        o[2 + d] = acc;
+        if (d == 0) {
+            o[0] = st[2 * g];
+            o[1] = st[2 * g + 1];
+        }
+    };
+    if (at.v_nb_cell < at.v_nb_dim) {
+        for (int e = w; e < group * at.head_dim_v; e += k_warps) {
+            const int g = e / at.head_dim_v, d = e % at.head_dim_v;
+            const float * pg = sc + g * at.cells_per_split;
+            float acc = 0.0f;
+            for (int c = l; c < nc; c += 32) {
+                const float p = pg[c];
+                if (p != 0.0f) {
+                    acc += p * v_at(c0 + c, d);
+                }
+            }
+            acc = warp_sum(acc);
+            if (l == 0) {
+                out(g, d, acc);
+            }
+        }
+    } else {
+        for (int e = threadIdx.x; e < group * at.head_dim_v; e += k_threads) {
+            const int g = e / at.head_dim_v, d = e % at.head_dim_v;
+            const float * pg = sc + g * at.cells_per_split;
+            float acc = 0.0f;
+            for (int c = 0; c < nc; c++) {
+                const float p = pg[c];
+                if (p != 0.0f) {
+                    acc += p * v_at(c0 + c, d);
+                }
+            }
+            out(g, d, acc);
+        }
+    }
+}
+
+__global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
+    extern __shared__ float smem[];
+    __shared__ int s_flag;
+    __shared__ float s_red[k_warps];
+    float * x = smem;
+    float * y = smem + a.x_floats;
+    float * w = y + a.y_floats;
+    const int G = gridDim.x, b = blockIdx.x;
+    for (int i = 0; i < a.n_instrs; i++) {
+        const instruction & in = a.instrs[i];
+        const int first = ((b - a.offsets[i]) % G + G) % G;
+        bool waited = false;
+        for (int t = first; t < in.n_tiles; t += G) {
+            // which segment and rows this tile covers
+            int s = 0;
+            if (in.kind == instr_kind::matvec) {
+                while (s + 1 < in.n_segments && t >= in.seg[s + 1].tile_begin) {
+                    s++;
+                }
+            }
+            const segment & sg = in.seg[s];
+            const int r0 = (t - sg.tile_begin) * sg.rows_per_tile;
+            const int r1 = min(sg.rows, r0 + sg.rows_per_tile);
+            if (!waited) {
+                if (in.kind == instr_kind::matvec || in.kind == instr_kind::glu) {
+                    // start pulling this tile's weights while the producers finish
+                    for (int k = 0; k < (in.kind == instr_kind::glu ? 2 : 1); k++) {
+                        const segment & ps = in.seg[in.kind == instr_kind::glu ? k : s];
+                        const uint8_t * p0 = resolve(a, ps.w) + (uint64_t) r0 * ps.row_bytes;
+                        const uint64_t nbytes = (uint64_t) (r1 - r0) * ps.row_bytes;
+                        for (uint64_t o = (uint64_t) threadIdx.x * 128; o < nbytes; o += (uint64_t) k_threads * 128) {
+                            prefetch_l2(p0 + o);
+                        }
+                    }
+                }
+                if (!wait_deps(a, in, i, &s_flag)) {
+                    return;
+                }
+                waited = true;
+            }
+            if (in.kind == instr_kind::attn) {
+                attn_tile(a, a.attns[in.attn], t, smem);
+            } else {
+                form_input(a, in.in, x, w);
+                if (in.kind == instr_kind::vec) {
+                    epilogue(a, in.seg[0], x, 0, in.in.n, s_red);
+                } else {
+                    matvec_rows(a, in, s, x, y, r0, r1);
+                    epilogue(a, sg, y, r0, r1, s_red);
+                }
+            }
+            tile_done(a, i);
+        }
+    }
+}
+
+// --- host ----------------------------------------------------------------------------------------------------------
+
+std::string cuda_err(const char * what, cudaError_t e) {
+    return std::string(what) + ": " + cudaGetErrorString(e);
+}
+
+}  // namespace
+
+struct gpu_program {
+    int device = 0;
+    int grid = 0;
+    size_t smem = 0;
+    kernel_args args{};
+    void * d_mem = nullptr;     // instructions, attentions, ropes, offsets, counters (one allocation)
+    uint8_t * d_scratch = nullptr;
+    int * h_error = nullptr;    // mapped pinned memory: the kernel's error word
+    cudaStream_t own = nullptr;
+    std::vector<std::string> names;
+};
+
+bool gpu_target(int device, target & t, std::string & err) {
+    cudaDeviceProp p;
+    cudaError_t e = cudaGetDeviceProperties(&p, device);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        err = cuda_err("cudaGetDeviceProperties", e);
+        return false;
+    }
+    if (p.major < 8) {
+        err = "compute capability " + std::to_string(p.major) + "." + std::to_string(p.minor) + " (sm_80 or newer needed)";
+        return false;
+    }
+    t.n_sm = p.multiProcessorCount;
+    t.smem_bytes = (int) p.sharedMemPerBlockOptin - 1024;  // static shared memory and reserve
+    return true;
+}
+
+gpu_program * gpu_load(const program & p, int device, std::string & err) {
+    // shared memory: x (longest input), y (most rows per tile), w (norm reduction, split weights, attention)
+    size_t x_f = 32, y_f = 32, w_f = k_warps, attn_f = 0;
+    for (const instruction & in : p.instrs) {
+        if (in.kind == instr_kind::attn) {
+            const attention & at = p.attns[in.attn];
+            for (int t : {at.k_type, at.v_type}) {
+                if (t != T_F32 && t != T_F16 && t != T_BF16) {
+                    err = "KV cache type " + std::to_string(t) + " has no GPU attention kernel";
+                    return nullptr;
+                }
+            }
+            const int group = at.n_head / at.n_head_kv;
+            attn_f = std::max(attn_f, (size_t) group * (at.head_dim_k + at.cells_per_split + 2));
+            continue;
+        }
+        x_f = std::max(x_f, (size_t) in.in.n);
+        if (in.in.kind == in_kind::attn_reduce) {
+            w_f = std::max(w_f, (size_t) in.in.n_head * in.in.n_split);
+        }
+        for (int s = 0; s < in.n_segments; s++) {
+            y_f = std::max(y_f, (size_t) in.seg[s].rows_per_tile);
+            if (in.kind != instr_kind::vec) {
+                const int al = dev::weight_align(in.seg[s].type);
+                if (al == 0) {
+                    err = std::string("weight type ") + std::to_string(in.seg[s].type) + " of " + in.name + " has no GPU kernel";
+                    return nullptr;
+                }
+                if ((in.seg[s].w.off % al) != 0 || (in.seg[s].row_bytes % al) != 0) {
+                    err = std::string("weights of ") + in.name + " are not aligned for the GPU kernel";
+                    return nullptr;
+                }
+            }
+        }
+        if (in.kind == instr_kind::vec && in.in.kind == in_kind::embed_row && info_of(in.in.src_type).block > 256) {
+            err = "embedding type";
+            return nullptr;
+        }
+    }
+    x_f = (x_f + 3) / 4 * 4;
+    y_f = (y_f + 3) / 4 * 4;
+    const size_t smem = std::max(attn_f, x_f + y_f + w_f) * sizeof(float);
+
+    cudaError_t e = cudaSetDevice(device);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        err = cuda_err("cudaSetDevice", e);
+        return nullptr;
+    }
+    cudaDeviceProp prop;
+    cudaGetDeviceProperties(&prop, device);
+    if (!prop.cooperativeLaunch) {
+        err = "the device does not support cooperative launches (needed to guarantee co-residency)";
+        return nullptr;
+    }
+    if (smem > prop.sharedMemPerBlockOptin - 1024) {
+        err = "program needs " + std::to_string(smem) + " bytes of shared memory per block; the device has " +
+              std::to_string(prop.sharedMemPerBlockOptin);
+        return nullptr;
+    }
+    e = cudaFuncSetAttribute(megakernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        err = cuda_err("cudaFuncSetAttribute", e);
+        return nullptr;
+    }
+    int per_sm = 0;
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, megakernel, k_threads, smem);
+    if (e != cudaSuccess || per_sm < 1) {
+        cudaGetLastError();
+        err = "the persistent block does not fit on a multiprocessor (occupancy " + std::to_string(per_sm) + ")";
+        return nullptr;
+    }
+
+    // every absolute address must be this device's memory (a partly offloaded model has weights on the host)
+    {
+        std::vector<std::pair<uint64_t, std::string>> ptrs;
+        auto add = [&](const addr & x, const char * what, const instruction * in) {
+            if (!x.null() && !x.scratch) ptrs.emplace_back(x.off, std::string(what) + (in ? std::string(" of ") + in->name : ""));
+        };
+        for (const instruction & in : p.instrs) {
+            add(in.in.src, "input", &in);
+            add(in.in.w, "norm weight", &in);
+            add(in.in.idx, "row index", &in);
+            for (int sg = 0; sg < in.n_segments; sg++) {
+                add(in.seg[sg].w, "weights", &in);
+                for (int k = 0; k < in.seg[sg].n_epi; k++) {
+                    add(in.seg[sg].epi[k].a, "epilogue operand", &in);
+                    add(in.seg[sg].epi[k].idx, "row indices", &in);
+                }
+            }
+        }
+        for (const rope_params & r : p.ropes) {
+            add(r.pos, "positions", nullptr);
+            add(r.freq_factors, "rope frequency factors", nullptr);
+        }
+        for (const attention & at : p.attns) {
+            add(at.q, "attention q", nullptr);
+            add(at.k, "K cache", nullptr);
+            add(at.v, "V cache", nullptr);
+            add(at.mask, "attention mask", nullptr);
+        }
+        for (auto & pr : ptrs) {
+            cudaPointerAttributes pa;
+            cudaError_t pe = cudaPointerGetAttributes(&pa, (const void *) (uintptr_t) pr.first);
+            if (pe != cudaSuccess || !((pa.type == cudaMemoryTypeDevice && pa.device == device) || pa.type == cudaMemoryTypeManaged)) {
+                cudaGetLastError();
+                err = "the " + pr.second + " is not in this GPU's memory (partly offloaded model?)";
+                return nullptr;
+            }
+        }
+    }
+
+    auto * g = new gpu_program();
+    g->device = device;
+    g->grid = prop.multiProcessorCount;  // one block per SM: co-resident by the occupancy check
+    g->smem = smem;
+    std::vector<int32_t> offsets(p.instrs.size());
+    long long acc = 0;
+    for (size_t i = 0; i < p.instrs.size(); i++) {
+        offsets[i] = (int32_t) (acc % g->grid);
+        acc += p.instrs[i].n_tiles;
+    }
+    auto align_up = [](size_t v) { return (v + 255) / 256 * 256; };
+    const size_t o_instr = 0;
+    const size_t o_attn  = align_up(o_instr + p.instrs.size() * sizeof(instruction));
+    const size_t o_rope  = align_up(o_attn + p.attns.size() * sizeof(attention));
+    const size_t o_off   = align_up(o_rope + p.ropes.size() * sizeof(rope_params));
+    const size_t o_ctr   = align_up(o_off + offsets.size() * sizeof(int32_t));
+    const size_t o_abort = align_up(o_ctr + p.instrs.size() * sizeof(unsigned long long));
+    const size_t total   = align_up(o_abort + sizeof(int));
+    std::vector<uint8_t> host(total, 0);
+    memcpy(host.data() + o_instr, p.instrs.data(), p.instrs.size() * sizeof(instruction));
+    if (!p.attns.empty()) memcpy(host.data() + o_attn, p.attns.data(), p.attns.size() * sizeof(attention));
+    if (!p.ropes.empty()) memcpy(host.data() + o_rope, p.ropes.data(), p.ropes.size() * sizeof(rope_params));
+    memcpy(host.data() + o_off, offsets.data(), offsets.size() * sizeof(int32_t));
+    if ((e = cudaMalloc(&g->d_mem, total)) != cudaSuccess ||
+        (e = cudaMemcpy(g->d_mem, host.data(), total, cudaMemcpyHostToDevice)) != cudaSuccess ||
+        (e = cudaMalloc(&g->d_scratch, std::max<uint64_t>(p.scratch_bytes, 256))) != cudaSuccess ||
+        (e = cudaMemset(g->d_scratch, 0, std::max<uint64_t>(p.scratch_bytes, 256))) != cudaSuccess ||
+        (e = cudaHostAlloc(&g->h_error, sizeof(int), cudaHostAllocMapped)) != cudaSuccess) {
+        cudaGetLastError();
+        err = cuda_err("allocating the program on the GPU", e);
+        gpu_free(g);
+        return nullptr;
+    }
+    *g->h_error = 0;
+    int * d_error = nullptr;
+    cudaHostGetDevicePointer((void **) &d_error, g->h_error, 0);
+    uint8_t * base = (uint8_t *) g->d_mem;
+    kernel_args & a = g->args;
+    a.instrs   = (const instruction *) (base + o_instr);
+    a.attns    = (const attention *) (base + o_attn);
+    a.ropes    = (const rope_params *) (base + o_rope);
+    a.offsets  = (const int32_t *) (base + o_off);
+    a.n_instrs = (int32_t) p.instrs.size();
+    a.scratch  = g->d_scratch;
+    a.counters = (unsigned long long *) (base + o_ctr);
+    a.abort    = (int *) (base + o_abort);
+    a.error    = d_error;
+    a.epoch    = 0;
+    a.timeout_ns = 1000ull * 1000 * 1000;  // 1 s: a step takes well under a millisecond
+    if (const char * t = getenv("LLAMA_MEGAKERNEL_WAIT_TIMEOUT_MS")) {
+        a.timeout_ns = (unsigned long long) std::max(1LL, atoll(t)) * 1000ull * 1000;
+    }
+    a.x_floats = (int32_t) x_f;
+    a.y_floats = (int32_t) y_f;
+    for (const instruction & in : p.instrs) {
+        g->names.push_back(in.name);
+    }
+    return g;
+}
+
+bool gpu_run(gpu_program * g, void * stream_, std::string & err) {
+    cudaError_t e = cudaSetDevice(g->device);
+    cudaStream_t stream = (cudaStream_t) stream_;
+    if (e == cudaSuccess && stream == nullptr) {
+        // no stream from llama.cpp (interception route without the stream getter): order by waiting for the device
+        e = cudaDeviceSynchronize();
+        if (e == cudaSuccess && g->own == nullptr) {
+            e = cudaStreamCreateWithFlags(&g->own, cudaStreamNonBlocking);
+        }
+        stream = g->own;
+    }
+    if (e == cudaSuccess) {
+        void * params[] = {&g->args};
+        e = cudaLaunchCooperativeKernel((const void *) megakernel, dim3(g->grid), dim3(k_threads), params, g->smem, stream);
+    }
+    if (e == cudaSuccess) {
+        e = cudaStreamSynchronize(stream);
+    }
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        err = cuda_err("megakernel launch", e);
+        return false;
+    }
+    const int code = *(volatile int *) g->h_error;
+    if (code != 0) {
+        err = "a dependency wait timed out in instruction " + std::to_string(code - 1) + " (" +
+              (code - 1 < (int) g->names.size() ? g->names[code - 1] : std::string("?")) + ")";
+        return false;
+    }
+    g->args.epoch++;
+    return true;
+}
+
+void gpu_free(gpu_program * g) {
+    if (g == nullptr) {
+        return;
+    }
+    cudaSetDevice(g->device);
+    if (g->own) cudaStreamDestroy(g->own);
+    if (g->d_mem) cudaFree(g->d_mem);
+    if (g->d_scratch) cudaFree(g->d_scratch);
+    if (g->h_error) cudaFreeHost(g->h_error);
+    cudaGetLastError();
+    delete g;
+}
+
+}  // namespace mk

@@ -1,0 +1,238 @@
+// mk-compare: the megakernel against stock llama.cpp in one process, on the same model and context (the plugin is
+// loaded through GGML_BACKEND_PATH by the patched llama_backend_init and toggled with llama_mk_set_enabled).
+//
+//   A  stock, greedy: tokens and logits of every step
+//   B  plugin, teacher-forced with A's tokens: per-step logits cosine, max |diff|, top-1 agreement
+//   C  plugin, free greedy: tokens identical to A up to which step
+//   D  (--cpu-steps K) the CPU executor on the same graphs (model loaded without offload, plugin's CPU executor on),
+//      teacher-forced: logits against B, i.e. the GPU executor against the CPU executor
+// Prints one JSON object. Used by scripts/gpu_checks.py on the GPU machine.
+//
+// Build: g++ -O2 -std=c++17 mk-compare.cpp -I<llama.cpp>/include -I<llama.cpp>/ggml/include -L<bin> -lllama -lggml-base
+#include "ggml-backend.h"
+#include "llama.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct plugin_api {
+    void (*set_enabled)(int) = nullptr;
+    void (*set_cpu_executor)(int) = nullptr;
+    size_t (*status_json)(char *, size_t) = nullptr;
+    void (*reset_counters)(void) = nullptr;
+    size_t (*explain_json)(char *, size_t) = nullptr;
+
+    std::string status() const {
+        std::vector<char> buf(1 << 20);
+        status_json(buf.data(), buf.size());
+        return buf.data();
+    }
+};
+
+[[noreturn]] void die(const std::string & msg) {
+    fprintf(stderr, "mk-compare: %s\n", msg.c_str());
+    exit(2);
+}
+
+struct run_out {
+    std::vector<int> tokens;     // token chosen (A, C) or fed (B, D) after each step
+    std::vector<float> logits;   // steps x n_vocab
+};
+
+int argmax(const float * v, int n) {
+    return (int) (std::max_element(v, v + n) - v);
+}
+
+// Prefill `prompt`, then `steps` decode steps; logits of step i come from decoding token i-1 (step 0: the prompt's
+// last position). forced: feed these tokens instead of the argmax.
+run_out run(llama_context * ctx, int n_vocab, const std::vector<llama_token> & prompt, int steps,
+            const std::vector<int> * forced, bool keep_logits) {
+    llama_memory_clear(llama_get_memory(ctx), true);
+    std::vector<llama_token> p = prompt;
+    if (llama_decode(ctx, llama_batch_get_one(p.data(), (int32_t) p.size())) != 0) {
+        die("prefill failed");
+    }
+    run_out o;
+    for (int i = 0; i <= steps; i++) {
+        const float * lg = llama_get_logits_ith(ctx, -1);
+        if (lg == nullptr) {
+            die("no logits");
+        }
+        if (i > 0 && keep_logits) {
+            o.logits.insert(o.logits.end(), lg, lg + n_vocab);
+        }
+        if (i == steps) {
+            break;
+        }
+        llama_token t = forced ? (*forced)[i] : argmax(lg, n_vocab);
+        o.tokens.push_back(t);
+        if (llama_decode(ctx, llama_batch_get_one(&t, 1)) != 0) {
+            die("decode failed at step " + std::to_string(i));
+        }
+    }
+    return o;
+}
+
+struct cmp {
+    double min_cos = 1, mean_cos = 0, max_abs = 0;
+    int top1_agree = 0, n = 0;
+};
+
+cmp compare(const std::vector<float> & a, const std::vector<float> & b, int n_vocab, int steps) {
+    cmp c;
+    for (int s = 0; s < steps; s++) {
+        const float * x = a.data() + (size_t) s * n_vocab;
+        const float * y = b.data() + (size_t) s * n_vocab;
+        double xy = 0, xx = 0, yy = 0;
+        for (int i = 0; i < n_vocab; i++) {
+            xy += (double) x[i] * y[i];
+            xx += (double) x[i] * x[i];
+            yy += (double) y[i] * y[i];
+            c.max_abs = std::max(c.max_abs, (double) std::fabs(x[i] - y[i]));
+        }
+        const double cs = xy / std::sqrt(std::max(xx * yy, 1e-300));
+        c.min_cos = std::min(c.min_cos, cs);
+        c.mean_cos += cs / steps;
+        c.top1_agree += argmax(x, n_vocab) == argmax(y, n_vocab);
+        c.n++;
+    }
+    return c;
+}
+
+std::string json(const cmp & c) {
+    char b[256];
+    snprintf(b, sizeof b, "{\"steps\":%d,\"min_cos\":%.7f,\"mean_cos\":%.7f,\"max_abs\":%.5g,\"top1_agree\":%.4f}", c.n,
+             c.min_cos, c.mean_cos, c.max_abs, c.n ? (double) c.top1_agree / c.n : 0.0);
+    return b;
+}
+
+void quiet_log(ggml_log_level level, const char * text, void *) {
+    if (level >= GGML_LOG_LEVEL_WARN) {
+        fputs(text, stderr);
+    }
+}
+
+}  // namespace
+
+int main(int argc, char ** argv) {
+    std::string model_path;
+    int steps = 256, fa = 0, n_prompt = 8, seed = 1, cpu_steps = 0, n_ctx = 0;
+    for (int i = 1; i < argc; i++) {
+        std::string a = argv[i];
+        auto next = [&]() -> const char * {
+            if (i + 1 >= argc) die("missing value after " + a);
+            return argv[++i];
+        };
+        if (a == "--steps") steps = atoi(next());
+        else if (a == "--fa") fa = atoi(next());
+        else if (a == "--prompt") n_prompt = atoi(next());
+        else if (a == "--seed") seed = atoi(next());
+        else if (a == "--cpu-steps") cpu_steps = atoi(next());
+        else if (a == "--ctx") n_ctx = atoi(next());
+        else if (a[0] != '-') model_path = a;
+        else die("unknown option " + a);
+    }
+    if (model_path.empty()) {
+        die("usage: mk-compare MODEL [--steps N] [--fa 0|1] [--prompt N] [--seed S] [--cpu-steps K] [--ctx N]");
+    }
+    llama_log_set(quiet_log, nullptr);
+    llama_backend_init();
+    ggml_backend_reg_t reg = ggml_backend_reg_by_name("MEGAKERNEL");
+    if (reg == nullptr && getenv("GGML_BACKEND_PATH")) {  // unpatched llama.cpp: load it ourselves
+        ggml_backend_load(getenv("GGML_BACKEND_PATH"));
+        reg = ggml_backend_reg_by_name("MEGAKERNEL");
+    }
+    if (reg == nullptr) {
+        die("the plugin is not loaded (set GGML_BACKEND_PATH to libggml-megakernel.so; needs the patched llama.cpp)");
+    }
+    plugin_api api;
+    api.set_enabled      = (void (*)(int)) ggml_backend_reg_get_proc_address(reg, "llama_mk_set_enabled");
+    api.set_cpu_executor = (void (*)(int)) ggml_backend_reg_get_proc_address(reg, "llama_mk_set_cpu_executor");
+    api.status_json      = (size_t (*)(char *, size_t)) ggml_backend_reg_get_proc_address(reg, "llama_mk_status_json");
+    api.reset_counters   = (void (*)(void)) ggml_backend_reg_get_proc_address(reg, "llama_mk_reset_counters");
+    api.explain_json     = (size_t (*)(char *, size_t)) ggml_backend_reg_get_proc_address(reg, "llama_mk_explain_json");
+    if (!api.set_enabled || !api.status_json || !api.reset_counters || !api.set_cpu_executor) {
+        die("the plugin lacks the llama_mk_* API");
+    }
+
+    auto load = [&](int ngl) {
+        llama_model_params mp = llama_model_default_params();
+        mp.n_gpu_layers = ngl;
+        llama_model * m = llama_model_load_from_file(model_path.c_str(), mp);
+        if (m == nullptr) die("cannot load " + model_path);
+        return m;
+    };
+    auto make_ctx = [&](llama_model * m) {
+        llama_context_params cp = llama_context_default_params();
+        cp.n_ctx = n_ctx > 0 ? n_ctx : std::max(512, n_prompt + steps + 64);
+        cp.n_batch = std::max(512, n_prompt);
+        cp.n_ubatch = 512;
+        cp.flash_attn_type = fa ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+        llama_context * c = llama_init_from_model(m, cp);
+        if (c == nullptr) die("cannot create a context");
+        return c;
+    };
+
+    llama_model * model = load(99);
+    llama_context * ctx = make_ctx(model);
+    const int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    std::mt19937 rng(seed);
+    std::vector<llama_token> prompt(n_prompt);
+    for (auto & t : prompt) t = (llama_token) (rng() % n_vocab);
+
+    api.set_enabled(0);
+    run_out A = run(ctx, n_vocab, prompt, steps, nullptr, true);
+    api.set_enabled(1);
+    api.reset_counters();
+    run_out B = run(ctx, n_vocab, prompt, steps, &A.tokens, true);
+    const std::string status_b = api.status();
+    run_out C = run(ctx, n_vocab, prompt, steps, nullptr, false);
+    const std::string status_c = api.status();
+    std::string bytes_per_token = "null";
+    if (api.explain_json) {  // the last program compiled: this model's decode graph at the context reached
+        std::vector<char> buf(api.explain_json(nullptr, 0) + 1);
+        api.explain_json(buf.data(), buf.size());
+        const char * k = strstr(buf.data(), "\"bytes_per_token\":");
+        if (k) bytes_per_token = std::to_string(atoll(k + strlen("\"bytes_per_token\":")));
+    }
+    int same = 0;
+    while (same < steps && A.tokens[same] == C.tokens[same]) same++;
+    const cmp ab = compare(A.logits, B.logits, n_vocab, steps);
+
+    std::string d_json = "null";
+    if (cpu_steps > 0) {
+        cpu_steps = std::min(cpu_steps, steps);
+        llama_free(ctx);
+        llama_model_free(model);
+        api.set_cpu_executor(1);  // before loading: keeps the CPU weights in the GGUF layout
+        llama_model * mc = load(0);
+        llama_context * cc = make_ctx(mc);
+        api.reset_counters();
+        std::vector<int> forced(A.tokens.begin(), A.tokens.begin() + cpu_steps);
+        run_out D = run(cc, n_vocab, prompt, cpu_steps, &forced, true);
+        const std::string status_d = api.status();
+        const cmp bd = compare(B.logits, D.logits, n_vocab, cpu_steps);
+        const cmp ad = compare(A.logits, D.logits, n_vocab, cpu_steps);
+        d_json = "{\"gpu_vs_cpu_executor\":" + json(bd) + ",\"stock_vs_cpu_executor\":" + json(ad) +
+                 ",\"status\":" + status_d + "}";
+        llama_free(cc);
+        llama_model_free(mc);
+    } else {
+        llama_free(ctx);
+        llama_model_free(model);
+    }
+    printf("{\"model\":\"%s\",\"flash_attn\":%d,\"prompt\":%d,\"steps\":%d,\"n_vocab\":%d,"
+           "\"bytes_per_token\":%s,\"teacher_forced\":%s,\"free_greedy_identical_steps\":%d,\"status_forced\":%s,\"status_free\":%s,\"cpu\":%s}\n",
+           model_path.c_str(), fa, n_prompt, steps, n_vocab, bytes_per_token.c_str(), json(ab).c_str(), same, status_b.c_str(), status_c.c_str(),
+           d_json.c_str());
+    llama_backend_free();
+    return 0;
+}
