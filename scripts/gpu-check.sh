@@ -15,7 +15,7 @@ OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 W=/tmp/mk; mkdir -p $W
 exec > >(tee "$OUT/gpu-check.log") 2>&1
 stamp() { echo "[$(date +%T)] $*"; }
-STAGES=${MK_STAGES:-"correct depth sanitize bench"}
+STAGES=${MK_STAGES:-"correct profile depth sanitize bench"}
 
 stamp "GPU"; nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm --format=csv
 python3 -m pip install -q --no-index --no-deps --target $W/site .device/wheels/*.whl 2>/dev/null || true

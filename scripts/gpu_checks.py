@@ -65,7 +65,8 @@ def compare(tool: Path, model: Path, fa: int, steps: int, prompt: int = 8, cpu_s
     res.update(teacher_forced=tf, free_greedy_identical_steps=d["free_greedy_identical_steps"],
                bytes_per_token=d.get("bytes_per_token"),
                executed=sf["reasons"].get("executed", 0), reasons=sf["reasons"],
-               gpu_failures=sf.get("gpu_failures"), last_gpu_error=sf.get("last_gpu_error"))
+               gpu_failures=sf.get("gpu_failures"), last_gpu_error=sf.get("last_gpu_error"),
+               programs_compiled=sf.get("programs_compiled"))
     res["executed_forced"] = sb["reasons"].get("executed", 0)
     if d.get("cpu"):
         res["gpu_vs_cpu_executor"] = d["cpu"]["gpu_vs_cpu_executor"]
@@ -185,6 +186,20 @@ def main() -> int:
             result["correctness"].append(res)
             log(f"depth fa={fa}: " + json.dumps({k: res.get(k) for k in ("passed", "teacher_forced", "executed", "error")}))
             save()
+
+    if "profile" in a.stages:  # where a step's time goes, per instruction (LLAMA_MEGAKERNEL_PROFILE)
+        for name in ("llama-smollm2-135m-Q4_0", "llama-llama-3.2-1b-Q4_0"):
+            if have(name):
+                pf = out.parent / f"profile-{name}.json"
+                cmd = [str(tool), str(M / f"{name}.gguf"), "--steps", "64"]
+                r = sh(cmd, env=env_for(True, extra={"LLAMA_MEGAKERNEL_PROFILE": str(pf)}))
+                if pf.is_file():
+                    prof = json.loads(pf.read_text())
+                    result.setdefault("profiles", {})[name] = {"step_us": prof["step_us"], "file": pf.name}
+                    log(f"profile {name}: step {prof['step_us']} us")
+                else:
+                    log(f"profile {name}: no profile written (rc {r.returncode}) {r.stderr[-500:]}")
+        save()
 
     if "sanitize" in a.stages and have("llama-tiny-Q4_0"):
         for which in ("memcheck", "racecheck"):

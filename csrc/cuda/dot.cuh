@@ -291,33 +291,36 @@ inline int weight_align(int t) {
     }
 }
 
-// One lane's share of one row: groups lane, lane+32, ...; the caller reduces over the warp. n: values in the row
-// (a multiple of W::block for the quantized types; float types may have a tail of fewer than 16).
-template <typename W> __device__ __forceinline__ float row_dot(const uint8_t * row, const float * x, int n, int lane) {
+// R rows at once (row k at row0 + k * stride), so that a lane has R independent loads in flight: groups start,
+// start + step, ... of each row. The caller reduces each s[k] over the lanes (and warps) that shared the row.
+// n: values per row (a multiple of W::block for the quantized types; float types may end in a partial group).
+template <typename W, int R>
+__device__ __forceinline__ void dot_rows(const uint8_t * row0, uint64_t stride, const float * x, int n, int start, int step,
+                                         float (&s)[R]) {
     const int nb = n / W::block;
     const int ng = nb * W::groups;
-    float s = 0.0f;
-    int gi = lane;
-#pragma unroll 1
-    for (; gi + 96 < ng; gi += 128) {  // four groups in flight per lane
-        float p[4];
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            const int k = gi + 32 * u, blk = k / W::groups, g = k % W::groups;
-            p[u] = W::dot(row + (size_t) blk * W::bytes, g, x + blk * W::block);
-        }
-        s += (p[0] + p[1]) + (p[2] + p[3]);
-    }
-    for (; gi < ng; gi += 32) {
+#pragma unroll 2
+    for (int gi = start; gi < ng; gi += step) {
         const int blk = gi / W::groups, g = gi % W::groups;
-        s += W::dot(row + (size_t) blk * W::bytes, g, x + blk * W::block);
+        const float * xb = x + blk * W::block;
+#pragma unroll
+        for (int k = 0; k < R; k++) {
+            s[k] += W::dot(row0 + k * stride + (size_t) blk * W::bytes, g, xb);
+        }
     }
     if constexpr (W::block == 16) {  // float types: the values after the last whole group
-        for (int i = nb * 16 + lane; i < n; i += 32) {
-            s += W::elem(row, i) * x[i];
+        for (int i = nb * 16 + start; i < n; i += step) {
+#pragma unroll
+            for (int k = 0; k < R; k++) {
+                s[k] += W::elem(row0 + k * stride, i) * x[i];
+            }
         }
     }
-    return s;
+}
+
+// Whether ggml-cuda rounds the activations of this weight type to q8_1 blocks (its mmvq path: every quantized type).
+__host__ __device__ inline bool uses_q8_1(int t) {
+    return t != 0 && t != 1 && t != 30;
 }
 
 }  // namespace dev

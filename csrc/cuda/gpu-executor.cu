@@ -35,6 +35,7 @@ struct kernel_args {
     const attention *   attns;
     const rope_params * ropes;
     const int32_t *     offsets;   // per instruction: tile rotation
+    const uint8_t *     q8_1_input;  // per instruction: round x to q8_1 first (quantized weights, as ggml-cuda)
     int32_t             n_instrs;
     uint8_t *           scratch;
     unsigned long long * counters;  // per instruction, monotonic
@@ -42,7 +43,8 @@ struct kernel_args {
     int *               error;      // mapped host memory: 0, or 1 + the instruction whose wait timed out
     unsigned long long  epoch;      // steps run before this one
     unsigned long long  timeout_ns;
-    // shared memory layout (floats): x | y | w
+    unsigned long long * prof;      // LLAMA_MEGAKERNEL_PROFILE: per (block, instruction) wait, start, end times
+    // shared memory layout (floats): x | y | y2 | w
     int32_t x_floats, y_floats;
 };
 
@@ -193,11 +195,9 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
             for (int e = threadIdx.x; e < n; e += k_threads) {
                 const int h = e / in.head_dim, d = e % in.head_dim;
                 float v = 0.0f;
+#pragma unroll 4
                 for (int s = 0; s < ns; s++) {
-                    const float f = w[h * ns + s];
-                    if (f != 0.0f) {
-                        v += f * ldcg_f(part + (h * ns + s) * stride + 2 + d);
-                    }
+                    v += w[h * ns + s] * ldcg_f(part + (h * ns + s) * stride + 2 + d);
                 }
                 x[e] = v;
             }
@@ -324,153 +324,253 @@ __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, i
 
 // --- tiles ---------------------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ float silu(float v) { return v / (1.0f + __expf(-v)); }
+__device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
 
-// Rows [r0, r1) of segment s (glu: of both segments) into y.
-__device__ void matvec_rows(const kernel_args & a, const instruction & in, int s, const float * x, float * y, int r0, int r1) {
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32, n = in.in.n;
-    const segment & sg = in.seg[s];
-    const uint8_t * base = resolve(a, sg.w);
-    if (in.kind == instr_kind::glu) {
-        const segment & su = in.seg[1];
-        const uint8_t * ub = resolve(a, su.w);
-        for (int r = r0 + w; r < r1; r += k_warps) {
-            float g = 0.0f, u = 0.0f;
-            dev::dispatch_type(sg.type, [&](auto W) { g = dev::row_dot<decltype(W)>(base + (uint64_t) r * sg.row_bytes, x, n, l); });
-            dev::dispatch_type(su.type, [&](auto W) { u = dev::row_dot<decltype(W)>(ub + (uint64_t) r * su.row_bytes, x, n, l); });
-            g = warp_sum(g);
-            u = warp_sum(u);
-            if (l == 0) {
-                y[r - r0] = in.glu_swapped ? silu(u) * g : silu(g) * u;
-            }
+
+// How the warps of a block share the rows [r0, r1) of a tile: with fewer rows than warps, `wpr` warps split each
+// row's groups between them (partial sums added in shared memory); otherwise each warp takes chunks of R rows, so
+// that every lane has R independent weight loads in flight.
+struct mv_plan {
+    int wpr, slot, rw, nrw, start, step, R;
+};
+
+__device__ __forceinline__ mv_plan plan_rows(int rows) {
+    mv_plan p;
+    const int w = threadIdx.x / 32;
+    p.wpr = 1;
+    while (p.wpr * 2 <= k_warps && rows * p.wpr * 2 <= k_warps) {
+        p.wpr *= 2;
+    }
+    p.slot = w % p.wpr;
+    p.rw = w / p.wpr;
+    p.nrw = k_warps / p.wpr;
+    p.start = threadIdx.x % 32 + 32 * p.slot;
+    p.step = 32 * p.wpr;
+    const int per = (rows + p.nrw - 1) / p.nrw;
+    p.R = per >= 8 ? 8 : per >= 4 ? 4 : per >= 2 ? 2 : 1;
+    return p;
+}
+
+// out[r - r0] = row r of W . x for rows [r0, r1). When p.wpr > 1 (then rows * wpr <= k_warps) each warp writes
+// its partial sum to out[i * wpr + slot] instead, and finish_rows adds them up in a fixed order.
+template <typename W, int R>
+__device__ void mv_rows(const mv_plan & p, const uint8_t * base, uint64_t stride, const float * x, int n, int r0, int r1,
+                        float * out) {
+    const int l = threadIdx.x % 32, rows = r1 - r0, full = rows / R;
+    auto emit = [&](int i, float v) {
+        v = warp_sum(v);
+        if (l == 0) {
+            out[p.wpr > 1 ? i * p.wpr + p.slot : i] = v;
         }
-    } else {
-        dev::dispatch_type(sg.type, [&](auto W) {
-            for (int r = r0 + w; r < r1; r += k_warps) {
-                float v = dev::row_dot<decltype(W)>(base + (uint64_t) r * sg.row_bytes, x, n, l);
-                v = warp_sum(v);
-                if (l == 0) {
-                    y[r - r0] = v;
-                }
+    };
+    for (int ch = p.rw; ch < full; ch += p.nrw) {
+        float s[R];
+#pragma unroll
+        for (int k = 0; k < R; k++) s[k] = 0.0f;
+        dev::dot_rows<W, R>(base + (uint64_t) (r0 + ch * R) * stride, stride, x, n, p.start, p.step, s);
+#pragma unroll
+        for (int k = 0; k < R; k++) emit(ch * R + k, s[k]);
+    }
+    for (int i = full * R + p.rw; i < rows; i += p.nrw) {
+        float s[1] = {0.0f};
+        dev::dot_rows<W, 1>(base + (uint64_t) (r0 + i) * stride, stride, x, n, p.start, p.step, s);
+        emit(i, s[0]);
+    }
+}
+
+__device__ void mv_segment(const mv_plan & p, const kernel_args & a, const segment & sg, const float * x, int n, int r0,
+                           int r1, float * out) {
+    const uint8_t * base = resolve(a, sg.w);
+    dev::dispatch_type(sg.type, [&](auto Wt) {
+        using W = decltype(Wt);
+        switch (p.R) {
+            case 8:  mv_rows<W, 8>(p, base, sg.row_bytes, x, n, r0, r1, out); break;
+            case 4:  mv_rows<W, 4>(p, base, sg.row_bytes, x, n, r0, r1, out); break;
+            case 2:  mv_rows<W, 2>(p, base, sg.row_bytes, x, n, r0, r1, out); break;
+            default: mv_rows<W, 1>(p, base, sg.row_bytes, x, n, r0, r1, out); break;
+        }
+    });
+}
+
+__device__ void finish_rows(const mv_plan & p, int rows, float * part, float * out) {
+    __syncthreads();
+    if (p.wpr > 1 && threadIdx.x < rows) {
+        float v = 0.0f;
+        for (int k = 0; k < p.wpr; k++) {
+            v += part[threadIdx.x * p.wpr + k];
+        }
+        out[threadIdx.x] = v;
+    }
+}
+
+// Rows [r0, r1) of segment s (glu: of both segments, combined) into y; y2 is scratch of the same size and part
+// 2 * k_warps floats.
+__device__ void matvec_rows(const kernel_args & a, const instruction & in, int s, const float * x, float * y, float * y2,
+                            float * part, int r0, int r1) {
+    const int rows = r1 - r0;
+    const mv_plan p = plan_rows(rows);
+    mv_segment(p, a, in.seg[s], x, in.in.n, r0, r1, p.wpr > 1 ? part : y);
+    if (in.kind == instr_kind::glu) {
+        mv_segment(p, a, in.seg[1], x, in.in.n, r0, r1, p.wpr > 1 ? part + k_warps : y2);
+    }
+    finish_rows(p, rows, part, y);
+    if (in.kind == instr_kind::glu) {
+        if (p.wpr > 1 && threadIdx.x < rows) {
+            float v = 0.0f;
+            for (int k = 0; k < p.wpr; k++) {
+                v += part[k_warps + threadIdx.x * p.wpr + k];
             }
-        });
+            y2[threadIdx.x] = v;
+        }
+        __syncthreads();
+        for (int j = threadIdx.x; j < rows; j += k_threads) {
+            const float g = y[j], u = y2[j];
+            y[j] = in.glu_swapped ? silu(u) * g : silu(g) * u;
+        }
     }
     __syncthreads();
 }
 
-__device__ void attn_tile(const kernel_args & a, const attention & at, int tile, float * smem) {
-    const int kvh = tile / at.n_split, split = tile % at.n_split;
-    const int c0 = split * at.cells_per_split, c1 = min(at.n_kv, c0 + at.cells_per_split), nc = max(0, c1 - c0);
-    const int group = at.n_head / at.n_head_kv;
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    float * q  = smem;                                  // group * head_dim_k
-    float * sc = q + group * at.head_dim_k;             // group * cells_per_split
-    float * st = sc + group * at.cells_per_split;       // group * 2: max, 1/sum... (m, l)
-    const float * qg = (const float *) resolve(a, at.q);
-    for (int i = threadIdx.x; i < group * at.head_dim_k; i += k_threads) {
-        q[i] = ldcg_f(qg + kvh * group * at.head_dim_k + i);
+// ggml-cuda's matvec for quantized weights (mmvq) first rounds x to q8_1: blocks of 32, d = amax/127 kept as F16,
+// q = round(x / d). Doing the same keeps the megakernel's logits within float summation order of stock's.
+__device__ void round_q8_1(float * x, int n) {
+    const int l = threadIdx.x % 32;
+    for (int b = threadIdx.x / 32; b < n / 32; b += k_warps) {
+        const float v = x[32 * b + l];
+        const float amax = warp_max(fabsf(v));
+        const float d = amax / 127.0f;
+        const float q = amax == 0.0f ? 0.0f : roundf(v / d);
+        x[32 * b + l] = q * __half2float(__float2half_rn(d));
     }
     __syncthreads();
+}
+
+constexpr int k_attn_chunk = 64;  // KV cells staged in shared memory at a time
+
+__device__ __forceinline__ float ld_kv(int type, const uint8_t * p) {
+    return type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) p)))
+         : type == T_BF16 ? dev::b2f(__ldcg((const unsigned short *) p))
+                          : __ldcg((const float *) p);
+}
+
+// Shared memory (floats) an attention tile needs.
+__host__ __device__ inline size_t attn_smem_floats(const attention & at) {
+    const int group = at.n_head / at.n_head_kv;
+    return (size_t) group * at.head_dim_k + (size_t) k_attn_chunk * (at.head_dim_k + 1) +
+           (size_t) k_attn_chunk * (at.head_dim_v + 1) + (size_t) group * k_attn_chunk + k_attn_chunk +
+           (size_t) group * at.head_dim_v + 4 * (size_t) group;
+}
+
+// One KV head over cells [c0, c1): chunks of K and V are staged in shared memory by all threads (coalesced,
+// independent loads), then scores, an online softmax per query head of the group, and the accumulators.
+__device__ void attn_tile(const kernel_args & a, const attention & at, int tile, float * smem) {
+    const int kvh = tile / at.n_split, split = tile % at.n_split;
+    const int c0 = split * at.cells_per_split, c1 = min(at.n_kv, c0 + at.cells_per_split);
+    const int group = at.n_head / at.n_head_kv, hk = at.head_dim_k, hv = at.head_dim_v;
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    float * q   = smem;                               // group x hk
+    float * ks  = q + group * hk;                     // chunk x (hk + 1)
+    float * vs  = ks + k_attn_chunk * (hk + 1);       // chunk x (hv + 1)
+    float * p   = vs + k_attn_chunk * (hv + 1);       // group x chunk: scores, then probabilities
+    float * msk = p + group * k_attn_chunk;           // chunk
+    float * acc = msk + k_attn_chunk;                 // group x hv
+    float * mx  = acc + group * hv;                   // group: running max
+    float * sm  = mx + group;                         // group: running sum
+    float * cr  = sm + group;                         // group: rescale of this chunk
+    const float * qg = (const float *) resolve(a, at.q);
+    for (int i = threadIdx.x; i < group * hk; i += k_threads) {
+        q[i] = ldcg_f(qg + (size_t) kvh * group * hk + i);
+    }
+    for (int i = threadIdx.x; i < group * hv; i += k_threads) {
+        acc[i] = 0.0f;
+    }
+    if (threadIdx.x < group) {
+        mx[threadIdx.x] = -INFINITY;
+        sm[threadIdx.x] = 0.0f;
+    }
     const uint8_t * kb = resolve(a, at.k) + (uint64_t) kvh * at.k_nb_head;
     const uint8_t * vb = resolve(a, at.v) + (uint64_t) kvh * at.v_nb_head;
     const uint8_t * mb = at.mask.null() ? nullptr : resolve(a, at.mask);
-    // scores: a warp per cell, lanes over the head dimension
-    for (int c = w; c < nc; c += k_warps) {
-        const int cell = c0 + c;
-        float mk = 0.0f;
-        if (mb) {
-            mk = at.mask_type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) mb + cell)))
-                                       : __ldcg((const float *) mb + cell);
+    const bool v_by_cell = at.v_nb_cell < at.v_nb_dim;  // transposed V (flash attention off): cells contiguous
+    for (int cb = c0; cb < c1; cb += k_attn_chunk) {
+        const int nc = min(k_attn_chunk, c1 - cb);
+        __syncthreads();
+        for (int c = threadIdx.x; c < nc; c += k_threads) {
+            msk[c] = !mb ? 0.0f : at.mask_type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) mb + cb + c)))
+                                                        : __ldcg((const float *) mb + cb + c);
         }
-        for (int g = 0; g < group; g++) {
-            float s = 0.0f;
-            if (mk != -INFINITY) {
-                for (int d = l; d < at.head_dim_k; d += 32) {
-                    const uint8_t * p = kb + (uint64_t) cell * at.k_nb_cell + (uint64_t) d * at.k_nb_dim;
-                    const float kv = at.k_type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) p)))
-                                   : at.k_type == T_BF16 ? dev::b2f(__ldcg((const unsigned short *) p))
-                                                         : __ldcg((const float *) p);
-                    s += q[g * at.head_dim_k + d] * kv;
+#pragma unroll 4
+        for (int e = threadIdx.x; e < nc * hk; e += k_threads) {
+            const int c = e / hk, d = e % hk;
+            ks[c * (hk + 1) + d] = ld_kv(at.k_type, kb + (uint64_t) (cb + c) * at.k_nb_cell + (uint64_t) d * at.k_nb_dim);
+        }
+#pragma unroll 4
+        for (int e = threadIdx.x; e < nc * hv; e += k_threads) {
+            const int c = v_by_cell ? e % nc : e / hv, d = v_by_cell ? e / nc : e % hv;
+            vs[c * (hv + 1) + d] = ld_kv(at.v_type, vb + (uint64_t) (cb + c) * at.v_nb_cell + (uint64_t) d * at.v_nb_dim);
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < group * nc; e += k_threads) {
+            const int g = e / nc, c = e % nc;
+            float v = -INFINITY;
+            if (msk[c] != -INFINITY) {
+                const float * qq = q + g * hk;
+                const float * kk = ks + c * (hk + 1);
+                float s = 0.0f;
+                for (int d = 0; d < hk; d++) {
+                    s += qq[d] * kk[d];
                 }
-                s = warp_sum(s);
-            }
-            if (l == 0) {
-                float v = s * at.scale;
+                v = s * at.scale;
                 if (at.softcap != 0.0f) {
                     v = at.softcap * tanhf(v / at.softcap);
                 }
-                sc[g * at.cells_per_split + c] = mk == -INFINITY ? -INFINITY : v + mk;
+                v += msk[c];
             }
+            p[g * k_attn_chunk + c] = v;
         }
-    }
-    __syncthreads();
-    // per head: max and sum of exp, a warp per head
-    for (int g = w; g < group; g += k_warps) {
-        float m = -INFINITY;
-        for (int c = l; c < nc; c += 32) {
-            m = fmaxf(m, sc[g * at.cells_per_split + c]);
-        }
-        m = warp_max(m);
-        float sum = 0.0f;
-        for (int c = l; c < nc; c += 32) {
-            const float v = sc[g * at.cells_per_split + c];
-            const float p = v == -INFINITY ? 0.0f : __expf(v - m);
-            sc[g * at.cells_per_split + c] = p;
-            sum += p;
-        }
-        sum = warp_sum(sum);
-        if (l == 0) {
-            st[2 * g] = m;
-            st[2 * g + 1] = sum;
-        }
-    }
-    __syncthreads();
-    // accumulators. Transposed V (flash attention off): a warp per (head of the group, value dimension), lanes
-    // over the cells, which are contiguous. Otherwise a thread per (head, dimension), looping over the cells.
-    float * part = (float *) resolve(a, at.partials);
-    auto v_at = [&](int cell, int d) {
-        const uint8_t * ptr = vb + (uint64_t) cell * at.v_nb_cell + (uint64_t) d * at.v_nb_dim;
-        return at.v_type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) ptr)))
-             : at.v_type == T_BF16 ? dev::b2f(__ldcg((const unsigned short *) ptr))
-                                   : __ldcg((const float *) ptr);
-    };
-    auto out = [&](int g, int d, float acc) {
-        const int h = kvh * group + g;
-        float * o = part + ((size_t) h * at.n_split + split) * (at.head_dim_v + 2);
-        o[2 + d] = acc;
-        if (d == 0) {
-            o[0] = st[2 * g];
-            o[1] = st[2 * g + 1];
-        }
-    };
-    if (at.v_nb_cell < at.v_nb_dim) {
-        for (int e = w; e < group * at.head_dim_v; e += k_warps) {
-            const int g = e / at.head_dim_v, d = e % at.head_dim_v;
-            const float * pg = sc + g * at.cells_per_split;
-            float acc = 0.0f;
+        __syncthreads();
+        for (int g = w; g < group; g += k_warps) {  // online softmax, a warp per query head
+            float m = -INFINITY;
             for (int c = l; c < nc; c += 32) {
-                const float p = pg[c];
-                if (p != 0.0f) {
-                    acc += p * v_at(c0 + c, d);
-                }
+                m = fmaxf(m, p[g * k_attn_chunk + c]);
             }
-            acc = warp_sum(acc);
+            m = warp_max(m);
+            const float m_new = fmaxf(mx[g], m);
+            float sum = 0.0f;
+            for (int c = l; c < nc; c += 32) {
+                const float v = p[g * k_attn_chunk + c];
+                const float e = v == -INFINITY ? 0.0f : expf(v - m_new);
+                p[g * k_attn_chunk + c] = e;
+                sum += e;
+            }
+            sum = warp_sum(sum);
             if (l == 0) {
-                out(g, d, acc);
+                const float r = mx[g] == -INFINITY ? 0.0f : expf(mx[g] - m_new);
+                cr[g] = r;
+                sm[g] = sm[g] * r + sum;
+                mx[g] = m_new;
             }
         }
-    } else {
-        for (int e = threadIdx.x; e < group * at.head_dim_v; e += k_threads) {
-            const int g = e / at.head_dim_v, d = e % at.head_dim_v;
-            const float * pg = sc + g * at.cells_per_split;
-            float acc = 0.0f;
+        __syncthreads();
+        for (int e = threadIdx.x; e < group * hv; e += k_threads) {
+            const int g = e / hv, d = e % hv;
+            const float * pg = p + g * k_attn_chunk;
+            float v = acc[e] * cr[g];
             for (int c = 0; c < nc; c++) {
-                const float p = pg[c];
-                if (p != 0.0f) {
-                    acc += p * v_at(c0 + c, d);
-                }
+                v += pg[c] * vs[c * (hv + 1) + d];
             }
-            out(g, d, acc);
+            acc[e] = v;
+        }
+    }
+    __syncthreads();
+    float * part = (float *) resolve(a, at.partials);
+    for (int e = threadIdx.x; e < group * hv; e += k_threads) {
+        const int g = e / hv, d = e % hv;
+        float * o = part + ((size_t) (kvh * group + g) * at.n_split + split) * (hv + 2);
+        o[2 + d] = acc[e];
+        if (d == 0) {
+            o[0] = mx[g];
+            o[1] = sm[g];
         }
     }
 }
@@ -479,9 +579,11 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
     extern __shared__ float smem[];
     __shared__ int s_flag;
     __shared__ float s_red[k_warps];
+    __shared__ float s_part[2 * k_warps];
     float * x = smem;
     float * y = smem + a.x_floats;
-    float * w = y + a.y_floats;
+    float * y2 = y + a.y_floats;
+    float * w = y2 + a.y_floats;
     const int G = gridDim.x, b = blockIdx.x;
     for (int i = 0; i < a.n_instrs; i++) {
         const instruction & in = a.instrs[i];
@@ -499,6 +601,9 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
             const int r0 = (t - sg.tile_begin) * sg.rows_per_tile;
             const int r1 = min(sg.rows, r0 + sg.rows_per_tile);
             if (!waited) {
+                if (a.prof && threadIdx.x == 0) {
+                    a.prof[((size_t) b * a.n_instrs + i) * 3] = global_ns();
+                }
                 if (in.kind == instr_kind::matvec || in.kind == instr_kind::glu) {
                     // start pulling this tile's weights while the producers finish
                     for (int k = 0; k < (in.kind == instr_kind::glu ? 2 : 1); k++) {
@@ -514,6 +619,9 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                     return;
                 }
                 waited = true;
+                if (a.prof && threadIdx.x == 0) {
+                    a.prof[((size_t) b * a.n_instrs + i) * 3 + 1] = global_ns();
+                }
             }
             if (in.kind == instr_kind::attn) {
                 attn_tile(a, a.attns[in.attn], t, smem);
@@ -522,11 +630,17 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 if (in.kind == instr_kind::vec) {
                     epilogue(a, in.seg[0], x, 0, in.in.n, s_red);
                 } else {
-                    matvec_rows(a, in, s, x, y, r0, r1);
+                    if (a.q8_1_input[i]) {
+                        round_q8_1(x, in.in.n);
+                    }
+                    matvec_rows(a, in, s, x, y, y2, s_part, r0, r1);
                     epilogue(a, sg, y, r0, r1, s_red);
                 }
             }
             tile_done(a, i);
+            if (a.prof && threadIdx.x == 0) {
+                a.prof[((size_t) b * a.n_instrs + i) * 3 + 2] = global_ns();
+            }
         }
     }
 }
@@ -549,7 +663,71 @@ struct gpu_program {
     int * h_error = nullptr;    // mapped pinned memory: the kernel's error word
     cudaStream_t own = nullptr;
     std::vector<std::string> names;
+    // profiling (LLAMA_MEGAKERNEL_PROFILE=file): sums over steps of each instruction's first start, last end and
+    // mean wait, relative to the step's first block
+    std::string prof_path;
+    unsigned long long * d_prof = nullptr;
+    std::vector<unsigned long long> h_prof;
+    std::vector<double> p_begin, p_end, p_wait;
+    double p_total = 0;
+    long p_steps = 0;
+    std::vector<int> tiles;
 };
+
+namespace {
+
+void profile_step(gpu_program * g) {
+    const int n = g->args.n_instrs;
+    g->h_prof.assign((size_t) g->grid * n * 3, 0);
+    cudaMemcpy(g->h_prof.data(), g->d_prof, g->h_prof.size() * 8, cudaMemcpyDeviceToHost);
+    cudaMemset(g->d_prof, 0, g->h_prof.size() * 8);
+    unsigned long long t0 = ~0ull, t1 = 0;
+    for (size_t k = 0; k < g->h_prof.size(); k++) {
+        if (g->h_prof[k]) {
+            t0 = std::min(t0, g->h_prof[k]);
+            t1 = std::max(t1, g->h_prof[k]);
+        }
+    }
+    if (t0 == ~0ull) {
+        return;
+    }
+    g->p_begin.resize(n, 0);
+    g->p_end.resize(n, 0);
+    g->p_wait.resize(n, 0);
+    for (int i = 0; i < n; i++) {
+        unsigned long long b = ~0ull, e = 0;
+        double w = 0;
+        int nb = 0;
+        for (int blk = 0; blk < g->grid; blk++) {
+            const unsigned long long * r = &g->h_prof[((size_t) blk * n + i) * 3];
+            if (r[0] == 0) continue;
+            b = std::min(b, r[1]);
+            e = std::max(e, r[2]);
+            w += (double) (r[1] - r[0]);
+            nb++;
+        }
+        if (nb == 0) continue;
+        g->p_begin[i] += (double) (b - t0);
+        g->p_end[i] += (double) (e - t0);
+        g->p_wait[i] += w / nb;
+    }
+    g->p_total += (double) (t1 - t0);
+    g->p_steps++;
+    if (g->p_steps % 32 == 0) {
+        if (FILE * f = fopen(g->prof_path.c_str(), "w")) {
+            const double k = 1e-3 / g->p_steps;  // ns sums -> mean microseconds
+            fprintf(f, "{\"steps\":%ld,\"grid\":%d,\"step_us\":%.2f,\"instructions\":[", g->p_steps, g->grid, g->p_total * k);
+            for (int i = 0; i < n; i++) {
+                fprintf(f, "%s{\"name\":\"%s\",\"tiles\":%d,\"begin_us\":%.2f,\"end_us\":%.2f,\"wait_us\":%.2f}", i ? "," : "",
+                        g->names[i].c_str(), g->tiles[i], g->p_begin[i] * k, g->p_end[i] * k, g->p_wait[i] * k);
+            }
+            fprintf(f, "]}\n");
+            fclose(f);
+        }
+    }
+}
+
+}  // namespace
 
 bool gpu_target(int device, target & t, std::string & err) {
     cudaDeviceProp p;
@@ -580,8 +758,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
                     return nullptr;
                 }
             }
-            const int group = at.n_head / at.n_head_kv;
-            attn_f = std::max(attn_f, (size_t) group * (at.head_dim_k + at.cells_per_split + 2));
+            attn_f = std::max(attn_f, attn_smem_floats(at));
             continue;
         }
         x_f = std::max(x_f, (size_t) in.in.n);
@@ -609,7 +786,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     }
     x_f = (x_f + 3) / 4 * 4;
     y_f = (y_f + 3) / 4 * 4;
-    const size_t smem = std::max(attn_f, x_f + y_f + w_f) * sizeof(float);
+    const size_t smem = std::max(attn_f, x_f + 2 * y_f + w_f) * sizeof(float);
 
     cudaError_t e = cudaSetDevice(device);
     if (e != cudaSuccess) {
@@ -696,7 +873,8 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     const size_t o_attn  = align_up(o_instr + p.instrs.size() * sizeof(instruction));
     const size_t o_rope  = align_up(o_attn + p.attns.size() * sizeof(attention));
     const size_t o_off   = align_up(o_rope + p.ropes.size() * sizeof(rope_params));
-    const size_t o_ctr   = align_up(o_off + offsets.size() * sizeof(int32_t));
+    const size_t o_q81   = align_up(o_off + offsets.size() * sizeof(int32_t));
+    const size_t o_ctr   = align_up(o_q81 + p.instrs.size());
     const size_t o_abort = align_up(o_ctr + p.instrs.size() * sizeof(unsigned long long));
     const size_t total   = align_up(o_abort + sizeof(int));
     std::vector<uint8_t> host(total, 0);
@@ -704,6 +882,14 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     if (!p.attns.empty()) memcpy(host.data() + o_attn, p.attns.data(), p.attns.size() * sizeof(attention));
     if (!p.ropes.empty()) memcpy(host.data() + o_rope, p.ropes.data(), p.ropes.size() * sizeof(rope_params));
     memcpy(host.data() + o_off, offsets.data(), offsets.size() * sizeof(int32_t));
+    for (size_t i = 0; i < p.instrs.size(); i++) {
+        const instruction & in = p.instrs[i];
+        bool all_q = (in.kind == instr_kind::matvec || in.kind == instr_kind::glu) && in.in.n % 32 == 0;
+        for (int sg = 0; sg < in.n_segments && all_q; sg++) {
+            all_q = dev::uses_q8_1(in.seg[sg].type);
+        }
+        host[o_q81 + i] = all_q ? 1 : 0;
+    }
     if ((e = cudaMalloc(&g->d_mem, total)) != cudaSuccess ||
         (e = cudaMemcpy(g->d_mem, host.data(), total, cudaMemcpyHostToDevice)) != cudaSuccess ||
         (e = cudaMalloc(&g->d_scratch, std::max<uint64_t>(p.scratch_bytes, 256))) != cudaSuccess ||
@@ -723,6 +909,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.attns    = (const attention *) (base + o_attn);
     a.ropes    = (const rope_params *) (base + o_rope);
     a.offsets  = (const int32_t *) (base + o_off);
+    a.q8_1_input = base + o_q81;
     a.n_instrs = (int32_t) p.instrs.size();
     a.scratch  = g->d_scratch;
     a.counters = (unsigned long long *) (base + o_ctr);
@@ -737,6 +924,16 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.y_floats = (int32_t) y_f;
     for (const instruction & in : p.instrs) {
         g->names.push_back(in.name);
+        g->tiles.push_back(in.n_tiles);
+    }
+    a.prof = nullptr;
+    if (const char * pp = getenv("LLAMA_MEGAKERNEL_PROFILE")) {
+        g->prof_path = pp;
+        const size_t bytes = (size_t) g->grid * p.instrs.size() * 3 * 8;
+        if (cudaMalloc(&g->d_prof, bytes) == cudaSuccess && cudaMemset(g->d_prof, 0, bytes) == cudaSuccess) {
+            a.prof = g->d_prof;
+        }
+        cudaGetLastError();
     }
     return g;
 }
@@ -771,6 +968,9 @@ bool gpu_run(gpu_program * g, void * stream_, std::string & err) {
         return false;
     }
     g->args.epoch++;
+    if (g->d_prof) {
+        profile_step(g);
+    }
     return true;
 }
 
@@ -783,6 +983,7 @@ void gpu_free(gpu_program * g) {
     if (g->d_mem) cudaFree(g->d_mem);
     if (g->d_scratch) cudaFree(g->d_scratch);
     if (g->h_error) cudaFreeHost(g->h_error);
+    if (g->d_prof) cudaFree(g->d_prof);
     cudaGetLastError();
     delete g;
 }
