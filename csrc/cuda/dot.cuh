@@ -85,6 +85,32 @@ struct w_q4_0 {
     }
 };
 
+// Integer paths (ggml-cuda's mmvq way): x as q8_1, i.e. int8 values xq with one scale xd per 32, and the weights'
+// integers dotted four at a time with dp4a. Only for the types that have `idot`; the others use `dot` on x rounded
+// the same way, which gives the same numbers with more arithmetic.
+__device__ __forceinline__ int ld_i32(const int8_t * p) { return *(const int *) p; }
+constexpr uint32_t k_lo4 = 0x0F0F0F0Fu;
+
+struct w_q4_0_int : w_q4_0 {
+    static constexpr bool has_int = true;
+    __device__ static float idot(const uint8_t * b, int g, const int8_t * xq, const float * xd) {
+        const float d = h2f(ld16(b));
+        const uint8_t * q = b + 2 + 8 * g;
+        const uint32_t b0 = ld32_a2(q), b1 = ld32_a2(q + 4);
+        const int xl0 = ld_i32(xq + 8 * g), xl1 = ld_i32(xq + 8 * g + 4);
+        const int xh0 = ld_i32(xq + 16 + 8 * g), xh1 = ld_i32(xq + 20 + 8 * g);
+        int s = __dp4a((int) (b0 & k_lo4), xl0, 0);
+        s = __dp4a((int) (b1 & k_lo4), xl1, s);
+        s = __dp4a((int) ((b0 >> 4) & k_lo4), xh0, s);
+        s = __dp4a((int) ((b1 >> 4) & k_lo4), xh1, s);
+        int sx = __dp4a(0x01010101, xl0, 0);
+        sx = __dp4a(0x01010101, xl1, sx);
+        sx = __dp4a(0x01010101, xh0, sx);
+        sx = __dp4a(0x01010101, xh1, sx);
+        return d * xd[0] * (float) (s - 8 * sx);
+    }
+};
+
 struct w_q4_1 {  // d, m (f16), 16 bytes of nibbles
     static constexpr int block = 32, bytes = 20, groups = 2, align = 4;
     __device__ static float dot(const uint8_t * b, int g, const float * x) {
@@ -161,6 +187,20 @@ struct w_q8_0 {  // d, 32 int8
     }
 };
 
+struct w_q8_0_int : w_q8_0 {
+    static constexpr bool has_int = true;
+    __device__ static float idot(const uint8_t * b, int g, const int8_t * xq, const float * xd) {
+        const float d = h2f(ld16(b));
+        const uint8_t * q = b + 2 + 16 * g;
+        int s = 0;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            s = __dp4a((int) ld32_a2(q + 4 * i), ld_i32(xq + 16 * g + 4 * i), s);
+        }
+        return d * xd[0] * (float) s;
+    }
+};
+
 // Q4_K/Q5_K scales: 6-bit scale and min of sub-block j from the 12 scale bytes (as 3 words).
 __device__ __forceinline__ void k_sm(int j, const uint32_t * sw, float & sc, float & mn) {
     const uint8_t * s = (const uint8_t *) sw;
@@ -197,6 +237,28 @@ struct w_q4_k {
             xsh += xh[i] + xh[4 + i];
         }
         return d * (s0 * sl + s1 * sh) - dmin * (m0 * xsl + m1 * xsh);
+    }
+};
+
+struct w_q4_k_int : w_q4_k {
+    static constexpr bool has_int = true;
+    __device__ static float idot(const uint8_t * b, int g, const int8_t * xq, const float * xd) {
+        const uint32_t dm = ld32(b);
+        const float d = h2f(dm & 0xffff), dmin = h2f(dm >> 16);
+        const uint32_t sw[3] = {ld32(b + 4), ld32(b + 8), ld32(b + 12)};
+        const int c = g >> 2, p = g & 3;
+        float s0, m0, s1, m1;
+        k_sm(2 * c, sw, s0, m0);
+        k_sm(2 * c + 1, sw, s1, m1);
+        const uint2 q = __ldg((const uint2 *) (b + 16 + 32 * c + 8 * p));
+        const int8_t * xl = xq + 64 * c + 8 * p;
+        const int xl0 = ld_i32(xl), xl1 = ld_i32(xl + 4), xh0 = ld_i32(xl + 32), xh1 = ld_i32(xl + 36);
+        const int sl = __dp4a((int) (q.y & k_lo4), xl1, __dp4a((int) (q.x & k_lo4), xl0, 0));
+        const int sh = __dp4a((int) ((q.y >> 4) & k_lo4), xh1, __dp4a((int) ((q.x >> 4) & k_lo4), xh0, 0));
+        const int sxl = __dp4a(0x01010101, xl1, __dp4a(0x01010101, xl0, 0));
+        const int sxh = __dp4a(0x01010101, xh1, __dp4a(0x01010101, xh0, 0));
+        const float dl = xd[2 * c], dh = xd[2 * c + 1];
+        return d * (s0 * dl * (float) sl + s1 * dh * (float) sh) - dmin * (m0 * dl * (float) sxl + m1 * dh * (float) sxh);
     }
 };
 
@@ -256,23 +318,50 @@ struct w_q6_k {
     }
 };
 
+struct w_q6_k_int : w_q6_k {
+    static constexpr bool has_int = true;
+    __device__ static float idot(const uint8_t * b, int g, const int8_t * xq, const float * xd) {
+        const int h = g >> 3, l0 = 4 * (g & 7);
+        const float d = h2f(ld16(b + 208));
+        const uint32_t a  = ld32_a2(b + 64 * h + l0);
+        const uint32_t c  = ld32_a2(b + 64 * h + 32 + l0);
+        const uint32_t hb = ld32_a2(b + 128 + 32 * h + l0);
+        const int8_t * sc = (const int8_t *) (b + 192 + 8 * h);
+        const int is = l0 / 16;
+        const int8_t * xb = xq + 128 * h + l0;
+        const uint32_t m2 = 0x03030303u;
+        const int v0 = __vsubss4((int) ((a & k_lo4) | ((hb & m2) << 4)), 0x20202020);
+        const int v1 = __vsubss4((int) ((c & k_lo4) | (((hb >> 2) & m2) << 4)), 0x20202020);
+        const int v2 = __vsubss4((int) (((a >> 4) & k_lo4) | (((hb >> 4) & m2) << 4)), 0x20202020);
+        const int v3 = __vsubss4((int) (((c >> 4) & k_lo4) | (((hb >> 6) & m2) << 4)), 0x20202020);
+        const float * xdh = xd + 4 * h;
+        return d * ((float) sc[is] * xdh[0] * (float) __dp4a(v0, ld_i32(xb), 0) +
+                    (float) sc[is + 2] * xdh[1] * (float) __dp4a(v1, ld_i32(xb + 32), 0) +
+                    (float) sc[is + 4] * xdh[2] * (float) __dp4a(v2, ld_i32(xb + 64), 0) +
+                    (float) sc[is + 6] * xdh[3] * (float) __dp4a(v3, ld_i32(xb + 96), 0));
+    }
+};
+
 // Call f.template operator()<W>() with the struct of weight type t; false if the type has none.
 template <typename F> __device__ __forceinline__ bool dispatch_type(int t, F && f) {
     switch (t) {
         case 0:  f(w_f32{});  return true;
         case 1:  f(w_f16{});  return true;
         case 30: f(w_bf16{}); return true;
-        case 2:  f(w_q4_0{}); return true;
+        case 2:  f(w_q4_0_int{}); return true;
         case 3:  f(w_q4_1{}); return true;
         case 6:  f(w_q5_0{}); return true;
         case 7:  f(w_q5_1{}); return true;
-        case 8:  f(w_q8_0{}); return true;
-        case 12: f(w_q4_k{}); return true;
+        case 8:  f(w_q8_0_int{}); return true;
+        case 12: f(w_q4_k_int{}); return true;
         case 13: f(w_q5_k{}); return true;
-        case 14: f(w_q6_k{}); return true;
+        case 14: f(w_q6_k_int{}); return true;
         default: return false;
     }
 }
+
+template <typename W, typename = void> struct has_int_path { static constexpr bool value = false; };
+template <typename W> struct has_int_path<W, decltype((void) W::has_int)> { static constexpr bool value = W::has_int; };
 
 // Host side of the same table: the row alignment each type's loads need (0: not supported on the GPU).
 inline int weight_align(int t) {
@@ -314,6 +403,23 @@ __device__ __forceinline__ void dot_rows(const uint8_t * row0, uint64_t stride, 
             for (int k = 0; k < R; k++) {
                 s[k] += W::elem(row0 + k * stride, i) * x[i];
             }
+        }
+    }
+}
+
+// As dot_rows, with x as q8_1 (int8 values xq, scales xd per 32) and the weight type's integer dot.
+template <typename W, int R>
+__device__ __forceinline__ void dot_rows_q8(const uint8_t * row0, uint64_t stride, const int8_t * xq, const float * xd, int n,
+                                            int start, int step, float (&s)[R]) {
+    const int ng = (n / W::block) * W::groups;
+#pragma unroll 2
+    for (int gi = start; gi < ng; gi += step) {
+        const int blk = gi / W::groups, g = gi % W::groups;
+        const int8_t * xb = xq + blk * W::block;
+        const float * db = xd + blk * (W::block / 32);
+#pragma unroll
+        for (int k = 0; k < R; k++) {
+            s[k] += W::idot(row0 + k * stride + (size_t) blk * W::bytes, g, xb, db);
         }
     }
 }

@@ -27,6 +27,8 @@ namespace mk {
 
 namespace {
 
+static_assert(sizeof(instruction) % 4 == 0 && sizeof(attention) % 4 == 0, "copied to shared memory as words");
+
 constexpr int k_threads = 512;
 constexpr int k_warps   = k_threads / 32;
 
@@ -35,6 +37,7 @@ struct kernel_args {
     const attention *   attns;
     const rope_params * ropes;
     const int32_t *     offsets;   // per instruction: tile rotation
+    const int32_t *     tiles;       // per instruction: n_tiles
     const uint8_t *     q8_1_input;  // per instruction: round x to q8_1 first (quantized weights, as ggml-cuda)
     int32_t             n_instrs;
     uint8_t *           scratch;
@@ -45,7 +48,7 @@ struct kernel_args {
     unsigned long long  timeout_ns;
     unsigned long long * prof;      // LLAMA_MEGAKERNEL_PROFILE: per (block, instruction) wait, start, end times
     // shared memory layout (floats): x | y | y2 | w
-    int32_t x_floats, y_floats;
+    int32_t x_floats, y_floats, w_floats;  // then xq (x_floats int8) and xd (x_floats / 32 floats)
 };
 
 // --- small device helpers --------------------------------------------------------------------------------------
@@ -353,8 +356,27 @@ __device__ __forceinline__ mv_plan plan_rows(int rows) {
 
 // out[r - r0] = row r of W . x for rows [r0, r1). When p.wpr > 1 (then rows * wpr <= k_warps) each warp writes
 // its partial sum to out[i * wpr + slot] instead, and finish_rows adds them up in a fixed order.
+struct mv_x {  // the input in its forms: float, and (q8 true) int8 values with a scale per 32
+    const float * x;
+    const int8_t * xq;
+    const float * xd;
+    int n;
+    bool q8;
+};
+
 template <typename W, int R>
-__device__ void mv_rows(const mv_plan & p, const uint8_t * base, uint64_t stride, const float * x, int n, int r0, int r1,
+__device__ __forceinline__ void dot_any(const mv_x & in, const uint8_t * row0, uint64_t stride, const mv_plan & p, float (&s)[R]) {
+    if constexpr (dev::has_int_path<W>::value) {
+        if (in.q8) {
+            dev::dot_rows_q8<W, R>(row0, stride, in.xq, in.xd, in.n, p.start, p.step, s);
+            return;
+        }
+    }
+    dev::dot_rows<W, R>(row0, stride, in.x, in.n, p.start, p.step, s);
+}
+
+template <typename W, int R>
+__device__ void mv_rows(const mv_plan & p, const uint8_t * base, uint64_t stride, const mv_x & x, int r0, int r1,
                         float * out) {
     const int l = threadIdx.x % 32, rows = r1 - r0, full = rows / R;
     auto emit = [&](int i, float v) {
@@ -367,27 +389,27 @@ __device__ void mv_rows(const mv_plan & p, const uint8_t * base, uint64_t stride
         float s[R];
 #pragma unroll
         for (int k = 0; k < R; k++) s[k] = 0.0f;
-        dev::dot_rows<W, R>(base + (uint64_t) (r0 + ch * R) * stride, stride, x, n, p.start, p.step, s);
+        dot_any<W, R>(x, base + (uint64_t) (r0 + ch * R) * stride, stride, p, s);
 #pragma unroll
         for (int k = 0; k < R; k++) emit(ch * R + k, s[k]);
     }
     for (int i = full * R + p.rw; i < rows; i += p.nrw) {
         float s[1] = {0.0f};
-        dev::dot_rows<W, 1>(base + (uint64_t) (r0 + i) * stride, stride, x, n, p.start, p.step, s);
+        dot_any<W, 1>(x, base + (uint64_t) (r0 + i) * stride, stride, p, s);
         emit(i, s[0]);
     }
 }
 
-__device__ void mv_segment(const mv_plan & p, const kernel_args & a, const segment & sg, const float * x, int n, int r0,
+__device__ void mv_segment(const mv_plan & p, const kernel_args & a, const segment & sg, const mv_x & x, int r0,
                            int r1, float * out) {
     const uint8_t * base = resolve(a, sg.w);
     dev::dispatch_type(sg.type, [&](auto Wt) {
         using W = decltype(Wt);
         switch (p.R) {
-            case 8:  mv_rows<W, 8>(p, base, sg.row_bytes, x, n, r0, r1, out); break;
-            case 4:  mv_rows<W, 4>(p, base, sg.row_bytes, x, n, r0, r1, out); break;
-            case 2:  mv_rows<W, 2>(p, base, sg.row_bytes, x, n, r0, r1, out); break;
-            default: mv_rows<W, 1>(p, base, sg.row_bytes, x, n, r0, r1, out); break;
+            case 8:  mv_rows<W, 8>(p, base, sg.row_bytes, x, r0, r1, out); break;
+            case 4:  mv_rows<W, 4>(p, base, sg.row_bytes, x, r0, r1, out); break;
+            case 2:  mv_rows<W, 2>(p, base, sg.row_bytes, x, r0, r1, out); break;
+            default: mv_rows<W, 1>(p, base, sg.row_bytes, x, r0, r1, out); break;
         }
     });
 }
@@ -405,13 +427,13 @@ __device__ void finish_rows(const mv_plan & p, int rows, float * part, float * o
 
 // Rows [r0, r1) of segment s (glu: of both segments, combined) into y; y2 is scratch of the same size and part
 // 2 * k_warps floats.
-__device__ void matvec_rows(const kernel_args & a, const instruction & in, int s, const float * x, float * y, float * y2,
+__device__ void matvec_rows(const kernel_args & a, const instruction & in, int s, const mv_x & x, float * y, float * y2,
                             float * part, int r0, int r1) {
     const int rows = r1 - r0;
     const mv_plan p = plan_rows(rows);
-    mv_segment(p, a, in.seg[s], x, in.in.n, r0, r1, p.wpr > 1 ? part : y);
+    mv_segment(p, a, in.seg[s], x, r0, r1, p.wpr > 1 ? part : y);
     if (in.kind == instr_kind::glu) {
-        mv_segment(p, a, in.seg[1], x, in.in.n, r0, r1, p.wpr > 1 ? part + k_warps : y2);
+        mv_segment(p, a, in.seg[1], x, r0, r1, p.wpr > 1 ? part + k_warps : y2);
     }
     finish_rows(p, rows, part, y);
     if (in.kind == instr_kind::glu) {
@@ -433,14 +455,20 @@ __device__ void matvec_rows(const kernel_args & a, const instruction & in, int s
 
 // ggml-cuda's matvec for quantized weights (mmvq) first rounds x to q8_1: blocks of 32, d = amax/127 kept as F16,
 // q = round(x / d). Doing the same keeps the megakernel's logits within float summation order of stock's.
-__device__ void round_q8_1(float * x, int n) {
+// x keeps the rounded values (for the float paths); xq/xd get the int8 values and scales (for the integer paths).
+__device__ void round_q8_1(float * x, int8_t * xq, float * xd, int n) {
     const int l = threadIdx.x % 32;
     for (int b = threadIdx.x / 32; b < n / 32; b += k_warps) {
         const float v = x[32 * b + l];
         const float amax = warp_max(fabsf(v));
         const float d = amax / 127.0f;
         const float q = amax == 0.0f ? 0.0f : roundf(v / d);
-        x[32 * b + l] = q * __half2float(__float2half_rn(d));
+        const float dh = __half2float(__float2half_rn(d));
+        x[32 * b + l] = q * dh;
+        xq[32 * b + l] = (int8_t) q;
+        if (l == 0) {
+            xd[b] = dh;
+        }
     }
     __syncthreads();
 }
@@ -584,10 +612,26 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
     float * y = smem + a.x_floats;
     float * y2 = y + a.y_floats;
     float * w = y2 + a.y_floats;
+    int8_t * xq = (int8_t *) (w + a.w_floats);
+    float * xd = (float *) (xq + a.x_floats);
     const int G = gridDim.x, b = blockIdx.x;
+    __shared__ instruction in;  // the current instruction, copied once: its fields are read all through a tile
+    __shared__ attention s_at;
     for (int i = 0; i < a.n_instrs; i++) {
-        const instruction & in = a.instrs[i];
         const int first = ((b - a.offsets[i]) % G + G) % G;
+        if (first >= a.tiles[i]) {
+            continue;
+        }
+        __syncthreads();  // everyone is done with the previous instruction
+        for (int k = threadIdx.x; k < (int) (sizeof(instruction) / 4); k += k_threads) {
+            ((uint32_t *) &in)[k] = ((const uint32_t *) (a.instrs + i))[k];
+        }
+        __syncthreads();
+        if (in.kind == instr_kind::attn) {
+            for (int k = threadIdx.x; k < (int) (sizeof(attention) / 4); k += k_threads) {
+                ((uint32_t *) &s_at)[k] = ((const uint32_t *) (a.attns + in.attn))[k];
+            }
+        }
         bool waited = false;
         for (int t = first; t < in.n_tiles; t += G) {
             // which segment and rows this tile covers
@@ -624,16 +668,17 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 }
             }
             if (in.kind == instr_kind::attn) {
-                attn_tile(a, a.attns[in.attn], t, smem);
+                attn_tile(a, s_at, t, smem);
             } else {
                 form_input(a, in.in, x, w);
                 if (in.kind == instr_kind::vec) {
                     epilogue(a, in.seg[0], x, 0, in.in.n, s_red);
                 } else {
-                    if (a.q8_1_input[i]) {
-                        round_q8_1(x, in.in.n);
+                    const bool q8 = a.q8_1_input[i] != 0;
+                    if (q8) {
+                        round_q8_1(x, xq, xd, in.in.n);
                     }
-                    matvec_rows(a, in, s, x, y, y2, s_part, r0, r1);
+                    matvec_rows(a, in, s, mv_x{x, xq, xd, in.in.n, q8}, y, y2, s_part, r0, r1);
                     epilogue(a, sg, y, r0, r1, s_red);
                 }
             }
@@ -786,7 +831,8 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     }
     x_f = (x_f + 3) / 4 * 4;
     y_f = (y_f + 3) / 4 * 4;
-    const size_t smem = std::max(attn_f, x_f + 2 * y_f + w_f) * sizeof(float);
+    w_f = (w_f + 3) / 4 * 4;
+    const size_t smem = std::max(attn_f, x_f + 2 * y_f + w_f + x_f / 4 + x_f / 32 + 4) * sizeof(float);
 
     cudaError_t e = cudaSetDevice(device);
     if (e != cudaSuccess) {
@@ -874,7 +920,8 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     const size_t o_rope  = align_up(o_attn + p.attns.size() * sizeof(attention));
     const size_t o_off   = align_up(o_rope + p.ropes.size() * sizeof(rope_params));
     const size_t o_q81   = align_up(o_off + offsets.size() * sizeof(int32_t));
-    const size_t o_ctr   = align_up(o_q81 + p.instrs.size());
+    const size_t o_tiles = align_up(o_q81 + p.instrs.size());
+    const size_t o_ctr   = align_up(o_tiles + p.instrs.size() * sizeof(int32_t));
     const size_t o_abort = align_up(o_ctr + p.instrs.size() * sizeof(unsigned long long));
     const size_t total   = align_up(o_abort + sizeof(int));
     std::vector<uint8_t> host(total, 0);
@@ -889,6 +936,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
             all_q = dev::uses_q8_1(in.seg[sg].type);
         }
         host[o_q81 + i] = all_q ? 1 : 0;
+        memcpy(host.data() + o_tiles + i * sizeof(int32_t), &in.n_tiles, sizeof(int32_t));
     }
     if ((e = cudaMalloc(&g->d_mem, total)) != cudaSuccess ||
         (e = cudaMemcpy(g->d_mem, host.data(), total, cudaMemcpyHostToDevice)) != cudaSuccess ||
@@ -910,6 +958,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.ropes    = (const rope_params *) (base + o_rope);
     a.offsets  = (const int32_t *) (base + o_off);
     a.q8_1_input = base + o_q81;
+    a.tiles    = (const int32_t *) (base + o_tiles);
     a.n_instrs = (int32_t) p.instrs.size();
     a.scratch  = g->d_scratch;
     a.counters = (unsigned long long *) (base + o_ctr);
@@ -922,6 +971,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     }
     a.x_floats = (int32_t) x_f;
     a.y_floats = (int32_t) y_f;
+    a.w_floats = (int32_t) w_f;
     for (const instruction & in : p.instrs) {
         g->names.push_back(in.name);
         g->tiles.push_back(in.n_tiles);
