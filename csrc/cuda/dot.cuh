@@ -17,8 +17,10 @@ namespace dev {
 
 __device__ __forceinline__ float h2f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 __device__ __forceinline__ float b2f(uint16_t h) { return __uint_as_float((uint32_t) h << 16); }
-__device__ __forceinline__ uint16_t ld16(const uint8_t * p) { return __ldg((const unsigned short *) p); }
-__device__ __forceinline__ uint32_t ld32(const uint8_t * p) { return __ldg((const unsigned int *) p); }
+// Weight loads are generic: the rows may be in global memory or staged in shared memory.
+template <typename T> __device__ __forceinline__ T ldw(const T * p) { return *p; }
+__device__ __forceinline__ uint16_t ld16(const uint8_t * p) { return ldw((const unsigned short *) p); }
+__device__ __forceinline__ uint32_t ld32(const uint8_t * p) { return ldw((const unsigned int *) p); }
 // 4 bytes from a 2-byte aligned address
 __device__ __forceinline__ uint32_t ld32_a2(const uint8_t * p) { return (uint32_t) ld16(p) | ((uint32_t) ld16(p + 2) << 16); }
 
@@ -38,12 +40,12 @@ __device__ __forceinline__ float dot_nibbles(uint32_t b0, uint32_t b1, const flo
 
 struct w_f32 {
     static constexpr int block = 16, bytes = 64, groups = 1, align = 16;
-    __device__ static float elem(const uint8_t * row, int i) { return __ldg((const float *) row + i); }
+    __device__ static float elem(const uint8_t * row, int i) { return ldw((const float *) row + i); }
     __device__ static float dot(const uint8_t * b, int, const float * x) {
         float s = 0.0f;
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            const float4 w = __ldg((const float4 *) b + i);
+            const float4 w = ldw((const float4 *) b + i);
             s += w.x * x[4 * i] + w.y * x[4 * i + 1] + w.z * x[4 * i + 2] + w.w * x[4 * i + 3];
         }
         return s;
@@ -53,14 +55,14 @@ struct w_f32 {
 template <bool bf16> struct w_f16_like {
     static constexpr int block = 16, bytes = 32, groups = 1, align = 16;
     __device__ static float elem(const uint8_t * row, int i) {
-        const uint16_t h = __ldg((const unsigned short *) row + i);
+        const uint16_t h = ldw((const unsigned short *) row + i);
         return bf16 ? b2f(h) : h2f(h);
     }
     __device__ static float dot(const uint8_t * b, int, const float * x) {
         float s = 0.0f;
 #pragma unroll
         for (int i = 0; i < 2; i++) {
-            const uint4 w = __ldg((const uint4 *) b + i);
+            const uint4 w = ldw((const uint4 *) b + i);
             const uint32_t u[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
             for (int j = 0; j < 4; j++) {
@@ -159,7 +161,7 @@ struct w_q5_1 {  // d, m, qh, 16 bytes of nibbles
         const uint32_t dm = ld32(b);
         const float d = h2f(dm & 0xffff), m = h2f(dm >> 16);
         const uint32_t qh = ld32(b + 4);
-        const uint2 q = __ldg((const uint2 *) (b + 8 + 8 * g));
+        const uint2 q = ldw((const uint2 *) (b + 8 + 8 * g));
         const float * xl = x + 8 * g;
         const float * xh = x + 16 + 8 * g;
         float sx = 0.0f;
@@ -225,7 +227,7 @@ struct w_q4_k {
         float s0, m0, s1, m1;
         k_sm(2 * c, sw, s0, m0);
         k_sm(2 * c + 1, sw, s1, m1);
-        const uint2 q = __ldg((const uint2 *) (b + 16 + 32 * c + 8 * p));
+        const uint2 q = ldw((const uint2 *) (b + 16 + 32 * c + 8 * p));
         const float * xl = x + 64 * c + 8 * p;
         const float * xh = xl + 32;
         float sl = 0.0f, sh = 0.0f, xsl = 0.0f, xsh = 0.0f;
@@ -250,7 +252,7 @@ struct w_q4_k_int : w_q4_k {
         float s0, m0, s1, m1;
         k_sm(2 * c, sw, s0, m0);
         k_sm(2 * c + 1, sw, s1, m1);
-        const uint2 q = __ldg((const uint2 *) (b + 16 + 32 * c + 8 * p));
+        const uint2 q = ldw((const uint2 *) (b + 16 + 32 * c + 8 * p));
         const int8_t * xl = xq + 64 * c + 8 * p;
         const int xl0 = ld_i32(xl), xl1 = ld_i32(xl + 4), xh0 = ld_i32(xl + 32), xh1 = ld_i32(xl + 36);
         const int sl = __dp4a((int) (q.y & k_lo4), xl1, __dp4a((int) (q.x & k_lo4), xl0, 0));
@@ -273,8 +275,8 @@ struct w_q5_k {
         float s0, m0, s1, m1;
         k_sm(2 * c, sw, s0, m0);
         k_sm(2 * c + 1, sw, s1, m1);
-        const uint2 h = __ldg((const uint2 *) (b + 16 + 8 * p));
-        const uint2 q = __ldg((const uint2 *) (b + 48 + 32 * c + 8 * p));
+        const uint2 h = ldw((const uint2 *) (b + 16 + 8 * p));
+        const uint2 q = ldw((const uint2 *) (b + 48 + 32 * c + 8 * p));
         const float * xl = x + 64 * c + 8 * p;
         const float * xh = xl + 32;
         float sl = 0.0f, sh = 0.0f, xsl = 0.0f, xsh = 0.0f;

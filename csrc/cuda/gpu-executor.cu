@@ -48,7 +48,8 @@ struct kernel_args {
     unsigned long long  timeout_ns;
     unsigned long long * prof;      // LLAMA_MEGAKERNEL_PROFILE: per (block, instruction) wait, start, end times
     // shared memory layout (floats): x | y | y2 | w
-    int32_t x_floats, y_floats, w_floats;  // then xq (x_floats int8) and xd (x_floats / 32 floats)
+    int32_t x_floats, y_floats, w_floats;  // then xq (x_floats int8) and xd (x_floats / 32 floats + 4)
+    int32_t stage_bytes;                   // then the weight staging ring (two halves)
 };
 
 // --- small device helpers --------------------------------------------------------------------------------------
@@ -400,16 +401,15 @@ __device__ void mv_rows(const mv_plan & p, const uint8_t * base, uint64_t stride
     }
 }
 
-__device__ void mv_segment(const mv_plan & p, const kernel_args & a, const segment & sg, const mv_x & x, int r0,
-                           int r1, float * out) {
-    const uint8_t * base = resolve(a, sg.w);
-    dev::dispatch_type(sg.type, [&](auto Wt) {
+__device__ void mv_segment(const mv_plan & p, int type, const uint8_t * base, uint64_t stride, const mv_x & x, int rows,
+                           float * out) {
+    dev::dispatch_type(type, [&](auto Wt) {
         using W = decltype(Wt);
         switch (p.R) {
-            case 8:  mv_rows<W, 8>(p, base, sg.row_bytes, x, r0, r1, out); break;
-            case 4:  mv_rows<W, 4>(p, base, sg.row_bytes, x, r0, r1, out); break;
-            case 2:  mv_rows<W, 2>(p, base, sg.row_bytes, x, r0, r1, out); break;
-            default: mv_rows<W, 1>(p, base, sg.row_bytes, x, r0, r1, out); break;
+            case 8:  mv_rows<W, 8>(p, base, stride, x, 0, rows, out); break;
+            case 4:  mv_rows<W, 4>(p, base, stride, x, 0, rows, out); break;
+            case 2:  mv_rows<W, 2>(p, base, stride, x, 0, rows, out); break;
+            default: mv_rows<W, 1>(p, base, stride, x, 0, rows, out); break;
         }
     });
 }
@@ -425,15 +425,14 @@ __device__ void finish_rows(const mv_plan & p, int rows, float * part, float * o
     }
 }
 
-// Rows [r0, r1) of segment s (glu: of both segments, combined) into y; y2 is scratch of the same size and part
-// 2 * k_warps floats.
-__device__ void matvec_rows(const kernel_args & a, const instruction & in, int s, const mv_x & x, float * y, float * y2,
-                            float * part, int r0, int r1) {
-    const int rows = r1 - r0;
+// `rows` rows of segment s starting at base0 (glu: and of segment 1 at base1; combined) into y; y2 is scratch of the
+// same size and part 2 * k_warps floats. The rows may be in global memory or staged in shared memory.
+__device__ void matvec_rows(const instruction & in, int s, const mv_x & x, const uint8_t * base0, const uint8_t * base1,
+                            int rows, float * y, float * y2, float * part) {
     const mv_plan p = plan_rows(rows);
-    mv_segment(p, a, in.seg[s], x, r0, r1, p.wpr > 1 ? part : y);
+    mv_segment(p, in.seg[s].type, base0, in.seg[s].row_bytes, x, rows, p.wpr > 1 ? part : y);
     if (in.kind == instr_kind::glu) {
-        mv_segment(p, a, in.seg[1], x, r0, r1, p.wpr > 1 ? part + k_warps : y2);
+        mv_segment(p, in.seg[1].type, base1, in.seg[1].row_bytes, x, rows, p.wpr > 1 ? part + k_warps : y2);
     }
     finish_rows(p, rows, part, y);
     if (in.kind == instr_kind::glu) {
@@ -451,6 +450,71 @@ __device__ void matvec_rows(const kernel_args & a, const instruction & in, int s
         }
     }
     __syncthreads();
+}
+
+// --- weights staged through shared memory -------------------------------------------------------------------
+// A tile's rows are copied in chunks into a two-buffer ring with cp.async: the first chunk is requested before the
+// block waits on its dependencies, and chunk c+1 streams in while chunk c is computed. The copies are wide and
+// contiguous whatever the block layout (18-byte Q4_0 blocks read lane by lane are not).
+
+__device__ __forceinline__ void cp_async(void * dst, const void * src, int bytes) {
+    const unsigned d = (unsigned) __cvta_generic_to_shared(dst);
+    if (bytes == 16) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+    } else if (bytes == 8) {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(d), "l"(src) : "memory");
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
+    }
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+struct stage_plan {
+    int n_segs;            // 1, or 2 for glu
+    const uint8_t * w[2];  // row r0 of each segment
+    uint64_t rb[2];        // row bytes
+    uint32_t off1;         // offset of segment 1's rows in a buffer
+    int width;             // cp.async width: 16, 8 or 4 (0: cannot stage)
+    int rows_per_chunk, n_chunks;
+};
+
+__device__ stage_plan plan_stage(const kernel_args & a, const instruction & in, int s, int r0, int r1) {
+    stage_plan sp;
+    sp.n_segs = in.kind == instr_kind::glu ? 2 : 1;
+    uint64_t per_row = 0, align_bits = 16;
+    for (int k = 0; k < sp.n_segs; k++) {
+        const segment & sg = in.seg[in.kind == instr_kind::glu ? k : s];
+        sp.w[k] = resolve(a, sg.w) + (uint64_t) r0 * sg.row_bytes;
+        sp.rb[k] = sg.row_bytes;
+        per_row += (sg.row_bytes + 15) / 16 * 16;
+        align_bits |= (uint64_t) (uintptr_t) sp.w[k] | sg.row_bytes;
+    }
+    sp.width = (align_bits & 15) == 0 ? 16 : (align_bits & 7) == 0 ? 8 : (align_bits & 3) == 0 ? 4 : 0;
+    const uint64_t buf = (uint64_t) a.stage_bytes / 2;
+    const uint64_t fit = per_row ? buf / per_row : 0;
+    sp.rows_per_chunk = (int) ((uint64_t) (r1 - r0) < fit ? (uint64_t) (r1 - r0) : fit);
+    if (sp.rows_per_chunk < 1 || a.stage_bytes == 0) {
+        sp.width = 0;
+    }
+    sp.n_chunks = sp.width ? (r1 - r0 + sp.rows_per_chunk - 1) / sp.rows_per_chunk : 0;
+    sp.off1 = (uint32_t) (((uint64_t) sp.rows_per_chunk * sp.rb[0] + 15) / 16 * 16);
+    return sp;
+}
+
+// Request chunk c of the plan into buffer c % 2 (every thread takes part; one commit group per chunk).
+__device__ void stage_chunk(const stage_plan & sp, uint8_t * ring, int stage_half, int c, int rows_total) {
+    uint8_t * buf = ring + (size_t) (c % 2) * stage_half;
+    const int ra = c * sp.rows_per_chunk, rb = min(rows_total, ra + sp.rows_per_chunk);
+    for (int k = 0; k < sp.n_segs; k++) {
+        const uint8_t * src = sp.w[k] + (uint64_t) ra * sp.rb[k];
+        uint8_t * dst = buf + (k ? sp.off1 : 0);
+        const uint32_t bytes = (uint32_t) ((uint64_t) (rb - ra) * sp.rb[k]);
+        for (uint32_t e = threadIdx.x * sp.width; e < bytes; e += k_threads * sp.width) {
+            cp_async(dst + e, src + e, sp.width);
+        }
+    }
+    cp_commit();
 }
 
 // ggml-cuda's matvec for quantized weights (mmvq) first rounds x to q8_1: blocks of 32, d = amax/127 kept as F16,
@@ -614,6 +678,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
     float * w = y2 + a.y_floats;
     int8_t * xq = (int8_t *) (w + a.w_floats);
     float * xd = (float *) (xq + a.x_floats);
+    uint8_t * ring = (uint8_t *) (((uintptr_t) (xd + a.x_floats / 32 + 4) + 15) & ~(uintptr_t) 15);  // weight staging
     const int G = gridDim.x, b = blockIdx.x;
     __shared__ instruction in;  // the current instruction, copied once: its fields are read all through a tile
     __shared__ attention s_at;
@@ -644,22 +709,32 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
             const segment & sg = in.seg[s];
             const int r0 = (t - sg.tile_begin) * sg.rows_per_tile;
             const int r1 = min(sg.rows, r0 + sg.rows_per_tile);
+            const bool mv = in.kind == instr_kind::matvec || in.kind == instr_kind::glu;
+            stage_plan sp{};
+            if (mv) {
+                sp = plan_stage(a, in, s, r0, r1);
+                if (sp.width) {
+                    stage_chunk(sp, ring, a.stage_bytes / 2, 0, r1 - r0);
+                }
+            }
             if (!waited) {
                 if (a.prof && threadIdx.x == 0) {
                     a.prof[((size_t) b * a.n_instrs + i) * 3] = global_ns();
                 }
-                if (in.kind == instr_kind::matvec || in.kind == instr_kind::glu) {
-                    // start pulling this tile's weights while the producers finish
+                if (mv) {
+                    // pull the rest of this tile's weights towards L2 while the producers finish
+                    const int skip = sp.width ? sp.rows_per_chunk : 0;
                     for (int k = 0; k < (in.kind == instr_kind::glu ? 2 : 1); k++) {
                         const segment & ps = in.seg[in.kind == instr_kind::glu ? k : s];
-                        const uint8_t * p0 = resolve(a, ps.w) + (uint64_t) r0 * ps.row_bytes;
-                        const uint64_t nbytes = (uint64_t) (r1 - r0) * ps.row_bytes;
-                        for (uint64_t o = (uint64_t) threadIdx.x * 128; o < nbytes; o += (uint64_t) k_threads * 128) {
+                        const uint8_t * p0 = resolve(a, ps.w) + (uint64_t) (r0 + skip) * ps.row_bytes;
+                        const int64_t nbytes = (int64_t) (r1 - r0 - skip) * (int64_t) ps.row_bytes;
+                        for (int64_t o = (int64_t) threadIdx.x * 128; o < nbytes; o += (int64_t) k_threads * 128) {
                             prefetch_l2(p0 + o);
                         }
                     }
                 }
                 if (!wait_deps(a, in, i, &s_flag)) {
+                    cp_wait<0>();
                     return;
                 }
                 waited = true;
@@ -678,7 +753,26 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                     if (q8) {
                         round_q8_1(x, xq, xd, in.in.n);
                     }
-                    matvec_rows(a, in, s, mv_x{x, xq, xd, in.in.n, q8}, y, y2, s_part, r0, r1);
+                    const mv_x xin{x, xq, xd, in.in.n, q8};
+                    if (sp.width) {
+                        for (int c = 0; c < sp.n_chunks; c++) {
+                            if (c + 1 < sp.n_chunks) {
+                                stage_chunk(sp, ring, a.stage_bytes / 2, c + 1, r1 - r0);
+                                cp_wait<1>();
+                            } else {
+                                cp_wait<0>();
+                            }
+                            __syncthreads();
+                            const int ra = c * sp.rows_per_chunk, rb = min(r1 - r0, ra + sp.rows_per_chunk);
+                            const uint8_t * buf = ring + (size_t) (c % 2) * (a.stage_bytes / 2);
+                            // ends with __syncthreads: the buffer may be refilled afterwards
+                            matvec_rows(in, s, xin, buf, buf + sp.off1, rb - ra, y + ra, y2 + ra, s_part);
+                        }
+                    } else {
+                        const uint8_t * b0 = resolve(a, in.seg[s].w) + (uint64_t) r0 * in.seg[s].row_bytes;
+                        const uint8_t * b1 = in.kind == instr_kind::glu ? resolve(a, in.seg[1].w) + (uint64_t) r0 * in.seg[1].row_bytes : nullptr;
+                        matvec_rows(in, s, xin, b0, b1, r1 - r0, y, y2, s_part);
+                    }
                     epilogue(a, sg, y, r0, r1, s_red);
                 }
             }
@@ -832,7 +926,19 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     x_f = (x_f + 3) / 4 * 4;
     y_f = (y_f + 3) / 4 * 4;
     w_f = (w_f + 3) / 4 * 4;
-    const size_t smem = std::max(attn_f, x_f + 2 * y_f + w_f + x_f / 4 + x_f / 32 + 4) * sizeof(float);
+    const size_t base_f = x_f + 2 * y_f + w_f + x_f / 4 + x_f / 32 + 4;
+    size_t stage = 0;  // the rest of the shared memory, up to 2 x 48 KiB, stages weights
+    {
+        cudaDeviceProp pr;
+        if (cudaGetDeviceProperties(&pr, device) == cudaSuccess && pr.sharedMemPerBlockOptin > base_f * 4 + 8192) {
+            stage = std::min<size_t>(96 * 1024, (pr.sharedMemPerBlockOptin - 8192 - base_f * 4)) / 64 * 64;
+        }
+        cudaGetLastError();
+        if (const char * e = getenv("LLAMA_MEGAKERNEL_NO_STAGING")) {
+            if (atoi(e)) stage = 0;
+        }
+    }
+    const size_t smem = std::max(attn_f * sizeof(float), base_f * sizeof(float) + 16 + stage);
 
     cudaError_t e = cudaSetDevice(device);
     if (e != cudaSuccess) {
@@ -972,6 +1078,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.x_floats = (int32_t) x_f;
     a.y_floats = (int32_t) y_f;
     a.w_floats = (int32_t) w_f;
+    a.stage_bytes = (int32_t) stage;
     for (const instruction & in : p.instrs) {
         g->names.push_back(in.name);
         g->tiles.push_back(in.n_tiles);
