@@ -60,9 +60,9 @@ mkmodel() {  # arch shape base-type types...
   done
 }
 mkmodel llama tiny F32 Q4_0 Q4_K_M F16
-mkmodel llama smollm2-135m F32 Q4_0 F16 BF16 Q8_0 Q4_K_M Q6_K
+mkmodel llama smollm2-135m F32 ${MK_SMOLLM2_TYPES:-Q4_0 F16 BF16 Q8_0 Q4_K_M Q6_K}
 if [[ " ${MK_MODELS_1B:-yes} " == " yes " ]]; then
-  mkmodel llama llama-3.2-1b F16 Q4_0 BF16 Q8_0 Q4_K_M Q6_K
+  mkmodel llama llama-3.2-1b F16 ${MK_1B_TYPES:-Q4_0 BF16 Q8_0 Q4_K_M Q6_K}
 fi
 [ -f .device/smollm2-q4_1.gguf ] && cp .device/smollm2-q4_1.gguf $M/smollm2-135m-real-Q4_1.gguf
 ls -la $M

@@ -179,9 +179,11 @@ def main() -> int:
                     "last_gpu_error", "gpu_vs_cpu_executor", "error")}))
                 save()
 
-    if "depth" in a.stages and have("llama-llama-3.2-1b-Q4_0"):
+    for name in os.environ.get("MK_DEPTH_MODELS", "llama-llama-3.2-1b-Q4_0").split():
+        if "depth" not in a.stages or not have(name):
+            continue
         for fa in (0, 1):
-            res = compare(tool, M / "llama-llama-3.2-1b-Q4_0.gguf", fa, 256, prompt=3968, timeout=560)
+            res = compare(tool, M / f"{name}.gguf", fa, 256, prompt=3968, timeout=560)
             res["check"] = f"depth-3968-to-4224-fa{fa}"
             result["correctness"].append(res)
             log(f"depth fa={fa}: " + json.dumps({k: res.get(k) for k in ("passed", "teacher_forced", "executed", "error")}))
