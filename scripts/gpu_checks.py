@@ -82,7 +82,12 @@ def compare(tool: Path, model: Path, fa: int, steps: int, prompt: int = 8, cpu_s
 def sanitize(tool: Path, model: Path, which: str) -> dict:
     cmd = ["compute-sanitizer", "--tool", which, "--print-limit", "20", str(tool), str(model), "--steps", "4",
            "--prompt", "4"]
-    r = sh(cmd, env=env_for(True, extra={"LLAMA_MEGAKERNEL_WAIT_TIMEOUT_MS": "300000"}), timeout=560)
+    try:
+        r = sh(cmd, env=env_for(True, extra={"LLAMA_MEGAKERNEL_WAIT_TIMEOUT_MS": "300000"}),
+               timeout=int(os.environ.get("MK_SANITIZE_TIMEOUT", "560")))
+    except subprocess.TimeoutExpired:
+        return {"model": model.stem, "check": f"compute-sanitizer-{which}", "command": " ".join(cmd), "passed": False,
+                "error": "timed out"}
     m = re.search(r"ERROR SUMMARY: (\d+) error", r.stdout + r.stderr)
     ran = '"executed"' in r.stdout
     res = {"model": model.stem, "check": f"compute-sanitizer-{which}", "command": " ".join(cmd),
