@@ -88,13 +88,14 @@ def sanitize(tool: Path, model: Path, which: str) -> dict:
     except subprocess.TimeoutExpired:
         return {"model": model.stem, "check": f"compute-sanitizer-{which}", "command": " ".join(cmd), "passed": False,
                 "error": "timed out"}
-    m = re.search(r"ERROR SUMMARY: (\d+) error", r.stdout + r.stderr)
+    text = r.stdout + r.stderr
+    m = (re.search(r"ERROR SUMMARY: (\d+) error", text)
+         or re.search(r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error", text))
     ran = '"executed"' in r.stdout
     res = {"model": model.stem, "check": f"compute-sanitizer-{which}", "command": " ".join(cmd),
-           "errors": int(m.group(1)) if m else None, "megakernel_ran": ran, "rc": r.returncode}
+           "errors": int(m.group(1)) if m else None, "megakernel_ran": ran, "rc": r.returncode,
+           "report": [ln for ln in text.splitlines() if ln.startswith("=========")][:80]}
     res["passed"] = bool(m and int(m.group(1)) == 0 and ran and r.returncode == 0)
-    if not res["passed"]:
-        res["tail"] = (r.stdout + r.stderr)[-3000:]
     return res
 
 
