@@ -209,6 +209,19 @@ def main() -> int:
                     log(f"profile {name}: no profile written (rc {r.returncode}) {r.stderr[-500:]}")
         save()
 
+    if "ncu" in a.stages:  # Nsight Compute on one megakernel launch: where the time goes inside it
+        for name in os.environ.get("MK_NCU_MODELS", "llama-llama-3.2-1b-Q4_0").split():
+            if not have(name):
+                continue
+            rep = out.parent / f"ncu-{name}.txt"
+            cmd = ["ncu", "-k", "regex:megakernel", "--launch-skip", "8", "--launch-count", "1",
+                   "--section", "SpeedOfLight", "--section", "MemoryWorkloadAnalysis", "--section", "WarpStateStats",
+                   "--section", "SchedulerStats", "--section", "LaunchStats", "--section", "Occupancy",
+                   "--section", "InstructionStats", str(tool), str(M / f"{name}.gguf"), "--steps", "16"]
+            r = sh(cmd, env=env_for(True), timeout=400)
+            rep.write_text(r.stdout[-200000:] + "\n" + r.stderr[-20000:])
+            log(f"ncu {name}: rc {r.returncode}, {len(r.stdout)} chars")
+
     if "sanitize" in a.stages and have("llama-tiny-Q4_0"):
         for which in ("memcheck", "racecheck"):
             res = sanitize(tool, M / "llama-tiny-Q4_0.gguf", which)
