@@ -29,10 +29,7 @@ namespace {
 
 static_assert(sizeof(instruction) % 4 == 0 && sizeof(attention) % 4 == 0, "copied to shared memory as words");
 
-// Two blocks of 256 threads per multiprocessor: while one waits at a barrier or on a dependency, the other runs
-// (one block of 512 spent 37% of its cycles stalled at barriers, Nsight Compute, bench/results/2026-11-24).
-constexpr int k_threads = 256;
-constexpr int k_blocks_per_sm = 2;
+constexpr int k_threads = 512;
 constexpr int k_warps   = k_threads / 32;
 
 struct kernel_args {
@@ -357,7 +354,7 @@ __device__ __forceinline__ mv_plan plan_rows(int rows) {
     p.start = threadIdx.x % 32 + 32 * p.slot;
     p.step = 32 * p.wpr;
     const int per = (rows + p.nrw - 1) / p.nrw;
-    p.R = per >= 4 ? 4 : per >= 2 ? 2 : 1;  // more rows at once spilled registers
+    p.R = per >= 8 ? 8 : per >= 4 ? 4 : per >= 2 ? 2 : 1;
     return p;
 }
 
@@ -412,6 +409,7 @@ __device__ void mv_segment(const mv_plan & p, int type, const uint8_t * base, ui
     dev::dispatch_type(type, [&](auto Wt) {
         using W = decltype(Wt);
         switch (p.R) {
+            case 8:  mv_rows<W, 8>(p, base, stride, x, 0, rows, out); break;
             case 4:  mv_rows<W, 4>(p, base, stride, x, 0, rows, out); break;
             case 2:  mv_rows<W, 2>(p, base, stride, x, 0, rows, out); break;
             default: mv_rows<W, 1>(p, base, stride, x, 0, rows, out); break;
@@ -672,7 +670,7 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
     }
 }
 
-__global__ void __launch_bounds__(k_threads, k_blocks_per_sm) megakernel(kernel_args a) {
+__global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
     extern __shared__ float smem[];
     __shared__ int s_flag;
     __shared__ float s_red[k_warps];
@@ -885,8 +883,8 @@ bool gpu_target(int device, target & t, std::string & err) {
         err = "compute capability " + std::to_string(p.major) + "." + std::to_string(p.minor) + " (sm_80 or newer needed)";
         return false;
     }
-    t.n_sm = p.multiProcessorCount * k_blocks_per_sm;  // tiles are sized for the persistent blocks
-    t.smem_bytes = (int) p.sharedMemPerMultiprocessor / k_blocks_per_sm - 8192;  // static shared memory and reserve
+    t.n_sm = p.multiProcessorCount;
+    t.smem_bytes = (int) p.sharedMemPerBlockOptin - 1024;  // static shared memory and reserve
     return true;
 }
 
@@ -935,8 +933,8 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     size_t stage = 0;  // LLAMA_MEGAKERNEL_STAGING=1: the rest of the shared memory, up to 2 x 48 KiB, stages weights
     {
         cudaDeviceProp pr;
-        if (cudaGetDeviceProperties(&pr, device) == cudaSuccess && pr.sharedMemPerBlockOptin / k_blocks_per_sm > base_f * 4 + 8192) {
-            stage = std::min<size_t>(48 * 1024, (pr.sharedMemPerBlockOptin / k_blocks_per_sm - 8192 - base_f * 4)) / 64 * 64;
+        if (cudaGetDeviceProperties(&pr, device) == cudaSuccess && pr.sharedMemPerBlockOptin > base_f * 4 + 8192) {
+            stage = std::min<size_t>(96 * 1024, (pr.sharedMemPerBlockOptin - 8192 - base_f * 4)) / 64 * 64;
         }
         cudaGetLastError();
         // Measured slower on the H100 as it stands (one chunk of look-ahead, a barrier per chunk): opt-in for now.
@@ -959,7 +957,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
         err = "the device does not support cooperative launches (needed to guarantee co-residency)";
         return nullptr;
     }
-    if (smem * k_blocks_per_sm > prop.sharedMemPerMultiprocessor - 8192) {
+    if (smem > prop.sharedMemPerBlockOptin - 1024) {
         err = "program needs " + std::to_string(smem) + " bytes of shared memory per block; the device has " +
               std::to_string(prop.sharedMemPerBlockOptin);
         return nullptr;
@@ -972,10 +970,9 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     }
     int per_sm = 0;
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, megakernel, k_threads, smem);
-    if (e != cudaSuccess || per_sm < k_blocks_per_sm) {
+    if (e != cudaSuccess || per_sm < 1) {
         cudaGetLastError();
-        err = "only " + std::to_string(per_sm) + " persistent block(s) of this program fit on a multiprocessor; " +
-              std::to_string(k_blocks_per_sm) + " are needed (shared memory " + std::to_string(smem) + " bytes)";
+        err = "the persistent block does not fit on a multiprocessor (occupancy " + std::to_string(per_sm) + ")";
         return nullptr;
     }
 
@@ -1020,7 +1017,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
 
     auto * g = new gpu_program();
     g->device = device;
-    g->grid = prop.multiProcessorCount * k_blocks_per_sm;  // co-resident: checked above, enforced by the launch
+    g->grid = prop.multiProcessorCount;  // one block per SM: co-resident by the occupancy check
     g->smem = smem;
     std::vector<int32_t> offsets(p.instrs.size());
     long long acc = 0;
