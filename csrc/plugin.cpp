@@ -84,7 +84,9 @@ struct state {
 
     std::atomic<bool> enabled{true};
     std::atomic<bool> cpu_executor{false};  // run programs on CPU backends (tests, debugging)
-    std::atomic<bool> gpu_executor{true};   // run programs on CUDA backends (LLAMA_MEGAKERNEL_GPU=0: compile only)
+    // Run programs on CUDA backends. Off by default while the executor is slower than stock llama.cpp
+    // (docs/gpu-executor-notes.md); LLAMA_MEGAKERNEL_GPU=1 turns it on.
+    std::atomic<bool> gpu_executor{false};
     void * (*cuda_get_stream)(ggml_backend_t) = nullptr;  // patched ggml-cuda's stream getter, if any
     uint64_t gpu_steps = 0, gpu_failures = 0;
     std::string last_gpu_error;
@@ -205,7 +207,7 @@ bool take_graph(state & s, wrapped_backend & wb, ggml_backend_t backend, ggml_cg
         }
     } else if (wb.prog && wb.cuda_device >= 0 && !s.gpu_executor.load()) {
         sc.reason = "no-executor";
-        sc.detail = "compiled; the GPU executor is off (LLAMA_MEGAKERNEL_GPU=0)";
+        sc.detail = "compiled; the GPU executor is off (LLAMA_MEGAKERNEL_GPU=1 turns it on; it is slower than stock so far)";
     } else if (wb.prog && wb.cuda_device >= 0) {
         std::string err;
         if (!wb.gpu) {

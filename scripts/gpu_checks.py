@@ -41,6 +41,7 @@ def env_for(plugin: bool, status_file: Path | None = None, extra: dict | None = 
         env.pop(k, None)
     if plugin:
         env["GGML_BACKEND_PATH"] = env["LLAMA_MEGAKERNEL_PLUGIN"]
+        env["LLAMA_MEGAKERNEL_GPU"] = "1"  # the GPU executor is opt-in
         if status_file:
             env["LLAMA_MEGAKERNEL_STATUS_FILE"] = str(status_file)
             status_file.unlink(missing_ok=True)
@@ -143,7 +144,52 @@ def copy_bandwidth() -> float | None:
         return None
 
 
+def markdown(result: dict) -> str:
+    """The markdown twin of a results file (bench/results/*.md)."""
+    r = result
+    o = [f"# {r['date']} {r['gpu']}: the GPU executor against stock llama.cpp", "",
+         f"Commit {r['commit']}, llama.cpp {r['llama_cpp_commit']} + patches/{r['llama_cpp_commit']} (one binary; the "
+         f"plugin loaded through GGML_BACKEND_PATH or not), driver {r['driver']}, copy bandwidth "
+         f"{r.get('copy_bandwidth_gbs')} GB/s (read + write, PyTorch device-to-device copy).", "",
+         "## llama-bench (medians; stock and megakernel alternated A B / B A each round)", "",
+         "| model | test | depth | stock tok/s | megakernel tok/s | ratio | bytes/token | stock % of floor | mk % of floor |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        if "ratio" not in x:
+            o.append(f"| {x['model']} | {x['test']} | {x.get('depth', 0)} | error: {x.get('error', '')[:80]} | | | | | |")
+            continue
+        b = x.get("bytes_per_token")
+        o.append(f"| {x['model']} | {x['test']} | {x.get('depth', 0)} | {x['stock_tok_s']:.1f} | {x['mk_tok_s']:.1f} | "
+                 f"{x['ratio']:.3f} | {f'{b / 1e6:.1f} MB' if b else '-'} | {x.get('stock_pct_floor', '-')} | "
+                 f"{x.get('mk_pct_floor', '-')} |")
+    o += ["", "## Correctness (mk-compare: one process, stock greedy vs the megakernel)", "",
+          "Teacher-forced: the megakernel fed stock's tokens, logits compared per step. Free: its own greedy tokens, "
+          "identical to stock's up to the step shown. GPU vs CPU executor: the same program run by the CPU executor "
+          "(model loaded without offload), teacher-forced.", "",
+          "| model | check | passed | min cos | top-1 | free greedy identical steps | GPU vs CPU executor min cos |",
+          "|---|---|---|---|---|---|---|"]
+    for c in r["correctness"]:
+        tf = c.get("teacher_forced") or {}
+        gc = c.get("gpu_vs_cpu_executor") or {}
+        if "sanitizer" in c.get("check", ""):
+            o.append(f"| {c['model']} | {c['check']} | {'yes' if c['passed'] else 'NO'} | errors: {c.get('errors')} | "
+                     f"megakernel ran: {c.get('megakernel_ran')} | | |")
+            continue
+        o.append(f"| {c['model']} | {c.get('check', '')} | {'yes' if c.get('passed') else 'NO'} | "
+                 f"{tf.get('min_cos', float('nan')):.5f} | {tf.get('top1_agree', float('nan')):.4f} | "
+                 f"{c.get('free_greedy_identical_steps')} | {gc.get('min_cos', '-')} |")
+    if r.get("profiles"):
+        o += ["", "## Step time inside the kernel (LLAMA_MEGAKERNEL_PROFILE, 64 steps)", ""]
+        for k, v in r["profiles"].items():
+            o.append(f"- {k}: {v['step_us']} us per step ({v['file']})")
+    o += ["", "Commands:", ""] + [f"- `{c}`" for c in r["commands"] if c]
+    return "\n".join(o) + "\n"
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--markdown":
+        print(markdown(json.loads(Path(sys.argv[2]).read_text())), end="")
+        return 0
     p = argparse.ArgumentParser()
     p.add_argument("--models", required=True)
     p.add_argument("--bin", required=True)
@@ -234,7 +280,9 @@ def main() -> int:
         bw = copy_bandwidth()
         result["copy_bandwidth_gbs"] = bw
         log(f"copy bandwidth {bw} GB/s")
-        bytes_of = {c["model"]: c.get("bytes_per_token") for c in result["correctness"] if c.get("bytes_per_token")}
+        # bytes per token of the depth-0 program (n_kv 256), from the short comparisons, not the depth runs
+        bytes_of = {c["model"]: c.get("bytes_per_token") for c in result["correctness"]
+                    if c.get("bytes_per_token") and c.get("check", "").startswith("vs-stock")}
         rows = [("llama-smollm2-135m-Q4_0", "tg128", 0, ["-p", "0", "-n", "128", "-r", "5"]),
                 ("llama-llama-3.2-1b-Q4_0", "tg128", 0, ["-p", "0", "-n", "128", "-r", "5"]),
                 ("llama-llama-3.2-1b-Q4_K_M", "tg128", 0, ["-p", "0", "-n", "128", "-r", "5"]),
