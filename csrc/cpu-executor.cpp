@@ -269,15 +269,9 @@ void run_tile(const tile_ctx & c, const instruction & in, int tile) {
         epilogue(c, in.seg[0], x.data(), 0, in.in.n);
         return;
     }
-    int s = 0;
-    if (in.kind == instr_kind::matvec) {
-        while (s + 1 < in.n_segments && tile >= in.seg[s + 1].tile_begin) {
-            s++;
-        }
-    }
+    const tile_rows tr = rows_of(in, tile);
+    const int s = tr.seg, r0 = tr.r0, r1 = tr.r1;
     const segment & sg = in.seg[s];
-    const int r0 = (tile - sg.tile_begin) * sg.rows_per_tile;
-    const int r1 = std::min(sg.rows, r0 + sg.rows_per_tile);
     std::vector<float> y(r1 - r0);
     act_vec xa0, xa1;
     const std::vector<float> & x0 = act_for(in.seg[in.kind == instr_kind::glu ? 0 : s], x, xa0);

@@ -142,4 +142,23 @@ struct instruction {
     char       name[64] = {0};   // the main ggml tensor it produces, for explain and error messages
 };
 
+// The segment and rows [r0, r1) of it that tile t of a vec/matvec/glu instruction covers (glu: the same rows of
+// both segments).
+struct tile_rows {
+    int seg, r0, r1;
+};
+
+MK_PROGRAM_HD inline tile_rows rows_of(const instruction & in, int t) {
+    int s = 0;
+    if (in.kind == instr_kind::matvec) {
+        while (s + 1 < in.n_segments && t >= in.seg[s + 1].tile_begin) {
+            s++;
+        }
+    }
+    const segment & sg = in.seg[s];
+    const int r0 = (t - sg.tile_begin) * sg.rows_per_tile;
+    const int r1 = r0 + sg.rows_per_tile < sg.rows ? r0 + sg.rows_per_tile : sg.rows;
+    return {s, r0, r1};
+}
+
 }  // namespace mk

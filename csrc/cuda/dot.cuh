@@ -215,18 +215,29 @@ __device__ __forceinline__ void k_sm(int j, const uint32_t * sw, float & sc, flo
     }
 }
 
+// Of a Q4_K/Q5_K super-block: d, dmin, and the scales and mins of sub-blocks 2c (low nibbles) and 2c+1 (high).
+struct k_head {
+    float d, dmin, s0, m0, s1, m1;
+};
+
+__device__ __forceinline__ k_head k_header(const uint8_t * b, int c) {
+    const uint32_t dm = ld32(b);
+    const uint32_t sw[3] = {ld32(b + 4), ld32(b + 8), ld32(b + 12)};
+    k_head k;
+    k.d = h2f(dm & 0xffff);
+    k.dmin = h2f(dm >> 16);
+    k_sm(2 * c, sw, k.s0, k.m0);
+    k_sm(2 * c + 1, sw, k.s1, k.m1);
+    return k;
+}
+
 // Q4_K: d, dmin, 12 scale bytes, 128 bytes: byte 32c+l holds value 64c+l (low) and 64c+32+l (high). Group g:
 // c = g/4, bytes 32c+8(g%4) .. +7, i.e. 8 values of sub-block 2c and 8 of sub-block 2c+1.
 struct w_q4_k {
     static constexpr int block = 256, bytes = 144, groups = 16, align = 16;
     __device__ static float dot(const uint8_t * b, int g, const float * x) {
-        const uint32_t dm = ld32(b);
-        const float d = h2f(dm & 0xffff), dmin = h2f(dm >> 16);
-        const uint32_t sw[3] = {ld32(b + 4), ld32(b + 8), ld32(b + 12)};
         const int c = g >> 2, p = g & 3;
-        float s0, m0, s1, m1;
-        k_sm(2 * c, sw, s0, m0);
-        k_sm(2 * c + 1, sw, s1, m1);
+        const k_head k = k_header(b, c);
         const uint2 q = ldw((const uint2 *) (b + 16 + 32 * c + 8 * p));
         const float * xl = x + 64 * c + 8 * p;
         const float * xh = xl + 32;
@@ -238,20 +249,15 @@ struct w_q4_k {
             xsl += xl[i] + xl[4 + i];
             xsh += xh[i] + xh[4 + i];
         }
-        return d * (s0 * sl + s1 * sh) - dmin * (m0 * xsl + m1 * xsh);
+        return k.d * (k.s0 * sl + k.s1 * sh) - k.dmin * (k.m0 * xsl + k.m1 * xsh);
     }
 };
 
 struct w_q4_k_int : w_q4_k {
     static constexpr bool has_int = true;
     __device__ static float idot(const uint8_t * b, int g, const int8_t * xq, const float * xd) {
-        const uint32_t dm = ld32(b);
-        const float d = h2f(dm & 0xffff), dmin = h2f(dm >> 16);
-        const uint32_t sw[3] = {ld32(b + 4), ld32(b + 8), ld32(b + 12)};
         const int c = g >> 2, p = g & 3;
-        float s0, m0, s1, m1;
-        k_sm(2 * c, sw, s0, m0);
-        k_sm(2 * c + 1, sw, s1, m1);
+        const k_head k = k_header(b, c);
         const uint2 q = ldw((const uint2 *) (b + 16 + 32 * c + 8 * p));
         const int8_t * xl = xq + 64 * c + 8 * p;
         const int xl0 = ld_i32(xl), xl1 = ld_i32(xl + 4), xh0 = ld_i32(xl + 32), xh1 = ld_i32(xl + 36);
@@ -260,7 +266,8 @@ struct w_q4_k_int : w_q4_k {
         const int sxl = __dp4a(0x01010101, xl1, __dp4a(0x01010101, xl0, 0));
         const int sxh = __dp4a(0x01010101, xh1, __dp4a(0x01010101, xh0, 0));
         const float dl = xd[2 * c], dh = xd[2 * c + 1];
-        return d * (s0 * dl * (float) sl + s1 * dh * (float) sh) - dmin * (m0 * dl * (float) sxl + m1 * dh * (float) sxh);
+        return k.d * (k.s0 * dl * (float) sl + k.s1 * dh * (float) sh) -
+               k.dmin * (k.m0 * dl * (float) sxl + k.m1 * dh * (float) sxh);
     }
 };
 
@@ -268,13 +275,8 @@ struct w_q4_k_int : w_q4_k {
 struct w_q5_k {
     static constexpr int block = 256, bytes = 176, groups = 16, align = 16;
     __device__ static float dot(const uint8_t * b, int g, const float * x) {
-        const uint32_t dm = ld32(b);
-        const float d = h2f(dm & 0xffff), dmin = h2f(dm >> 16);
-        const uint32_t sw[3] = {ld32(b + 4), ld32(b + 8), ld32(b + 12)};
         const int c = g >> 2, p = g & 3;
-        float s0, m0, s1, m1;
-        k_sm(2 * c, sw, s0, m0);
-        k_sm(2 * c + 1, sw, s1, m1);
+        const k_head k = k_header(b, c);
         const uint2 h = ldw((const uint2 *) (b + 16 + 8 * p));
         const uint2 q = ldw((const uint2 *) (b + 48 + 32 * c + 8 * p));
         const float * xl = x + 64 * c + 8 * p;
@@ -290,7 +292,7 @@ struct w_q5_k {
             xsl += xl[i] + xl[4 + i];
             xsh += xh[i] + xh[4 + i];
         }
-        return d * (s0 * sl + s1 * sh) - dmin * (m0 * xsl + m1 * xsh);
+        return k.d * (k.s0 * sl + k.s1 * sh) - k.dmin * (k.m0 * xsl + k.m1 * xsh);
     }
 };
 

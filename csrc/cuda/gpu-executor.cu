@@ -486,7 +486,10 @@ struct stage_plan {
 };
 
 __device__ stage_plan plan_stage(const kernel_args & a, const instruction & in, int s, int r0, int r1) {
-    stage_plan sp;
+    stage_plan sp{};
+    if (a.stage_bytes == 0) {  // staging off (the default): width 0
+        return sp;
+    }
     sp.n_segs = in.kind == instr_kind::glu ? 2 : 1;
     uint64_t per_row = 0, align_bits = 16;
     for (int k = 0; k < sp.n_segs; k++) {
@@ -705,16 +708,9 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
         }
         bool waited = false;
         for (int t = first; t < in.n_tiles; t += G) {
-            // which segment and rows this tile covers
-            int s = 0;
-            if (in.kind == instr_kind::matvec) {
-                while (s + 1 < in.n_segments && t >= in.seg[s + 1].tile_begin) {
-                    s++;
-                }
-            }
+            const tile_rows tr = rows_of(in, t);
+            const int s = tr.seg, r0 = tr.r0, r1 = tr.r1;
             const segment & sg = in.seg[s];
-            const int r0 = (t - sg.tile_begin) * sg.rows_per_tile;
-            const int r1 = min(sg.rows, r0 + sg.rows_per_tile);
             const bool mv = in.kind == instr_kind::matvec || in.kind == instr_kind::glu;
             stage_plan sp{};
             if (mv) {
