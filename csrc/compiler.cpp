@@ -374,6 +374,7 @@ struct compiler {
         segment & s = in.seg[in.n_segments];
         s = segment();
         s.w = abs_addr(w->data);
+        s.constant = is_weight(w) && root_of(w)->op == GGML_OP_NONE ? 1 : 0;
         s.type = w->type;
         s.rows = (int32_t) w->ne[1];
         s.row_bytes = w->nb[1];

@@ -97,6 +97,8 @@ struct segment {
     uint64_t row_bytes = 0;     // stride between rows
     int32_t  rows_per_tile = 0;
     int32_t  tile_begin = 0;    // first tile of this segment within the instruction
+    uint8_t  constant = 0;      // w is a model weight (nothing in the step writes it): it may be read ahead of the
+                                // instruction's dependencies
     int32_t  n_epi = 0;
     epi_op   epi[k_max_epi];    // for glu instructions, segment 0's list applies to the glu result
 };

@@ -43,7 +43,7 @@ if [ ! -x $B/llama-bench ]; then
 fi
 
 stamp "plugin and mk-compare"
-cmake -S . -B $W/plugin -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_MK_CUDA=ON > $W/plugin-cmake.log
+cmake -S . -B $W/plugin -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_MK_CUDA=ON "-DCMAKE_CUDA_FLAGS=${MK_CUDA_FLAGS:-}" > $W/plugin-cmake.log
 cmake --build $W/plugin > $W/plugin-build.log 2>&1 || { tail -30 $W/plugin-build.log; exit 1; }
 export LLAMA_MEGAKERNEL_PLUGIN=$W/plugin/libggml-megakernel.so
 g++ -O2 -std=c++17 scripts/mk-compare.cpp -I$LLAMA_CPP_DIR/include -I$LLAMA_CPP_DIR/ggml/include -L$B -lllama \

@@ -243,17 +243,22 @@ def main() -> int:
             save()
 
     if "profile" in a.stages:  # where a step's time goes, per instruction (LLAMA_MEGAKERNEL_PROFILE)
-        for name in ("llama-smollm2-135m-Q4_0", "llama-llama-3.2-1b-Q4_0"):
-            if have(name):
-                pf = out.parent / f"profile-{name}.json"
+        # "ring0": the same with the weight ring off, to see what the ring changes
+        variants = [("", {})] + [(f"-ring{n}", {"LLAMA_MEGAKERNEL_RING": n})
+                                 for n in os.environ.get("MK_PROFILE_RINGS", "0").split()]
+        for name in ("llama-smollm2-135m-Q4_0", "llama-llama-3.2-1b-Q4_0", "llama-llama-3.2-1b-BF16"):
+            for variant, extra in variants:
+                if not have(name):
+                    continue
+                pf = out.parent / f"profile-{name}{variant}.json"
                 cmd = [str(tool), str(M / f"{name}.gguf"), "--steps", "64"]
-                r = sh(cmd, env=env_for(True, extra={"LLAMA_MEGAKERNEL_PROFILE": str(pf)}))
+                r = sh(cmd, env=env_for(True, extra={"LLAMA_MEGAKERNEL_PROFILE": str(pf), **extra}))
                 if pf.is_file():
                     prof = json.loads(pf.read_text())
-                    result.setdefault("profiles", {})[name] = {"step_us": prof["step_us"], "file": pf.name}
-                    log(f"profile {name}: step {prof['step_us']} us")
+                    result.setdefault("profiles", {})[name + variant] = {"step_us": prof["step_us"], "file": pf.name}
+                    log(f"profile {name}{variant}: step {prof['step_us']} us")
                 else:
-                    log(f"profile {name}: no profile written (rc {r.returncode}) {r.stderr[-500:]}")
+                    log(f"profile {name}{variant}: no profile written (rc {r.returncode}) {r.stderr[-500:]}")
         save()
 
     if "ncu" in a.stages:  # Nsight Compute on one megakernel launch: where the time goes inside it
@@ -264,10 +269,25 @@ def main() -> int:
             cmd = ["ncu", "-k", "regex:megakernel", "--launch-skip", "8", "--launch-count", "1",
                    "--section", "SpeedOfLight", "--section", "MemoryWorkloadAnalysis", "--section", "WarpStateStats",
                    "--section", "SchedulerStats", "--section", "LaunchStats", "--section", "Occupancy",
-                   "--section", "InstructionStats", str(tool), str(M / f"{name}.gguf"), "--steps", "16"]
-            r = sh(cmd, env=env_for(True), timeout=400)
+                   "--section", "InstructionStats", "--metrics", ",".join(
+                       f"smsp__average_warps_issue_stalled_{k}_per_issue_active.ratio" for k in (
+                           "barrier", "no_instruction", "long_scoreboard", "short_scoreboard", "wait", "lg_throttle",
+                           "mio_throttle", "membar", "sleeping", "branch_resolving", "math_pipe_throttle",
+                           "imc_miss", "drain", "dispatch_stall", "not_selected", "selected", "misc", "tex_throttle")),
+                   str(tool), str(M / f"{name}.gguf"), "--steps", "16"]
+            extra = {"LLAMA_MEGAKERNEL_RING": os.environ["MK_NCU_RING"]} if os.environ.get("MK_NCU_RING") else {}
+            r = sh(cmd, env=env_for(True, extra=extra), timeout=400)
             rep.write_text(r.stdout[-200000:] + "\n" + r.stderr[-20000:])
             log(f"ncu {name}: rc {r.returncode}, {len(r.stdout)} chars")
+            if os.environ.get("MK_NCU_SOURCE"):  # stall samples per source line (build with MK_CUDA_FLAGS=-lineinfo)
+                rep_file = tmp / "src.ncu-rep"
+                r = sh(["ncu", "--set", "none", "--section", "SourceCounters", "-k", "regex:megakernel",
+                        "--launch-skip", "8", "--launch-count", "1", "-f", "-o", str(rep_file.with_suffix("")),
+                        str(tool), str(M / f"{name}.gguf"), "--steps", "16"], env=env_for(True, extra=extra), timeout=400)
+                for view in ("cuda", "sass"):
+                    v = sh(["ncu", "--import", str(rep_file), "--page", "source", "--csv", "--print-source", view])
+                    (out.parent / f"ncu-source-{view}-{name}.csv").write_text(v.stdout[-30_000_000:] + v.stderr[-5000:])
+                log(f"ncu source {name}: rc {r.returncode}")
 
     if "sanitize" in a.stages and have("llama-tiny-Q4_0"):
         for which in ("memcheck", "racecheck"):

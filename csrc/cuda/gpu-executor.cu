@@ -2,7 +2,8 @@
 // copies). One block per multiprocessor; every block walks the instruction list in order and takes the tiles of
 // each instruction that fall to it (tile t goes to block (t + offset_i) mod grid, the offsets spreading small
 // instructions over different blocks). Before its first tile of an instruction a block prefetches that tile's
-// weights into L2 and then waits on the producers' counters; after each tile it bumps the instruction's counter.
+// weights into L2 (or, with the weight ring on, has them copied into shared memory ahead of time) and then waits on
+// the producers' counters; after each tile it bumps the instruction's counter.
 //
 // Ordering: a tile's results are written by all threads, then __syncthreads, then one thread fences and adds to
 // the counter (release); a consumer's thread 0 reads the counter, fences (acquire), __syncthreads. Data written
@@ -49,11 +50,19 @@ struct kernel_args {
     int *               error;      // mapped host memory: 0, or 1 + the instruction whose wait timed out
     unsigned long long  epoch;      // steps run before this one
     unsigned long long  timeout_ns;
-    unsigned long long * prof;      // LLAMA_MEGAKERNEL_PROFILE: per (block, instruction) wait, start, end times
-    // shared memory layout (floats): x | y | y2 | w
-    int32_t x_floats, y_floats, w_floats;  // then xq (x_floats int8) and xd (x_floats / 32 floats + 4)
-    int32_t stage_bytes;                   // then the weight staging ring (two halves)
+    unsigned long long * prof;      // LLAMA_MEGAKERNEL_PROFILE: per (block, instruction) k_prof times, see below
+    // shared memory layout (floats): x | y | y2 | w, then xq (x_floats int8) and xd (x_floats / 32 floats + 4);
+    // attention tiles reuse the same space from the start. The weight ring lies beyond both, at ring_off bytes.
+    int32_t x_floats, y_floats, w_floats;
+    const uint8_t * ring_ok;  // per instruction: its tiles' weights go through the ring
+    int32_t ring_slots;       // 0: no ring
+    int32_t slot_bytes;
+    int32_t ring_off;
 };
+
+// Profile entries per (block, instruction): arrival, dependencies met (first tile), summed input-forming and
+// weight-compute times over the block's tiles, end of its last tile.
+constexpr int k_prof = 5;
 
 // --- small device helpers --------------------------------------------------------------------------------------
 
@@ -458,72 +467,182 @@ __device__ void matvec_rows(const instruction & in, int s, const mv_x & x, const
     __syncthreads();
 }
 
-// --- weights staged through shared memory -------------------------------------------------------------------
-// A tile's rows are copied in chunks into a two-buffer ring with cp.async: the first chunk is requested before the
-// block waits on its dependencies, and chunk c+1 streams in while chunk c is computed. The copies are wide and
-// contiguous whatever the block layout (18-byte Q4_0 blocks read lane by lane are not).
+// --- the weight ring (sm_90) ----------------------------------------------------------------------------------
+// Weights do not depend on anything a step computes, so a block can fetch them long before the instruction that
+// uses them may start. Each block keeps a ring of `ring_slots` shared-memory slots. Thread 0 walks the block's own
+// future tiles (the same order the block executes them) and fills every free slot with the next chunk of whole
+// weight rows, using bulk copies (TMA) that complete on a per-slot mbarrier. The copies cost the issuing thread
+// nothing, cross instruction boundaries and keep running while the block waits on its dependencies; when a tile's
+// dependencies are met its first chunks are already on chip. A slot is refilled after the barrier that ends the
+// matvec which read it. Off by default (LLAMA_MEGAKERNEL_RING=N turns it on) and without sm_90: weights are then read
+// from global memory after an L2 prefetch.
 
-__device__ __forceinline__ void cp_async(void * dst, const void * src, int bytes) {
-    const unsigned d = (unsigned) __cvta_generic_to_shared(dst);
-    if (bytes == 16) {
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
-    } else if (bytes == 8) {
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(d), "l"(src) : "memory");
-    } else {
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
-    }
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+constexpr int k_max_slots = 8;
 
-struct stage_plan {
-    int n_segs;            // 1, or 2 for glu
-    const uint8_t * w[2];  // row r0 of each segment
-    uint64_t rb[2];        // row bytes
-    uint32_t off1;         // offset of segment 1's rows in a buffer
-    int width;             // cp.async width: 16, 8 or 4 (0: cannot stage)
-    int rows_per_chunk, n_chunks;
+// The chunks of tile t of instruction i: n_chunks of rows_per_chunk rows (the last may be shorter); for glu each
+// chunk holds the rows of segment 0 then, at off1, the same rows of segment 1. n_chunks 0: the tile is not staged.
+struct chunk_plan {
+    int n_chunks, rows_per_chunk, rows, n_segs;
+    const uint8_t * w[2];
+    uint32_t rb[2];
+    uint32_t off1;
 };
 
-__device__ stage_plan plan_stage(const kernel_args & a, const instruction & in, int s, int r0, int r1) {
-    stage_plan sp{};
-    if (a.stage_bytes == 0) {  // staging off (the default): width 0
-        return sp;
-    }
-    sp.n_segs = in.kind == instr_kind::glu ? 2 : 1;
-    uint64_t per_row = 0, align_bits = 16;
-    for (int k = 0; k < sp.n_segs; k++) {
-        const segment & sg = in.seg[in.kind == instr_kind::glu ? k : s];
-        sp.w[k] = resolve(a, sg.w) + (uint64_t) r0 * sg.row_bytes;
-        sp.rb[k] = sg.row_bytes;
-        per_row += (sg.row_bytes + 15) / 16 * 16;
-        align_bits |= (uint64_t) (uintptr_t) sp.w[k] | sg.row_bytes;
-    }
-    sp.width = (align_bits & 15) == 0 ? 16 : (align_bits & 7) == 0 ? 8 : (align_bits & 3) == 0 ? 4 : 0;
-    const uint64_t buf = (uint64_t) a.stage_bytes / 2;
-    const uint64_t fit = per_row ? buf / per_row : 0;
-    sp.rows_per_chunk = (int) ((uint64_t) (r1 - r0) < fit ? (uint64_t) (r1 - r0) : fit);
-    if (sp.rows_per_chunk < 1 || a.stage_bytes == 0) {
-        sp.width = 0;
-    }
-    sp.n_chunks = sp.width ? (r1 - r0 + sp.rows_per_chunk - 1) / sp.rows_per_chunk : 0;
-    sp.off1 = (uint32_t) (((uint64_t) sp.rows_per_chunk * sp.rb[0] + 15) / 16 * 16);
-    return sp;
+// The ring needs sm_90 code: an sm_80 build running on a newer device must not use it even if the host set it up.
+__device__ __forceinline__ bool ring_on(const kernel_args & a) {
+#if __CUDA_ARCH__ >= 900
+    return a.ring_slots > 0;
+#else
+    (void) a;
+    return false;
+#endif
 }
 
-// Request chunk c of the plan into buffer c % 2 (every thread takes part; one commit group per chunk).
-__device__ void stage_chunk(const stage_plan & sp, uint8_t * ring, int stage_half, int c, int rows_total) {
-    uint8_t * buf = ring + (size_t) (c % 2) * stage_half;
-    const int ra = c * sp.rows_per_chunk, rb = min(rows_total, ra + sp.rows_per_chunk);
-    for (int k = 0; k < sp.n_segs; k++) {
-        const uint8_t * src = sp.w[k] + (uint64_t) ra * sp.rb[k];
-        uint8_t * dst = buf + (k ? sp.off1 : 0);
-        const uint32_t bytes = (uint32_t) ((uint64_t) (rb - ra) * sp.rb[k]);
-        for (uint32_t e = threadIdx.x * sp.width; e < bytes; e += k_threads * sp.width) {
-            cp_async(dst + e, src + e, sp.width);
+__device__ chunk_plan plan_chunks(const kernel_args & a, const instruction & in, int i, int t) {
+    chunk_plan c{};
+    if (!ring_on(a) || !a.ring_ok[i]) {
+        return c;
+    }
+    const tile_rows tr = rows_of(in, t);
+    const bool glu = in.kind == instr_kind::glu;
+    c.n_segs = glu ? 2 : 1;
+    uint32_t per_row = 0;
+    for (int k = 0; k < c.n_segs; k++) {
+        const segment & sg = in.seg[glu ? k : tr.seg];
+        c.rb[k] = (uint32_t) sg.row_bytes;
+        c.w[k] = resolve(a, sg.w) + (uint64_t) tr.r0 * sg.row_bytes;
+        per_row += c.rb[k];
+    }
+    c.rows = tr.r1 - tr.r0;
+    const int fit = (int) ((uint32_t) a.slot_bytes / per_row);  // >= 1: gpu_load checked
+    c.n_chunks = (c.rows + fit - 1) / fit;
+    c.rows_per_chunk = (c.rows + c.n_chunks - 1) / c.n_chunks;
+    c.off1 = (uint32_t) c.rows_per_chunk * c.rb[0];
+    return c;
+}
+
+[[maybe_unused]] __device__ __forceinline__ uint32_t smem_addr(const void * p) {
+    return (uint32_t) __cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ bool slot_ready(uint64_t * bar, uint32_t parity) {
+    uint32_t ok = 1;
+#if __CUDA_ARCH__ >= 900
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+                 : "=r"(ok) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+#endif
+    return ok != 0;
+}
+
+// Thread 0's cursor: the next chunk to request, in the block's execution order, and how many were requested.
+struct ring_cursor {
+    int instr, tile, chunk;
+    unsigned issued;
+    chunk_plan plan;  // of (instr, tile)
+};
+
+// Thread 0: put the cursor on the block's first tile of instruction i (tile 1 << 30: nothing to stage there).
+__device__ void cursor_enter(const kernel_args & a, ring_cursor & rc, int i) {
+    rc.instr = i;
+    rc.chunk = 0;
+    rc.plan.n_chunks = 0;
+    if (i >= a.n_instrs) {
+        return;
+    }
+    const int G = gridDim.x;
+    rc.tile = ((int) blockIdx.x - a.offsets[i]) % G;
+    rc.tile += rc.tile < 0 ? G : 0;
+    if (rc.tile < a.tiles[i] && a.ring_ok[i]) {
+        rc.plan = plan_chunks(a, a.instrs[i], i, rc.tile);
+    } else {
+        rc.tile = 1 << 30;
+    }
+}
+
+// Thread 0: request chunks until the ring holds ring_slots chunks beyond `consumed`, or the program's end.
+__device__ void ring_fill(const kernel_args & a, ring_cursor & rc, uint8_t * ring, uint64_t * bars, unsigned consumed) {
+#if __CUDA_ARCH__ >= 900
+    while (rc.issued < consumed + (unsigned) a.ring_slots && rc.instr < a.n_instrs) {
+        if (rc.chunk >= rc.plan.n_chunks) {  // the block's next tile of this instruction, or the next instruction
+            rc.tile += gridDim.x;
+            if (rc.tile < a.tiles[rc.instr]) {
+                rc.chunk = 0;
+                rc.plan = plan_chunks(a, a.instrs[rc.instr], rc.instr, rc.tile);
+            } else {
+                cursor_enter(a, rc, rc.instr + 1);
+            }
+            continue;
+        }
+        const chunk_plan & c = rc.plan;
+        const int ra = rc.chunk * c.rows_per_chunk, rows = min(c.rows - ra, c.rows_per_chunk);
+        const int slot = (int) (rc.issued % (unsigned) a.ring_slots);
+        uint8_t * dst = ring + (size_t) slot * a.slot_bytes;
+        const uint32_t bar = smem_addr(bars + slot);
+        uint32_t bytes = 0;
+        for (int k = 0; k < c.n_segs; k++) {
+            bytes += (uint32_t) rows * c.rb[k];
+        }
+        // No proxy fence here: the slot's previous contents were read into registers and used before the barrier
+        // that precedes this call (a fence.proxy.async would also wait for the copies still in flight).
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+        for (int k = 0; k < c.n_segs; k++) {
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                         ::"r"(smem_addr(dst + (k ? c.off1 : 0))), "l"(c.w[k] + (uint64_t) ra * c.rb[k]),
+                           "r"((uint32_t) rows * c.rb[k]), "r"(bar)
+                         : "memory");
+        }
+        rc.chunk++;
+        rc.issued++;
+    }
+#else
+    (void) a; (void) rc; (void) ring; (void) bars; (void) consumed;
+#endif
+}
+
+// Thread 0, at the start of the kernel: the barriers and the first chunks.
+__device__ void ring_start(const kernel_args & a, ring_cursor & rc, uint8_t * ring, uint64_t * bars) {
+    rc.issued = 0;
+    cursor_enter(a, rc, ring_on(a) ? 0 : a.n_instrs);
+#if __CUDA_ARCH__ >= 900
+    for (int k = 0; k < a.ring_slots; k++) {
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bars + k)) : "memory");
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    ring_fill(a, rc, ring, bars, 0);
+#else
+    (void) ring; (void) bars;
+#endif
+}
+
+// All threads: wait until chunk number `n` of this block is in its slot. False on timeout (abort raised).
+__device__ bool ring_wait(const kernel_args & a, uint64_t * bars, unsigned n, int self) {
+    uint64_t * bar = bars + n % (unsigned) a.ring_slots;
+    const uint32_t parity = (n / (unsigned) a.ring_slots) & 1;
+    if (slot_ready(bar, parity)) {
+        return true;
+    }
+    const unsigned long long deadline = global_ns() + a.timeout_ns;
+    while (!slot_ready(bar, parity)) {
+        if (global_ns() > deadline) {
+            if (atomicExch(a.abort, 1) == 0) {
+                *(volatile int *) a.error = 1 + self;
+                __threadfence_system();
+            }
+            return false;
         }
     }
-    cp_commit();
+    return true;
+}
+
+// Thread 0, before the block leaves early: let every requested copy land (nothing may write into shared memory
+// that the next block on this multiprocessor owns).
+__device__ void ring_drain(const kernel_args & a, const ring_cursor & rc, uint64_t * bars, unsigned consumed) {
+    for (unsigned n = consumed; n < rc.issued; n++) {
+        uint64_t * bar = bars + n % (unsigned) a.ring_slots;
+        const uint32_t parity = (n / (unsigned) a.ring_slots) & 1;
+        for (int k = 0; k < (1 << 24) && !slot_ready(bar, parity); k++) {
+        }
+    }
 }
 
 // ggml-cuda's matvec for quantized weights (mmvq) first rounds x to q8_1: blocks of 32, d = amax/127 kept as F16,
@@ -677,20 +796,27 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
 }
 
 __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     __shared__ int s_flag;
     __shared__ float s_red[k_warps];
     __shared__ float s_part[2 * k_warps];
+    __shared__ __align__(8) uint64_t s_bars[k_max_slots];
+    __shared__ ring_cursor s_rc;  // thread 0's
     float * x = smem;
     float * y = smem + a.x_floats;
     float * y2 = y + a.y_floats;
     float * w = y2 + a.y_floats;
     int8_t * xq = (int8_t *) (w + a.w_floats);
     float * xd = (float *) (xq + a.x_floats);
-    uint8_t * ring = (uint8_t *) (((uintptr_t) (xd + a.x_floats / 32 + 4) + 15) & ~(uintptr_t) 15);  // weight staging
+    uint8_t * ring = (uint8_t *) smem + a.ring_off;
     const int G = gridDim.x, b = blockIdx.x;
+    unsigned consumed = 0;  // ring chunks this block has used
+    if (threadIdx.x == 0) {
+        ring_start(a, s_rc, ring, s_bars);
+    }
     __shared__ instruction in;  // the current instruction, copied once: its fields are read all through a tile
     __shared__ attention s_at;
+    unsigned long long * prof = a.prof ? a.prof + (size_t) b * a.n_instrs * k_prof : nullptr;
     for (int i = 0; i < a.n_instrs; i++) {
         const int first = ((b - a.offsets[i]) % G + G) % G;
         if (first >= a.tiles[i]) {
@@ -706,26 +832,22 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 ((uint32_t *) &s_at)[k] = ((const uint32_t *) (a.attns + in.attn))[k];
             }
         }
+        const bool mv = in.kind == instr_kind::matvec || in.kind == instr_kind::glu;
         bool waited = false;
+        unsigned long long t_in = 0, t_mv = 0;
         for (int t = first; t < in.n_tiles; t += G) {
             const tile_rows tr = rows_of(in, t);
             const int s = tr.seg, r0 = tr.r0, r1 = tr.r1;
             const segment & sg = in.seg[s];
-            const bool mv = in.kind == instr_kind::matvec || in.kind == instr_kind::glu;
-            stage_plan sp{};
-            if (mv) {
-                sp = plan_stage(a, in, s, r0, r1);
-                if (sp.width) {
-                    stage_chunk(sp, ring, a.stage_bytes / 2, 0, r1 - r0);
-                }
-            }
+            const chunk_plan cp = mv ? plan_chunks(a, in, i, t) : chunk_plan{};
             if (!waited) {
-                if (a.prof && threadIdx.x == 0) {
-                    a.prof[((size_t) b * a.n_instrs + i) * 3] = global_ns();
+                if (prof && threadIdx.x == 0) {
+                    prof[i * k_prof] = global_ns();
                 }
                 if (mv) {
-                    // pull the rest of this tile's weights towards L2 while the producers finish
-                    const int skip = sp.width ? sp.rows_per_chunk : 0;
+                    // pull what the ring does not already hold of this tile's weights towards L2 while the producers
+                    // finish
+                    const int skip = cp.n_chunks ? min(r1 - r0, a.ring_slots * cp.rows_per_chunk) : 0;
                     for (int k = 0; k < (in.kind == instr_kind::glu ? 2 : 1); k++) {
                         const segment & ps = in.seg[in.kind == instr_kind::glu ? k : s];
                         const uint8_t * p0 = resolve(a, ps.w) + (uint64_t) (r0 + skip) * ps.row_bytes;
@@ -736,51 +858,64 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                     }
                 }
                 if (!wait_deps(a, in, i, &s_flag)) {
-                    cp_wait<0>();
+                    if (threadIdx.x == 0) {
+                        ring_drain(a, s_rc, s_bars, consumed);
+                    }
                     return;
                 }
                 waited = true;
-                if (a.prof && threadIdx.x == 0) {
-                    a.prof[((size_t) b * a.n_instrs + i) * 3 + 1] = global_ns();
+                if (prof && threadIdx.x == 0) {
+                    prof[i * k_prof + 1] = global_ns();
                 }
             }
+            const unsigned long long t0 = prof ? global_ns() : 0;
+            unsigned long long t1 = t0;
             if (in.kind == instr_kind::attn) {
                 attn_tile(a, s_at, t, smem);
+                t1 = prof ? global_ns() : 0;
             } else {
                 form_input(a, in.in, x, w);
                 if (in.kind == instr_kind::vec) {
+                    t1 = prof ? global_ns() : 0;
                     epilogue(a, in.seg[0], x, 0, in.in.n, s_red);
                 } else {
                     const bool q8 = a.q8_1_input[i] != 0;
                     if (q8) {
                         round_q8_1(x, xq, xd, in.in.n);
                     }
+                    t1 = prof ? global_ns() : 0;
                     const mv_x xin{x, xq, xd, in.in.n, q8};
-                    if (sp.width) {
-                        for (int c = 0; c < sp.n_chunks; c++) {
-                            if (c + 1 < sp.n_chunks) {
-                                stage_chunk(sp, ring, a.stage_bytes / 2, c + 1, r1 - r0);
-                                cp_wait<1>();
-                            } else {
-                                cp_wait<0>();
+                    if (cp.n_chunks) {
+                        for (int c = 0; c < cp.n_chunks; c++, consumed++) {
+                            if (!ring_wait(a, s_bars, consumed, i)) {
+                                return;  // a copy never landed: the step is handed back
                             }
-                            __syncthreads();
-                            const int ra = c * sp.rows_per_chunk, rb = min(r1 - r0, ra + sp.rows_per_chunk);
-                            const uint8_t * buf = ring + (size_t) (c % 2) * (a.stage_bytes / 2);
-                            // ends with __syncthreads: the buffer may be refilled afterwards
-                            matvec_rows(in, s, xin, buf, buf + sp.off1, rb - ra, y + ra, y2 + ra, s_part);
+                            const int ra = c * cp.rows_per_chunk, rb = min(cp.rows, ra + cp.rows_per_chunk);
+                            const uint8_t * buf = ring + (size_t) (consumed % (unsigned) a.ring_slots) * a.slot_bytes;
+                            // ends with __syncthreads: after it the slot may be refilled
+                            matvec_rows(in, s, xin, buf, buf + cp.off1, rb - ra, y + ra, y2 + ra, s_part);
+                            if (threadIdx.x == 0) {
+                                ring_fill(a, s_rc, ring, s_bars, consumed + 1);
+                            }
                         }
                     } else {
                         const uint8_t * b0 = resolve(a, in.seg[s].w) + (uint64_t) r0 * in.seg[s].row_bytes;
                         const uint8_t * b1 = in.kind == instr_kind::glu ? resolve(a, in.seg[1].w) + (uint64_t) r0 * in.seg[1].row_bytes : nullptr;
                         matvec_rows(in, s, xin, b0, b1, r1 - r0, y, y2, s_part);
                     }
+                    if (prof) {
+                        const unsigned long long t2 = global_ns();
+                        t_mv += t2 - t1;
+                    }
                     epilogue(a, sg, y, r0, r1, s_red);
                 }
             }
+            t_in += t1 - t0;
             tile_done(a, i);
-            if (a.prof && threadIdx.x == 0) {
-                a.prof[((size_t) b * a.n_instrs + i) * 3 + 2] = global_ns();
+            if (prof && threadIdx.x == 0) {
+                prof[i * k_prof + 2] = t_in;
+                prof[i * k_prof + 3] = t_mv;
+                prof[i * k_prof + 4] = global_ns();
             }
         }
     }
@@ -804,12 +939,12 @@ struct gpu_program {
     int * h_error = nullptr;    // mapped pinned memory: the kernel's error word
     cudaStream_t own = nullptr;
     std::vector<std::string> names;
-    // profiling (LLAMA_MEGAKERNEL_PROFILE=file): sums over steps of each instruction's first start, last end and
-    // mean wait, relative to the step's first block
+    // profiling (LLAMA_MEGAKERNEL_PROFILE=file): sums over steps of each instruction's first start and last end
+    // (relative to the step's first block) and of the per-block means of wait, input and weight-compute times
     std::string prof_path;
     unsigned long long * d_prof = nullptr;
     std::vector<unsigned long long> h_prof;
-    std::vector<double> p_begin, p_end, p_wait;
+    std::vector<double> p_begin, p_end, p_wait, p_input, p_compute;
     double p_total = 0;
     long p_steps = 0;
     std::vector<int> tiles;
@@ -819,48 +954,55 @@ namespace {
 
 void profile_step(gpu_program * g) {
     const int n = g->args.n_instrs;
-    g->h_prof.assign((size_t) g->grid * n * 3, 0);
+    g->h_prof.assign((size_t) g->grid * n * k_prof, 0);
     cudaMemcpy(g->h_prof.data(), g->d_prof, g->h_prof.size() * 8, cudaMemcpyDeviceToHost);
     cudaMemset(g->d_prof, 0, g->h_prof.size() * 8);
     unsigned long long t0 = ~0ull, t1 = 0;
-    for (size_t k = 0; k < g->h_prof.size(); k++) {
+    for (size_t k = 0; k < g->h_prof.size(); k += k_prof) {
         if (g->h_prof[k]) {
             t0 = std::min(t0, g->h_prof[k]);
-            t1 = std::max(t1, g->h_prof[k]);
+            t1 = std::max(t1, g->h_prof[k + 4]);
         }
     }
     if (t0 == ~0ull) {
         return;
     }
-    g->p_begin.resize(n, 0);
-    g->p_end.resize(n, 0);
-    g->p_wait.resize(n, 0);
+    for (auto * v : {&g->p_begin, &g->p_end, &g->p_wait, &g->p_input, &g->p_compute}) {
+        v->resize(n, 0);
+    }
     for (int i = 0; i < n; i++) {
         unsigned long long b = ~0ull, e = 0;
-        double w = 0;
+        double w = 0, in = 0, mv = 0;
         int nb = 0;
         for (int blk = 0; blk < g->grid; blk++) {
-            const unsigned long long * r = &g->h_prof[((size_t) blk * n + i) * 3];
+            const unsigned long long * r = &g->h_prof[((size_t) blk * n + i) * k_prof];
             if (r[0] == 0) continue;
             b = std::min(b, r[1]);
-            e = std::max(e, r[2]);
+            e = std::max(e, r[4]);
             w += (double) (r[1] - r[0]);
+            in += (double) r[2];
+            mv += (double) r[3];
             nb++;
         }
         if (nb == 0) continue;
         g->p_begin[i] += (double) (b - t0);
         g->p_end[i] += (double) (e - t0);
         g->p_wait[i] += w / nb;
+        g->p_input[i] += in / nb;
+        g->p_compute[i] += mv / nb;
     }
     g->p_total += (double) (t1 - t0);
     g->p_steps++;
     if (g->p_steps % 32 == 0) {
         if (FILE * f = fopen(g->prof_path.c_str(), "w")) {
             const double k = 1e-3 / g->p_steps;  // ns sums -> mean microseconds
-            fprintf(f, "{\"steps\":%ld,\"grid\":%d,\"step_us\":%.2f,\"instructions\":[", g->p_steps, g->grid, g->p_total * k);
+            fprintf(f, "{\"steps\":%ld,\"grid\":%d,\"ring_slots\":%d,\"slot_bytes\":%d,\"step_us\":%.2f,\"instructions\":[",
+                    g->p_steps, g->grid, g->args.ring_slots, g->args.slot_bytes, g->p_total * k);
             for (int i = 0; i < n; i++) {
-                fprintf(f, "%s{\"name\":\"%s\",\"tiles\":%d,\"begin_us\":%.2f,\"end_us\":%.2f,\"wait_us\":%.2f}", i ? "," : "",
-                        g->names[i].c_str(), g->tiles[i], g->p_begin[i] * k, g->p_end[i] * k, g->p_wait[i] * k);
+                fprintf(f, "%s{\"name\":\"%s\",\"tiles\":%d,\"begin_us\":%.2f,\"end_us\":%.2f,\"wait_us\":%.2f,"
+                        "\"input_us\":%.2f,\"compute_us\":%.2f}", i ? "," : "",
+                        g->names[i].c_str(), g->tiles[i], g->p_begin[i] * k, g->p_end[i] * k, g->p_wait[i] * k,
+                        g->p_input[i] * k, g->p_compute[i] * k);
             }
             fprintf(f, "]}\n");
             fclose(f);
@@ -929,20 +1071,43 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     y_f = (y_f + 3) / 4 * 4;
     w_f = (w_f + 3) / 4 * 4;
     const size_t base_f = x_f + 2 * y_f + w_f + x_f / 4 + x_f / 32 + 4;
-    size_t stage = 0;  // LLAMA_MEGAKERNEL_STAGING=1: the rest of the shared memory, up to 2 x 48 KiB, stages weights
+    const size_t ring_off = (std::max(attn_f, base_f) * sizeof(float) + 127) / 128 * 128;
+
+    // The weight ring: slots of 32 KiB in what is left of the shared memory (sm_90: bulk copies need it).
+    // LLAMA_MEGAKERNEL_RING=N turns it on with at most N slots. Off by default: on the H100 the copies themselves
+    // stream at 3.05 TB/s (scripts/ring-probe.cu), but the matvec that consumes a slot is too slow and the step got
+    // slower (1B Q4_0: 1,912 us against 1,384 us; docs/gpu-executor-notes.md).
+    int ring_slots = 0, slot_bytes = 32 * 1024;
+    std::vector<uint8_t> ring_ok(p.instrs.size(), 0);
     {
         cudaDeviceProp pr;
-        if (cudaGetDeviceProperties(&pr, device) == cudaSuccess && pr.sharedMemPerBlockOptin > base_f * 4 + 8192) {
-            stage = std::min<size_t>(96 * 1024, (pr.sharedMemPerBlockOptin - 8192 - base_f * 4)) / 64 * 64;
+        const char * env = getenv("LLAMA_MEGAKERNEL_RING");
+        const int want = env ? std::max(0, atoi(env)) : 0;
+        if (cudaGetDeviceProperties(&pr, device) == cudaSuccess && pr.major >= 9 && want > 0) {
+            const size_t avail = pr.sharedMemPerBlockOptin - 4096 - ring_off;  // static shared memory reserve
+            ring_slots = (int) std::min<size_t>(std::min(want, k_max_slots), avail / slot_bytes);
         }
         cudaGetLastError();
-        // Measured slower on the H100 as it stands (one chunk of look-ahead, a barrier per chunk): opt-in for now.
-        const char * e = getenv("LLAMA_MEGAKERNEL_STAGING");
-        if (e == nullptr || atoi(e) == 0) {
-            stage = 0;
+        if (ring_slots < 2) {
+            ring_slots = 0;
+        }
+        for (size_t i = 0; i < p.instrs.size() && ring_slots; i++) {
+            const instruction & in = p.instrs[i];
+            if (in.kind != instr_kind::matvec && in.kind != instr_kind::glu) {
+                continue;
+            }
+            bool ok = true;
+            uint64_t per_row_max = 0;
+            for (int sg = 0; sg < in.n_segments; sg++) {
+                const segment & g = in.seg[sg];
+                ok = ok && g.constant && g.w.off % 16 == 0 && g.row_bytes % 16 == 0;
+                per_row_max = std::max<uint64_t>(per_row_max, g.row_bytes);
+            }
+            ok = ok && per_row_max * (in.kind == instr_kind::glu ? 2 : 1) <= (uint64_t) slot_bytes;
+            ring_ok[i] = ok ? 1 : 0;
         }
     }
-    const size_t smem = std::max(attn_f * sizeof(float), base_f * sizeof(float) + 16 + stage);
+    const size_t smem = ring_off + (size_t) ring_slots * slot_bytes;
 
     cudaError_t e = cudaSetDevice(device);
     if (e != cudaSuccess) {
@@ -1030,7 +1195,8 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     const size_t o_rope  = align_up(o_attn + p.attns.size() * sizeof(attention));
     const size_t o_off   = align_up(o_rope + p.ropes.size() * sizeof(rope_params));
     const size_t o_q81   = align_up(o_off + offsets.size() * sizeof(int32_t));
-    const size_t o_tiles = align_up(o_q81 + p.instrs.size());
+    const size_t o_ring  = align_up(o_q81 + p.instrs.size());
+    const size_t o_tiles = align_up(o_ring + p.instrs.size());
     const size_t o_ctr   = align_up(o_tiles + p.instrs.size() * sizeof(int32_t));
     const size_t o_abort = align_up(o_ctr + p.instrs.size() * sizeof(unsigned long long));
     const size_t total   = align_up(o_abort + sizeof(int));
@@ -1046,6 +1212,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
             all_q = dev::uses_q8_1(in.seg[sg].type);
         }
         host[o_q81 + i] = all_q ? 1 : 0;
+        host[o_ring + i] = ring_ok[i];
         memcpy(host.data() + o_tiles + i * sizeof(int32_t), &in.n_tiles, sizeof(int32_t));
     }
     if ((e = cudaMalloc(&g->d_mem, total)) != cudaSuccess ||
@@ -1068,6 +1235,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.ropes    = (const rope_params *) (base + o_rope);
     a.offsets  = (const int32_t *) (base + o_off);
     a.q8_1_input = base + o_q81;
+    a.ring_ok  = base + o_ring;
     a.tiles    = (const int32_t *) (base + o_tiles);
     a.n_instrs = (int32_t) p.instrs.size();
     a.scratch  = g->d_scratch;
@@ -1082,7 +1250,9 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.x_floats = (int32_t) x_f;
     a.y_floats = (int32_t) y_f;
     a.w_floats = (int32_t) w_f;
-    a.stage_bytes = (int32_t) stage;
+    a.ring_slots = ring_slots;
+    a.slot_bytes = slot_bytes;
+    a.ring_off = (int32_t) ring_off;
     for (const instruction & in : p.instrs) {
         g->names.push_back(in.name);
         g->tiles.push_back(in.n_tiles);
@@ -1090,7 +1260,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.prof = nullptr;
     if (const char * pp = getenv("LLAMA_MEGAKERNEL_PROFILE")) {
         g->prof_path = pp;
-        const size_t bytes = (size_t) g->grid * p.instrs.size() * 3 * 8;
+        const size_t bytes = (size_t) g->grid * p.instrs.size() * k_prof * 8;
         if (cudaMalloc(&g->d_prof, bytes) == cudaSuccess && cudaMemset(g->d_prof, 0, bytes) == cudaSuccess) {
             a.prof = g->d_prof;
         }
