@@ -7,6 +7,8 @@ namespace mk {
 
 std::string cuda_devices_json() { return "null"; }
 
+double copy_bandwidth_gbs(int) { return -1.0; }
+
 struct gpu_program {};
 
 bool gpu_target(int, target &, std::string & err) {

@@ -38,6 +38,7 @@
 
 namespace mk {
 std::string cuda_devices_json();  // cuda/device-info.cu, or "null" in CPU-only builds
+double copy_bandwidth_gbs(int device);  // the same; -1 without CUDA
 }
 
 namespace {
@@ -417,6 +418,7 @@ void * reg_get_proc_address(ggml_backend_reg_t, const char * name) {
         {"llama_mk_set_shuffle_seed", (void *) llama_mk_set_shuffle_seed},
         {"llama_mk_explain_json", (void *) llama_mk_explain_json},
         {"llama_mk_dequantize", (void *) llama_mk_dequantize},
+        {"llama_mk_copy_bandwidth_gbs", (void *) llama_mk_copy_bandwidth_gbs},
     };
     auto it = procs.find(name);
     return it == procs.end() ? nullptr : it->second;
@@ -564,6 +566,12 @@ int llama_mk_dequantize(int type, const void * src, long long n, float * dst) {
     }
     mk::dequant_row(type, src, dst, n);
     return 0;
+}
+
+// Device-to-device copy rate of GPU `device` (bytes read + written per second / 1e9), for the bandwidth floor that
+// `llama-megakernel bench` reports; -1 without CUDA or on any CUDA error.
+double llama_mk_copy_bandwidth_gbs(int device) {
+    return mk::copy_bandwidth_gbs(device);
 }
 
 }  // extern "C"

@@ -15,7 +15,7 @@ OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 W=/tmp/mk; mkdir -p $W
 exec > >(tee "$OUT/gpu-check.log") 2>&1
 stamp() { echo "[$(date +%T)] $*"; }
-STAGES=${MK_STAGES:-"correct profile depth sanitize bench"}
+STAGES=${MK_STAGES-"correct profile depth sanitize bench harness"}
 
 stamp "GPU"; nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm --format=csv
 python3 -m pip install -q --no-index --no-deps --target $W/site .device/wheels/*.whl 2>/dev/null || true
@@ -69,4 +69,14 @@ ls -la $M
 
 stamp "checks: $STAGES"
 python3 scripts/gpu_checks.py --models $M --bin $B --compare $W/mk-compare --out "$OUT/gpu-check.json" --rounds ${MK_ROUNDS:-4} --stages $STAGES
+if [[ " $STAGES " == *" harness "* ]]; then  # the user-facing comparison, exactly as the README runs it
+  python3 -m pip install -q --no-index --no-deps --target $W/site .device/wheels/nvidia_ml_py*.whl 2>/dev/null || true
+  stamp "llama-megakernel bench (README table)"
+  python3 -m llama_megakernel bench $M/llama-smollm2-135m-Q4_0.gguf $M/llama-llama-3.2-1b-Q4_0.gguf \
+    $M/llama-llama-3.2-1b-Q4_K_M.gguf $M/llama-llama-3.2-1b-BF16.gguf --llama-bench $B --rounds ${MK_ROUNDS:-3} \
+    --out "$OUT/bench-tg128" || true
+  stamp "llama-megakernel bench (depth 4096, prefill)"
+  python3 -m llama_megakernel bench $M/llama-llama-3.2-1b-Q4_0.gguf -n 128 -p 512 -d 4096 --llama-bench $B \
+    --rounds ${MK_ROUNDS:-3} --out "$OUT/bench-depth4096" || true
+fi
 stamp "done"

@@ -137,6 +137,11 @@ class Native:
             raise MegakernelError(f"the plugin cannot dequantize ggml type {ggml_type} ({n} values)")
         return out
 
+    def copy_bandwidth_gbs(self, device: int = 0) -> float | None:
+        """Device-to-device copy rate (read + write, GB/s) measured by the plugin; None without CUDA."""
+        v = self.lib.llama_mk_copy_bandwidth_gbs(device)
+        return v if v > 0 else None
+
     def registries(self) -> list[str]:
         return [ffi.string(self.ggml.ggml_backend_reg_name(self.ggml.ggml_backend_reg_get(i))).decode()
                 for i in range(self.ggml.ggml_backend_reg_count())]

@@ -170,6 +170,12 @@ def cmd_make_model(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench
+
+    return bench.main(args)
+
+
 def cmd_patch(args) -> int:
     from . import patching
 
@@ -381,6 +387,27 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--json", action="store_true", help="print the whole program as JSON")
     ex.set_defaults(fn=cmd_explain)
 
+    bn = sub.add_parser("bench", help="llama-bench (or llama-cpp-python) stock vs megakernel: tok/s, tok/J, % of floor",
+                        description="Runs each test stock and with the plugin, alternated A B / B A over several "
+                                    "rounds (same binary, same flags). Extra llama-bench flags go after --.")
+    bn.add_argument("models", nargs="+", help="GGUF files")
+    bn.add_argument("--llama-bench", help="llama-bench binary, or a llama.cpp tree / build directory holding one "
+                                          "(default: $LLAMA_BENCH, then PATH)")
+    bn.add_argument("-n", "--gen", default="128", help="generation lengths, comma-separated (default 128)")
+    bn.add_argument("-p", "--prompt", default="", help="prompt lengths, comma-separated (default none)")
+    bn.add_argument("-d", "--depth", default="0", help="context depths, comma-separated (default 0)")
+    bn.add_argument("--flash-attn", default="", help="flash attention settings, e.g. 0,1 (default: llama-bench's)")
+    bn.add_argument("--rounds", type=int, default=3, help="stock/megakernel pairs per test (default 3)")
+    bn.add_argument("-r", "--reps", type=int, default=5, help="llama-bench repetitions per run (default 5)")
+    bn.add_argument("--python", action="store_true", help="compare through llama-cpp-python's Llama.generate instead")
+    bn.add_argument("--bandwidth", type=float, help="copy bandwidth in GB/s for the floor (default: measure it)")
+    bn.add_argument("--no-energy", action="store_true", help="skip the NVML energy readings")
+    bn.add_argument("--no-gpu-executor", dest="gpu_executor", action="store_false",
+                    help="load the plugin without LLAMA_MEGAKERNEL_GPU=1 (decode graphs then go back to stock)")
+    bn.add_argument("--timeout", type=float, default=900, help="seconds per run (default 900)")
+    bn.add_argument("--out", help="output path without suffix (default bench-results/DATE-bench): .json .md .png")
+    bn.set_defaults(fn=cmd_bench)
+
     pt = sub.add_parser("patch", help="apply, check, revert or show llama-megakernel's llama.cpp patches")
     pt.add_argument("action", choices=["apply", "check", "revert", "status"])
     pt.add_argument("dir", help="a llama.cpp tree")
@@ -409,7 +436,13 @@ def main(argv: list[str] | None = None) -> int:
     ip.add_argument("--dry-run", action="store_true")
     ip.set_defaults(fn=cmd_install_llama_cpp_python)
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if argv[:1] == ["bench"] and "--" in argv:  # bench: what follows -- goes to llama-bench untouched
+        extra = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
     args = p.parse_args(argv)
+    args.extra = extra
     return args.fn(args)
 
 

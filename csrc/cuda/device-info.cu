@@ -35,4 +35,31 @@ std::string cuda_devices_json() {
     return o + "]}";
 }
 
+// 512 MiB copied device to device 10 times after 2 warm-up copies; bytes read + written per second.
+double copy_bandwidth_gbs(int device) {
+    const size_t bytes = size_t(512) << 20;
+    void * a = nullptr;
+    void * b = nullptr;
+    cudaEvent_t e0 = nullptr, e1 = nullptr;
+    float ms = 0.0f;
+    bool ok = cudaSetDevice(device) == cudaSuccess && cudaMalloc(&a, bytes) == cudaSuccess &&
+              cudaMalloc(&b, bytes) == cudaSuccess && cudaEventCreate(&e0) == cudaSuccess &&
+              cudaEventCreate(&e1) == cudaSuccess;
+    for (int i = 0; ok && i < 2; i++) {
+        ok = cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice) == cudaSuccess;
+    }
+    ok = ok && cudaEventRecord(e0) == cudaSuccess;
+    for (int i = 0; ok && i < 10; i++) {
+        ok = cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice) == cudaSuccess;
+    }
+    ok = ok && cudaEventRecord(e1) == cudaSuccess && cudaEventSynchronize(e1) == cudaSuccess &&
+         cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess && ms > 0.0f;
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
+    if (a) cudaFree(a);
+    if (b) cudaFree(b);
+    cudaGetLastError();
+    return ok ? 2.0 * 10 * (double) bytes / (ms * 1e-3) / 1e9 : -1.0;
+}
+
 }  // namespace mk
