@@ -201,3 +201,16 @@ def test_energy_per_token_subtracts_the_load(tmp_path, monkeypatch):
     assert row["mk_tok_per_j"] == pytest.approx(statistics.median([512 / 22, 512 / 23]), abs=1e-3)
     assert row["ratio"] == pytest.approx(2.0)
     assert np.isclose(row["runs"]["stock"][0]["joules"], 50.0)
+
+
+def test_python_mode_runs_both_sides_through_llama_cpp_python(tmp_path, gpu_path):
+    """--python on this machine's CPU: the plugin side must really load (its status file counts decode graphs)."""
+    model = tiny_model("llama", "Q4_0")
+    out = tmp_path / "res"
+    r = run_bench(tmp_path, gpu_path, [str(model), "--python", "-n", "16", "--rounds", "1", "--bandwidth", "3000",
+                                       "--no-energy", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(out.with_suffix(".json").read_text())["rows"][0]
+    assert row["stock_tok_s"] > 0 and row["mk_tok_s"] > 0
+    assert row["ratio"] == pytest.approx(row["mk_tok_s"] / row["stock_tok_s"], rel=1e-3)
+    assert sum(row["plugin"]["reasons"].values()) >= 16  # every decode graph went through the plugin

@@ -183,21 +183,32 @@ def bytes_per_token(model: Path, kv_cells: int) -> int | None:
     return total
 
 
-def measure_copy_bandwidth() -> float | None:
+def measure_copy_bandwidth(lib_dirs: list[Path] = ()) -> tuple[float | None, str]:
     """The plugin's device-to-device copy rate (llama_mk_copy_bandwidth_gbs), in a child process so that its CUDA
-    context goes away with it; None if the plugin has no CUDA or cannot be loaded on its own."""
+    context goes away with it. The plugin needs a ggml beside it: `lib_dirs` (llama-bench's directory) are searched.
+    Returns (GB/s, "") or (None, why)."""
+    from ._native import MegakernelError, plugin_path
+
     code = ("import sys, cffi\n"
             "ffi = cffi.FFI(); ffi.cdef('double llama_mk_copy_bandwidth_gbs(int device);')\n"
             "print(ffi.dlopen(sys.argv[1]).llama_mk_copy_bandwidth_gbs(0))\n")
-    from ._native import MegakernelError, plugin_path
+    import importlib.util
 
+    dirs = [str(d) for d in lib_dirs]
+    spec = importlib.util.find_spec("llama_cpp")  # llama-cpp-python's own ggml, without importing it here
+    if spec and spec.submodule_search_locations:
+        dirs.append(str(Path(list(spec.submodule_search_locations)[0]) / "lib"))
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(dirs + [env.get("LD_LIBRARY_PATH", "")])
     try:
         r = subprocess.run([sys.executable, "-c", code, str(plugin_path())], capture_output=True, text=True,
-                           timeout=180)
+                           timeout=180, env=env)
         v = float(r.stdout.strip().splitlines()[-1])
-    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired, MegakernelError):
-        return None
-    return round(v, 1) if v > 0 else None
+    except (OSError, subprocess.TimeoutExpired, MegakernelError) as e:
+        return None, str(e)
+    except (ValueError, IndexError):
+        return None, (r.stderr.strip().splitlines() or ["no output"])[-1]
+    return (round(v, 1), "") if v > 0 else (None, "the plugin has no CUDA executor or no GPU answered")
 
 
 # --- running ---------------------------------------------------------------------------------------------------
@@ -492,8 +503,8 @@ def main(args) -> int:
     bw = args.bandwidth
     if bw is None:
         _say("measuring the copy bandwidth ...")
-        bw = measure_copy_bandwidth()
-        _say(f"  {bw} GB/s" if bw else "  not measured (the plugin has no CUDA); no % of floor")
+        bw, why = measure_copy_bandwidth([bench_bin.parent] if bench_bin else [])
+        _say(f"  {bw} GB/s" if bw else f"  not measured ({why}); no % of floor (--bandwidth GBS gives one)")
     result = {"date": time.strftime("%Y-%m-%d"), "commit": os.environ.get("MK_COMMIT") or __version__,
               "llama_cpp_commit": "0c1e5709", "mode": "llama-cpp-python Llama.generate" if args.python else
               f"llama-bench {bench_bin}", "rounds": args.rounds, "copy_bandwidth_gbs": bw,
