@@ -25,5 +25,5 @@ mkdir -p .device/cache/vocab && cp "$cache"/vocab/ggml-vocab-llama-bpe-* .device
 echo "[bundle] wheels"
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .device/wheels cffi pycparser "gguf>=0.17" diskcache
+    -d .device/wheels cffi pycparser "gguf>=0.17" diskcache nvidia-ml-py  # matplotlib: the GPU image has it
 du -sh .device .device/*
