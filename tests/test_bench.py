@@ -200,6 +200,8 @@ def test_energy_per_token_subtracts_the_load(tmp_path, monkeypatch):
     assert row["stock_tok_per_j"] == pytest.approx(statistics.median([512 / 40, 512 / 42]), abs=1e-3)
     assert row["mk_tok_per_j"] == pytest.approx(statistics.median([512 / 22, 512 / 23]), abs=1e-3)
     assert row["ratio"] == pytest.approx(2.0)
+    assert row["mk_j_per_tok"] == pytest.approx(1 / row["mk_tok_per_j"], rel=1e-3)
+    assert row["llama_cpp_build_commit"] == "0c1e5709"  # from llama-bench's own JSON line
     assert np.isclose(row["runs"]["stock"][0]["joules"], 50.0)
 
 

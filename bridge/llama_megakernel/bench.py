@@ -123,7 +123,12 @@ class Energy:
                 return None
 
         limit = get(nv.nvmlDeviceGetPowerManagementLimit)
-        return {"gpu": get(nv.nvmlDeviceGetName), "driver": nv.nvmlSystemGetDriverVersion(),
+        try:
+            cuda = nv.nvmlSystemGetCudaDriverVersion()
+            cuda = f"{cuda // 1000}.{cuda % 1000 // 10}"
+        except (nv.NVMLError, AttributeError):
+            cuda = None
+        return {"gpu": get(nv.nvmlDeviceGetName), "driver": nv.nvmlSystemGetDriverVersion(), "cuda_driver": cuda,
                 "power_limit_w": limit / 1000 if limit else None,
                 "sm_clock_mhz": get(nv.nvmlDeviceGetClockInfo, nv.NVML_CLOCK_SM),
                 "sm_clock_max_mhz": get(nv.nvmlDeviceGetMaxClockInfo, nv.NVML_CLOCK_SM),
@@ -264,6 +269,7 @@ def bench_case(case: Case, bench_bin: Path, plugin: Path, rounds: int, reps: int
                  "reps": reps, "rounds": rounds, "command": " ".join(cmd),
                  "runs": {"stock": [], "mk": []}}
     base = {}
+    last_build = None
     if energy and reps > 1:  # load + warm-up + one repetition, to take off each timed run's energy
         for side in ("stock", "mk"):
             b = run_llama_bench(cmd[:cmd.index("-r") + 1] + ["1"] + cmd[cmd.index("-r") + 2:],
@@ -273,6 +279,7 @@ def bench_case(case: Case, bench_bin: Path, plugin: Path, rounds: int, reps: int
         for side in (("stock", "mk") if i % 2 == 0 else ("mk", "stock")):
             status.unlink(missing_ok=True)
             r = run_llama_bench(cmd, _env(plugin if side == "mk" else None, status, gpu_executor), energy, timeout)
+            last_build = r["result"].get("build_commit")
             if side == "mk":
                 row["plugin"] = _plugin_status(status)
             if side in base and r["joules"] is not None:
@@ -287,6 +294,8 @@ def bench_case(case: Case, bench_bin: Path, plugin: Path, rounds: int, reps: int
                  if x.get("gen_joules") and x["gen_joules"] > 0]
         if per_j:
             row[f"{key}_tok_per_j"] = round(statistics.median(per_j), 3)
+            row[f"{key}_j_per_tok"] = round(1.0 / row[f"{key}_tok_per_j"], 5)
+    row["llama_cpp_build_commit"] = last_build
     if base:
         row["base_joules"] = base
     row["ratio"] = round(row["mk_tok_s"] / row["stock_tok_s"], 4)
@@ -378,6 +387,7 @@ def bench_case_python(case: Case, rounds: int, energy: Energy | None, gpu_execut
         per_j = [case.n_gen / x["gen_joules"] for x in row["runs"][side] if x.get("gen_joules")]
         if per_j:
             row[f"{side}_tok_per_j"] = round(statistics.median(per_j), 3)
+            row[f"{side}_j_per_tok"] = round(1.0 / row[f"{side}_tok_per_j"], 5)
     row["ratio"] = round(row["mk_tok_s"] / row["stock_tok_s"], 4)
     shutil.rmtree(tmp, ignore_errors=True)
     return row
@@ -388,7 +398,7 @@ def bench_case_python(case: Case, rounds: int, energy: Energy | None, gpu_execut
 def markdown(result: dict) -> str:
     env = result.get("environment", {})
     o = [f"# llama-megakernel bench, {result['date']}", "",
-         f"GPU {env.get('gpu', '?')}, driver {env.get('driver', '?')}, power limit {env.get('power_limit_w', '?')} W, "
+         f"GPU {env.get('gpu', '?')}, driver {env.get('driver', '?')} (CUDA {env.get('cuda_driver', '?')}), power limit {env.get('power_limit_w', '?')} W, "
          f"SM clock {env.get('sm_clock_mhz', '?')} / {env.get('sm_clock_max_mhz', '?')} MHz (as found), "
          f"copy bandwidth {result.get('copy_bandwidth_gbs') or '-'} GB/s. Plugin commit {result.get('commit', '?')}, "
          f"{result['mode']}. Medians of {result['rounds']} rounds, stock and megakernel alternated A B / B A.", "",
@@ -530,6 +540,9 @@ def main(args) -> int:
         result["rows"].append(row)
         if "command" in row:
             result["commands"].append(row["command"])
+    builds = {r.get("llama_cpp_build_commit") for r in result["rows"]} - {None}
+    if builds:
+        result["llama_cpp_commit"] = ",".join(sorted(builds))  # as llama-bench reports its own build
     out = Path(args.out) if args.out else Path("bench-results") / f"{result['date']}-bench"
     files = write(result, out)
     print(markdown(result), flush=True)
