@@ -245,7 +245,8 @@ def main() -> int:
     if "profile" in a.stages:  # where a step's time goes, per instruction (LLAMA_MEGAKERNEL_PROFILE)
         # "ring0": the same with the weight ring off, to see what the ring changes
         variants = [("", {})] + [(f"-ring{n}", {"LLAMA_MEGAKERNEL_RING": n})
-                                 for n in os.environ.get("MK_PROFILE_RINGS", "0").split()]
+                                 for n in os.environ.get("MK_PROFILE_RINGS", "").split()]
+        variants += [("-noprefetch", {"LLAMA_MEGAKERNEL_PREFETCH": "0"})] if os.environ.get("MK_PROFILE_NOPREFETCH") else []
         for name in ("llama-smollm2-135m-Q4_0", "llama-llama-3.2-1b-Q4_0", "llama-llama-3.2-1b-BF16"):
             for variant, extra in variants:
                 if not have(name):

@@ -58,6 +58,7 @@ struct kernel_args {
     int32_t ring_slots;       // 0: no ring
     int32_t slot_bytes;
     int32_t ring_off;
+    int32_t prefetch;         // 1: L2-prefetch a tile's weights before its dependency wait (LLAMA_MEGAKERNEL_PREFETCH=0: no)
 };
 
 // Profile entries per (block, instruction): arrival, dependencies met (first tile), summed input-forming and
@@ -719,34 +720,78 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
             msk[c] = !mb ? 0.0f : at.mask_type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) mb + cb + c)))
                                                         : __ldcg((const float *) mb + cb + c);
         }
+        // Stage the chunk's K and V rows. Each thread keeps one dimension (or, for the transposed V of flash attention
+        // off, one cell) and walks the other index, so there is no division per element and the loads are coalesced.
+        if (k_threads % hk == 0) {
+            const int d = threadIdx.x % hk, step = k_threads / hk;
+            const uint8_t * kd = kb + (uint64_t) d * at.k_nb_dim;
 #pragma unroll 4
-        for (int e = threadIdx.x; e < nc * hk; e += k_threads) {
-            const int c = e / hk, d = e % hk;
-            ks[c * (hk + 1) + d] = ld_kv(at.k_type, kb + (uint64_t) (cb + c) * at.k_nb_cell + (uint64_t) d * at.k_nb_dim);
+            for (int c = threadIdx.x / hk; c < nc; c += step) {
+                ks[c * (hk + 1) + d] = ld_kv(at.k_type, kd + (uint64_t) (cb + c) * at.k_nb_cell);
+            }
+        } else {
+            for (int e = threadIdx.x; e < nc * hk; e += k_threads) {
+                const int c = e / hk, d = e % hk;
+                ks[c * (hk + 1) + d] = ld_kv(at.k_type, kb + (uint64_t) (cb + c) * at.k_nb_cell + (uint64_t) d * at.k_nb_dim);
+            }
         }
+        if (v_by_cell) {
+            const int c = threadIdx.x % k_attn_chunk, step = k_threads / k_attn_chunk;
+            if (c < nc) {
+                const uint8_t * vc = vb + (uint64_t) (cb + c) * at.v_nb_cell;
 #pragma unroll 4
-        for (int e = threadIdx.x; e < nc * hv; e += k_threads) {
-            const int c = v_by_cell ? e % nc : e / hv, d = v_by_cell ? e / nc : e % hv;
-            vs[c * (hv + 1) + d] = ld_kv(at.v_type, vb + (uint64_t) (cb + c) * at.v_nb_cell + (uint64_t) d * at.v_nb_dim);
+                for (int d = threadIdx.x / k_attn_chunk; d < hv; d += step) {
+                    vs[c * (hv + 1) + d] = ld_kv(at.v_type, vc + (uint64_t) d * at.v_nb_dim);
+                }
+            }
+        } else if (k_threads % hv == 0) {
+            const int d = threadIdx.x % hv, step = k_threads / hv;
+            const uint8_t * vd = vb + (uint64_t) d * at.v_nb_dim;
+#pragma unroll 4
+            for (int c = threadIdx.x / hv; c < nc; c += step) {
+                vs[c * (hv + 1) + d] = ld_kv(at.v_type, vd + (uint64_t) (cb + c) * at.v_nb_cell);
+            }
+        } else {
+            for (int e = threadIdx.x; e < nc * hv; e += k_threads) {
+                const int c = e / hv, d = e % hv;
+                vs[c * (hv + 1) + d] = ld_kv(at.v_type, vb + (uint64_t) (cb + c) * at.v_nb_cell + (uint64_t) d * at.v_nb_dim);
+            }
         }
         __syncthreads();
-        for (int e = threadIdx.x; e < group * nc; e += k_threads) {
-            const int g = e / nc, c = e % nc;
-            float v = -INFINITY;
-            if (msk[c] != -INFINITY) {
-                const float * qq = q + g * hk;
-                const float * kk = ks + c * (hk + 1);
-                float s = 0.0f;
-                for (int d = 0; d < hk; d++) {
-                    s += qq[d] * kk[d];
-                }
-                v = s * at.scale;
-                if (at.softcap != 0.0f) {
-                    v = at.softcap * tanhf(v / at.softcap);
-                }
-                v += msk[c];
+        // Scores: two neighbouring threads per (query head, cell), each over half of the dimensions with four
+        // independent sums, combined with one shuffle. Items are laid out g * k_attn_chunk + c so that whole warps
+        // share the loop bounds (the shuffle needs every lane).
+        for (int e = threadIdx.x; e < 2 * group * k_attn_chunk; e += k_threads) {
+            const int item = e >> 1, half = e & 1;
+            const int g = item / k_attn_chunk, c = item % k_attn_chunk;
+            const int cc = c < nc ? c : 0;
+            const float * qq = q + g * hk;
+            const float * kk = ks + cc * (hk + 1);
+            const int d0 = half * (hk / 2), d1 = half ? hk : hk / 2;
+            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+            int d = d0;
+            for (; d + 4 <= d1; d += 4) {
+                s0 += qq[d] * kk[d];
+                s1 += qq[d + 1] * kk[d + 1];
+                s2 += qq[d + 2] * kk[d + 2];
+                s3 += qq[d + 3] * kk[d + 3];
             }
-            p[g * k_attn_chunk + c] = v;
+            for (; d < d1; d++) {
+                s0 += qq[d] * kk[d];
+            }
+            float sc = (s0 + s1) + (s2 + s3);
+            sc += __shfl_xor_sync(0xffffffffu, sc, 1);
+            if (half == 0 && c < nc) {
+                float v = -INFINITY;
+                if (msk[c] != -INFINITY) {
+                    v = sc * at.scale;
+                    if (at.softcap != 0.0f) {
+                        v = at.softcap * tanhf(v / at.softcap);
+                    }
+                    v += msk[c];
+                }
+                p[g * k_attn_chunk + c] = v;
+            }
         }
         __syncthreads();
         for (int g = w; g < group; g += k_warps) {  // online softmax, a warp per query head
@@ -772,14 +817,28 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
             }
         }
         __syncthreads();
-        for (int e = threadIdx.x; e < group * hv; e += k_threads) {
-            const int g = e / hv, d = e % hv;
+        // Accumulators: two neighbouring threads per (query head, dimension), each over half of the cells.
+        for (int e = threadIdx.x; e < 2 * group * hv + (k_threads - (2 * group * hv) % k_threads) % k_threads;
+             e += k_threads) {
+            const int item = e >> 1, half = e & 1;
+            const bool live = item < group * hv;
+            const int g = live ? item / hv : 0, d = live ? item % hv : 0;
             const float * pg = p + g * k_attn_chunk;
-            float v = acc[e] * cr[g];
-            for (int c = 0; c < nc; c++) {
-                v += pg[c] * vs[c * (hv + 1) + d];
+            const int ca = half ? nc / 2 : 0, cz = half ? nc : nc / 2;
+            float v0 = 0.0f, v1 = 0.0f;
+            int c = ca;
+            for (; c + 2 <= cz; c += 2) {
+                v0 += pg[c] * vs[c * (hv + 1) + d];
+                v1 += pg[c + 1] * vs[(c + 1) * (hv + 1) + d];
             }
-            acc[e] = v;
+            if (c < cz) {
+                v0 += pg[c] * vs[c * (hv + 1) + d];
+            }
+            float v = v0 + v1;
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            if (live && half == 0) {
+                acc[item] = acc[item] * cr[g] + v;
+            }
         }
     }
     __syncthreads();
@@ -844,14 +903,16 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 if (prof && threadIdx.x == 0) {
                     prof[i * k_prof] = global_ns();
                 }
-                if (mv) {
+                if (mv && a.prefetch) {
                     // pull what the ring does not already hold of this tile's weights towards L2 while the producers
                     // finish
                     const int skip = cp.n_chunks ? min(r1 - r0, a.ring_slots * cp.rows_per_chunk) : 0;
                     for (int k = 0; k < (in.kind == instr_kind::glu ? 2 : 1); k++) {
                         const segment & ps = in.seg[in.kind == instr_kind::glu ? k : s];
                         const uint8_t * p0 = resolve(a, ps.w) + (uint64_t) (r0 + skip) * ps.row_bytes;
-                        const int64_t nbytes = (int64_t) (r1 - r0 - skip) * (int64_t) ps.row_bytes;
+                        // at most 96 KiB per segment: L2 holds ~380 KiB per SM, and prefetching a whole LM-head
+                        // tile (4 MB per SM in BF16) only evicted itself (BF16 step 2,610 -> 2,398 us without it)
+                        const int64_t nbytes = min((int64_t) (r1 - r0 - skip) * (int64_t) ps.row_bytes, (int64_t) 96 * 1024);
                         for (int64_t o = (int64_t) threadIdx.x * 128; o < nbytes; o += (int64_t) k_threads * 128) {
                             prefetch_l2(p0 + o);
                         }
@@ -1250,6 +1311,10 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.x_floats = (int32_t) x_f;
     a.y_floats = (int32_t) y_f;
     a.w_floats = (int32_t) w_f;
+    a.prefetch = 1;
+    if (const char * pf = getenv("LLAMA_MEGAKERNEL_PREFETCH")) {
+        a.prefetch = atoi(pf) != 0;
+    }
     a.ring_slots = ring_slots;
     a.slot_bytes = slot_bytes;
     a.ring_off = (int32_t) ring_off;
