@@ -282,10 +282,11 @@ def main() -> int:
             log(f"ncu {name}: rc {r.returncode}, {len(r.stdout)} chars")
             if os.environ.get("MK_NCU_SOURCE"):  # stall samples per source line (build with MK_CUDA_FLAGS=-lineinfo)
                 rep_file = tmp / "src.ncu-rep"
-                r = sh(["ncu", "--set", "none", "--section", "SourceCounters", "-k", "regex:megakernel",
+                r = sh(["ncu", "--set", "none", "--section", "SourceCounters", "--section", "WarpStateStats",
+                        "-k", "regex:megakernel",
                         "--launch-skip", "8", "--launch-count", "1", "-f", "-o", str(rep_file.with_suffix("")),
                         str(tool), str(M / f"{name}.gguf"), "--steps", "16"], env=env_for(True, extra=extra), timeout=400)
-                for view in ("cuda", "sass"):
+                for view in ("sass",):
                     v = sh(["ncu", "--import", str(rep_file), "--page", "source", "--csv", "--print-source", view])
                     (out.parent / f"ncu-source-{view}-{name}.csv").write_text(v.stdout[-30_000_000:] + v.stderr[-5000:])
                 log(f"ncu source {name}: rc {r.returncode}")
