@@ -96,6 +96,7 @@ def test_interleaved_medians_floor_and_outputs(tmp_path, gpu_path):
         else:
             assert "mk_pct_floor" not in row
 
+    assert [c["passed"] for c in res["correctness"]] == [True] * 4  # the fake plugin ran every step
     md = out.with_suffix(".md").read_text()
     assert f"| {model.stem} | tg64 | 512 |" in md and f"{res['rows'][0]['ratio']:.3f}" in md
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -113,6 +114,7 @@ def test_a_failing_run_gives_no_ratio(tmp_path, gpu_path, fail):
     assert "no CUDA-capable device" in r.stderr
     row = json.loads(out.with_suffix(".json").read_text())["rows"][0]
     assert "error" in row and "ratio" not in row and "mk_tok_s" not in row
+    assert json.loads(out.with_suffix(".json").read_text())["correctness"][0]["passed"] is False
     assert "error:" in out.with_suffix(".md").read_text()
 
 

@@ -412,6 +412,12 @@ def markdown(result: dict) -> str:
         o.append(f"| {r['model']} | {r['test']} | {r['depth']} | {r.get('flash_attn') or '-'} | {r['stock_tok_s']:.1f} | "
                  f"{r['mk_tok_s']:.1f} | {r['ratio']:.3f} | {r.get('stock_tok_per_j', '-')} | "
                  f"{r.get('mk_tok_per_j', '-')} | {r.get('stock_pct_floor', '-')} | {r.get('mk_pct_floor', '-')} |")
+    checks = result.get("correctness", [])
+    if checks:
+        bad = [f"{c['model']} {c['test']} d{c['depth']}" for c in checks if not c["passed"]]
+        o += ["", f"Plugin counters: {len(checks) - len(bad)} of {len(checks)} tests passed their check "
+                  "(generation steps ran in the GPU executor, no executor failure)"
+                  + (f"; failed: {', '.join(bad)}" if bad else "") + "."]
     return "\n".join(o) + "\n"
 
 
@@ -455,6 +461,17 @@ def write(result: dict, out: Path) -> list[Path]:
     if plot(result, png):
         files.append(png)
     return files
+
+
+def plugin_check(row: dict, case: Case, gpu_executor: bool) -> dict:
+    """What the plugin's own counters say about the megakernel side of a test: generation steps ran in the GPU
+    executor without a failure (or, for prefill and with the executor off, nothing failed)."""
+    st = row.get("plugin") or {}
+    gen = bool(case.n_gen) and gpu_executor
+    check = "decode-steps-in-the-gpu-executor" if gen else "no-gpu-executor-failure"
+    ok = "error" not in row and st.get("gpu_failures") == 0 and (not gen or (st.get("gpu_steps") or 0) > 0)
+    return {"model": row["model"], "test": row["test"], "depth": row["depth"], "check": check, "passed": ok,
+            "gpu_steps": st.get("gpu_steps"), "gpu_failures": st.get("gpu_failures")}
 
 
 # --- the command -----------------------------------------------------------------------------------------------
@@ -519,7 +536,7 @@ def main(args) -> int:
               "llama_cpp_commit": "0c1e5709", "mode": "llama-cpp-python Llama.generate" if args.python else
               f"llama-bench {bench_bin}", "rounds": args.rounds, "copy_bandwidth_gbs": bw,
               "environment": energy.info() if energy else {}, "plugin": str(plugin),
-              "gpu_executor": args.gpu_executor, "commands": [], "rows": []}
+              "gpu_executor": args.gpu_executor, "commands": [], "rows": [], "correctness": []}
     if "gpu" in result["environment"]:
         result["gpu"] = result["environment"]["gpu"]
         result["driver"] = result["environment"]["driver"]
@@ -538,6 +555,7 @@ def main(args) -> int:
             row = {"model": c.model.stem, "test": c.test, "depth": c.depth, "flash_attn": c.flash_attn, "error": str(e)}
             print(f"  failed: {e}", file=sys.stderr, flush=True)
         result["rows"].append(row)
+        result["correctness"].append(plugin_check(row, c, args.gpu_executor))
         if "command" in row:
             result["commands"].append(row["command"])
     builds = {r.get("llama_cpp_build_commit") for r in result["rows"]} - {None}
