@@ -207,6 +207,20 @@ def test_energy_per_token_subtracts_the_load(tmp_path, monkeypatch):
     assert np.isclose(row["runs"]["stock"][0]["joules"], 50.0)
 
 
+def test_no_energy_figure_when_the_timed_work_is_lost_in_the_load(tmp_path, monkeypatch):
+    from llama_megakernel import bench
+
+    # load-only runs of 100 J against timed runs that add 10 J: too small a difference to subtract reliably
+    monkeypatch.setitem(sys.modules, "pynvml", ScriptedNvml([100, 100, 110, 111, 112, 109]))
+    monkeypatch.setenv("FAKE_BENCH_LOG", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setenv("FAKE_BENCH_STOCK", "30000")
+    monkeypatch.setenv("FAKE_BENCH_MK", "30000")
+    case = bench.Case(tiny_model("llama", "Q4_0"), "pp512", 512, 0, 0, "")
+    row = bench.bench_case(case, FAKE, Path("/nonexistent/plugin.so"), rounds=2, reps=5, energy=bench.Energy(0),
+                           progress=lambda s: None)
+    assert "stock_tok_per_j" not in row and "mk_tok_per_j" not in row and row["ratio"] == pytest.approx(1.0)
+
+
 def test_python_mode_runs_both_sides_through_llama_cpp_python(tmp_path, gpu_path):
     """--python on this machine's CPU: the plugin side must really load (its status file counts decode graphs)."""
     model = tiny_model("llama", "Q4_0")

@@ -290,8 +290,10 @@ def bench_case(case: Case, bench_bin: Path, plugin: Path, rounds: int, reps: int
                      + (f"  {r['joules']:8.1f} J" if r["joules"] is not None else ""))
     for side, key in (("stock", "stock"), ("mk", "mk")):
         row[f"{key}_tok_s"] = round(statistics.median(x["avg_ts"] for x in row["runs"][side]), 2)
+        # Only where the timed work used at least a quarter of what the load-only run did: below that the
+        # subtraction is mostly the load's own run-to-run variation (prefill runs of a few ms are).
         per_j = [(reps - 1) * case.tokens_per_rep / x["gen_joules"] for x in row["runs"][side]
-                 if x.get("gen_joules") and x["gen_joules"] > 0]
+                 if x.get("gen_joules") and x["gen_joules"] > 0.25 * base.get(side, 0)]
         if per_j:
             row[f"{key}_tok_per_j"] = round(statistics.median(per_j), 3)
             row[f"{key}_j_per_tok"] = round(1.0 / row[f"{key}_tok_per_j"], 5)
