@@ -288,21 +288,27 @@ def bench_case(case: Case, bench_bin: Path, plugin: Path, rounds: int, reps: int
                                      ({"gen_joules": r["gen_joules"]} if "gen_joules" in r else {}))
             progress(f"  round {i + 1}/{rounds} {side:5s} {r['avg_ts']:10.1f} tok/s"
                      + (f"  {r['joules']:8.1f} J" if r["joules"] is not None else ""))
-    for side, key in (("stock", "stock"), ("mk", "mk")):
-        row[f"{key}_tok_s"] = round(statistics.median(x["avg_ts"] for x in row["runs"][side]), 2)
-        # Only where the timed work used at least a quarter of what the load-only run did: below that the
-        # subtraction is mostly the load's own run-to-run variation (prefill runs of a few ms are).
-        per_j = [(reps - 1) * case.tokens_per_rep / x["gen_joules"] for x in row["runs"][side]
-                 if x.get("gen_joules") and x["gen_joules"] > 0.25 * base.get(side, 0)]
-        if per_j:
-            row[f"{key}_tok_per_j"] = round(statistics.median(per_j), 3)
-            row[f"{key}_j_per_tok"] = round(1.0 / row[f"{key}_tok_per_j"], 5)
+    # tok/J only where the timed work used at least a quarter of what the load-only run did: below that the
+    # subtraction is mostly the load's own run-to-run variation (prefill runs of a few ms are).
+    _summarise(row, (reps - 1) * case.tokens_per_rep, {k: 0.25 * v for k, v in base.items()})
     row["llama_cpp_build_commit"] = last_build
     if base:
         row["base_joules"] = base
-    row["ratio"] = round(row["mk_tok_s"] / row["stock_tok_s"], 4)
     shutil.rmtree(tmp, ignore_errors=True)
     return row
+
+
+def _summarise(row: dict, timed_tokens: int, min_joules: dict) -> None:
+    """Medians of each side's runs, tok/J from the runs whose timed energy exceeds min_joules[side], the ratio."""
+    for side in ("stock", "mk"):
+        runs = row["runs"][side]
+        row[f"{side}_tok_s"] = round(statistics.median(x["avg_ts"] for x in runs), 2)
+        per_j = [timed_tokens / x["gen_joules"] for x in runs
+                 if x.get("gen_joules") and x["gen_joules"] > min_joules.get(side, 0)]
+        if per_j:
+            row[f"{side}_tok_per_j"] = round(statistics.median(per_j), 3)
+            row[f"{side}_j_per_tok"] = round(1.0 / row[f"{side}_tok_per_j"], 5)
+    row["ratio"] = round(row["mk_tok_s"] / row["stock_tok_s"], 4)
 
 
 def add_floor(row: dict, case: Case, bandwidth_gbs: float | None) -> None:
@@ -384,13 +390,7 @@ def bench_case_python(case: Case, rounds: int, energy: Energy | None, gpu_execut
                 row["plugin"] = _plugin_status(status)
             row["runs"][side].append(r)
             progress(f"  round {i + 1}/{rounds} {side:5s} {r['avg_ts']:10.1f} tok/s")
-    for side in ("stock", "mk"):
-        row[f"{side}_tok_s"] = round(statistics.median(x["avg_ts"] for x in row["runs"][side]), 2)
-        per_j = [case.n_gen / x["gen_joules"] for x in row["runs"][side] if x.get("gen_joules")]
-        if per_j:
-            row[f"{side}_tok_per_j"] = round(statistics.median(per_j), 3)
-            row[f"{side}_j_per_tok"] = round(1.0 / row[f"{side}_tok_per_j"], 5)
-    row["ratio"] = round(row["mk_tok_s"] / row["stock_tok_s"], 4)
+    _summarise(row, case.n_gen, {})
     shutil.rmtree(tmp, ignore_errors=True)
     return row
 

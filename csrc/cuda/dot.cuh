@@ -113,6 +113,16 @@ struct w_q4_0_int : w_q4_0 {
     }
 };
 
+// The sixteen x values of a group (two runs of eight), for the min term of Q4_1/Q5_1.
+__device__ __forceinline__ float sum16(const float * xl, const float * xh) {
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        s += xl[i] + xh[i];
+    }
+    return s;
+}
+
 struct w_q4_1 {  // d, m (f16), 16 bytes of nibbles
     static constexpr int block = 32, bytes = 20, groups = 2, align = 4;
     __device__ static float dot(const uint8_t * b, int g, const float * x) {
@@ -121,11 +131,7 @@ struct w_q4_1 {  // d, m (f16), 16 bytes of nibbles
         const uint8_t * q = b + 4 + 8 * g;
         const float * xl = x + 8 * g;
         const float * xh = x + 16 + 8 * g;
-        float sx = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            sx += xl[i] + xh[i];
-        }
+        const float sx = sum16(xl, xh);
         return d * dot_nibbles(ld32(q), ld32(q + 4), xl, xh, 0.0f) + m * sx;
     }
 };
@@ -164,11 +170,7 @@ struct w_q5_1 {  // d, m, qh, 16 bytes of nibbles
         const uint2 q = ldw((const uint2 *) (b + 8 + 8 * g));
         const float * xl = x + 8 * g;
         const float * xh = x + 16 + 8 * g;
-        float sx = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            sx += xl[i] + xh[i];
-        }
+        const float sx = sum16(xl, xh);
         return d * dot_q5(q.x, q.y, qh, g, xl, xh, 0.0f) + m * sx;
     }
 };

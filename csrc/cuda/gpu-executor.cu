@@ -674,6 +674,25 @@ __device__ __forceinline__ float ld_kv(int type, const uint8_t * p) {
                           : __ldcg((const float *) p);
 }
 
+// Cells [cb, cb + nc) of one head's K (or V) rows into dst, hd + 1 floats apart. Each thread keeps one dimension and
+// walks the cells, so there is no division per element and the loads are coalesced.
+__device__ void stage_rows(float * dst, int hd, const uint8_t * base, int type, uint64_t nb_dim, uint64_t nb_cell, int cb,
+                           int nc) {
+    if (k_threads % hd == 0) {
+        const int d = threadIdx.x % hd, step = k_threads / hd;
+        const uint8_t * bd = base + (uint64_t) d * nb_dim;
+#pragma unroll 4
+        for (int c = threadIdx.x / hd; c < nc; c += step) {
+            dst[c * (hd + 1) + d] = ld_kv(type, bd + (uint64_t) (cb + c) * nb_cell);
+        }
+    } else {
+        for (int e = threadIdx.x; e < nc * hd; e += k_threads) {
+            const int c = e / hd, d = e % hd;
+            dst[c * (hd + 1) + d] = ld_kv(type, base + (uint64_t) (cb + c) * nb_cell + (uint64_t) d * nb_dim);
+        }
+    }
+}
+
 // Shared memory (floats) an attention tile needs.
 __host__ __device__ inline size_t attn_smem_floats(const attention & at) {
     const int group = at.n_head / at.n_head_kv;
@@ -720,21 +739,8 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
             msk[c] = !mb ? 0.0f : at.mask_type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) mb + cb + c)))
                                                         : __ldcg((const float *) mb + cb + c);
         }
-        // Stage the chunk's K and V rows. Each thread keeps one dimension (or, for the transposed V of flash attention
-        // off, one cell) and walks the other index, so there is no division per element and the loads are coalesced.
-        if (k_threads % hk == 0) {
-            const int d = threadIdx.x % hk, step = k_threads / hk;
-            const uint8_t * kd = kb + (uint64_t) d * at.k_nb_dim;
-#pragma unroll 4
-            for (int c = threadIdx.x / hk; c < nc; c += step) {
-                ks[c * (hk + 1) + d] = ld_kv(at.k_type, kd + (uint64_t) (cb + c) * at.k_nb_cell);
-            }
-        } else {
-            for (int e = threadIdx.x; e < nc * hk; e += k_threads) {
-                const int c = e / hk, d = e % hk;
-                ks[c * (hk + 1) + d] = ld_kv(at.k_type, kb + (uint64_t) (cb + c) * at.k_nb_cell + (uint64_t) d * at.k_nb_dim);
-            }
-        }
+        // K and V rows of the chunk; the transposed V of flash attention off is walked cell-major instead.
+        stage_rows(ks, hk, kb, at.k_type, at.k_nb_dim, at.k_nb_cell, cb, nc);
         if (v_by_cell) {
             const int c = threadIdx.x % k_attn_chunk, step = k_threads / k_attn_chunk;
             if (c < nc) {
@@ -744,18 +750,8 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
                     vs[c * (hv + 1) + d] = ld_kv(at.v_type, vc + (uint64_t) d * at.v_nb_dim);
                 }
             }
-        } else if (k_threads % hv == 0) {
-            const int d = threadIdx.x % hv, step = k_threads / hv;
-            const uint8_t * vd = vb + (uint64_t) d * at.v_nb_dim;
-#pragma unroll 4
-            for (int c = threadIdx.x / hv; c < nc; c += step) {
-                vs[c * (hv + 1) + d] = ld_kv(at.v_type, vd + (uint64_t) (cb + c) * at.v_nb_cell);
-            }
         } else {
-            for (int e = threadIdx.x; e < nc * hv; e += k_threads) {
-                const int c = e / hv, d = e % hv;
-                vs[c * (hv + 1) + d] = ld_kv(at.v_type, vb + (uint64_t) (cb + c) * at.v_nb_cell + (uint64_t) d * at.v_nb_dim);
-            }
+            stage_rows(vs, hv, vb, at.v_type, at.v_nb_dim, at.v_nb_cell, cb, nc);
         }
         __syncthreads();
         // Scores: two neighbouring threads per (query head, cell), each over half of the dimensions with four
