@@ -165,61 +165,124 @@ __device__ void tile_done(const kernel_args & a, int i) {
 
 // --- input prologue ----------------------------------------------------------------------------------------------
 
+// Loads of one thread, issued together: with k_gather values in flight per thread a pass over up to
+// k_gather * k_threads values costs one memory round trip instead of one per value.
+constexpr int k_gather = 8;
+
 __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, float * w) {
-    const int n = in.n;
+    const int n = in.n, t = threadIdx.x;
     switch (in.kind) {
         case in_kind::plain: {
             const float * s = (const float *) resolve(a, in.src);
-            for (int i = threadIdx.x; i < n; i += k_threads) {
-                x[i] = ldcg_f(s + i);
+            for (int i0 = t; i0 < n; i0 += k_gather * k_threads) {
+                float r[k_gather];
+#pragma unroll
+                for (int k = 0; k < k_gather; k++) {
+                    const int i = i0 + k * k_threads;
+                    r[k] = i < n ? ldcg_f(s + i) : 0.0f;
+                }
+#pragma unroll
+                for (int k = 0; k < k_gather; k++) {
+                    const int i = i0 + k * k_threads;
+                    if (i < n) {
+                        x[i] = r[k];
+                    }
+                }
             }
             break;
         }
         case in_kind::rms_norm: {
+            // x and the norm's weight in one round trip; the sum of squares needs the whole vector first
             const float * s = (const float *) resolve(a, in.src);
-            float ss = 0.0f;
-            for (int i = threadIdx.x; i < n; i += k_threads) {
-                const float v = ldcg_f(s + i);
-                x[i] = v;
-                ss += v * v;
-            }
-            const float scale = rsqrtf(block_sum(ss, w) / n + in.eps);
             const float * nw = in.w.null() ? nullptr : (const float *) resolve(a, in.w);
-            for (int i = threadIdx.x; i < n; i += k_threads) {
-                x[i] = x[i] * scale * (nw ? ldcg_f(nw + i) : 1.0f);
+            float ss = 0.0f;
+            for (int i0 = t; i0 < n; i0 += k_gather * k_threads) {
+                float r[k_gather], g[k_gather];
+#pragma unroll
+                for (int k = 0; k < k_gather; k++) {
+                    const int i = i0 + k * k_threads;
+                    r[k] = i < n ? ldcg_f(s + i) : 0.0f;
+                    g[k] = i < n && nw ? __ldg(nw + i) : 1.0f;
+                }
+#pragma unroll
+                for (int k = 0; k < k_gather; k++) {
+                    const int i = i0 + k * k_threads;
+                    ss += r[k] * r[k];
+                    if (i < n) {
+                        x[i] = r[k];
+                        w[i] = g[k];
+                    }
+                }
+            }
+            const float scale = rsqrtf(block_sum(ss, w + n) / n + in.eps);
+            for (int i = t; i < n; i += k_threads) {
+                x[i] = x[i] * scale * w[i];
             }
             break;
         }
         case in_kind::attn_reduce: {
-            // weights of each split: exp(m_s - M) / sum_s(exp(m_s - M) l_s), then one pass over the accumulators
+            // weights of each split: exp(m_s - M) / sum_s(exp(m_s - M) l_s), then one pass over the accumulators.
+            // w holds (max, sum) of every (head, split), then the weights.
             const float * part = (const float *) resolve(a, in.src);
-            const int stride = in.head_dim + 2, ns = in.n_split;
-            for (int h = threadIdx.x; h < in.n_head; h += k_threads) {
-                float m = -INFINITY;
-                for (int s = 0; s < ns; s++) {
-                    m = fmaxf(m, ldcg_f(part + (h * ns + s) * stride));
+            const int stride = in.head_dim + 2, ns = in.n_split, nhs = in.n_head * ns;
+            for (int j0 = t; j0 < nhs; j0 += k_gather * k_threads) {
+                float m[k_gather], l[k_gather];
+#pragma unroll
+                for (int k = 0; k < k_gather; k++) {
+                    const int j = j0 + k * k_threads;
+                    m[k] = j < nhs ? ldcg_f(part + j * stride) : 0.0f;
+                    l[k] = j < nhs ? ldcg_f(part + j * stride + 1) : 0.0f;
                 }
-                float den = 0.0f;
-                for (int s = 0; s < ns; s++) {
-                    const float ms = ldcg_f(part + (h * ns + s) * stride);
-                    const float f = ms == -INFINITY ? 0.0f : __expf(ms - m);
-                    w[h * ns + s] = f;
-                    den += f * ldcg_f(part + (h * ns + s) * stride + 1);
-                }
-                const float inv = den > 0.0f ? 1.0f / den : 0.0f;
-                for (int s = 0; s < ns; s++) {
-                    w[h * ns + s] *= inv;
+#pragma unroll
+                for (int k = 0; k < k_gather; k++) {
+                    const int j = j0 + k * k_threads;
+                    if (j < nhs) {
+                        w[j] = m[k];
+                        w[nhs + j] = l[k];
+                    }
                 }
             }
             __syncthreads();
-            for (int e = threadIdx.x; e < n; e += k_threads) {
-                const int h = e / in.head_dim, d = e % in.head_dim;
-                float v = 0.0f;
-#pragma unroll 4
+            for (int h = t; h < in.n_head; h += k_threads) {
+                const float * mh = w + h * ns;
+                float mx = -INFINITY;
                 for (int s = 0; s < ns; s++) {
-                    v += w[h * ns + s] * ldcg_f(part + (h * ns + s) * stride + 2 + d);
+                    mx = fmaxf(mx, mh[s]);
                 }
-                x[e] = v;
+                float den = 0.0f;
+                for (int s = 0; s < ns; s++) {
+                    den += (mh[s] == -INFINITY ? 0.0f : __expf(mh[s] - mx)) * w[nhs + h * ns + s];
+                }
+                const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+                for (int s = 0; s < ns; s++) {
+                    w[2 * nhs + h * ns + s] = (mh[s] == -INFINITY ? 0.0f : __expf(mh[s] - mx)) * inv;
+                }
+            }
+            __syncthreads();
+            const float * wt = w + 2 * nhs;
+            for (int e0 = t; e0 < n; e0 += k_gather * k_threads) {
+                float v[k_gather];
+#pragma unroll
+                for (int k = 0; k < k_gather; k++) {
+                    v[k] = 0.0f;
+                }
+                for (int s = 0; s < ns; s++) {
+#pragma unroll
+                    for (int k = 0; k < k_gather; k++) {
+                        const int e = e0 + k * k_threads;
+                        if (e < n) {
+                            const int h = e / in.head_dim, d = e % in.head_dim;
+                            v[k] += wt[h * ns + s] * ldcg_f(part + (h * ns + s) * stride + 2 + d);
+                        }
+                    }
+                }
+#pragma unroll
+                for (int k = 0; k < k_gather; k++) {
+                    const int e = e0 + k * k_threads;
+                    if (e < n) {
+                        x[e] = v[k];
+                    }
+                }
             }
             break;
         }
@@ -674,21 +737,94 @@ __device__ __forceinline__ float ld_kv(int type, const uint8_t * p) {
                           : __ldcg((const float *) p);
 }
 
-// Cells [cb, cb + nc) of one head's K (or V) rows into dst, hd + 1 floats apart. Each thread keeps one dimension and
-// walks the cells, so there is no division per element and the loads are coalesced.
+template <int T> __device__ __forceinline__ float ld_kv_t(const uint8_t * p) {
+    if constexpr (T == T_F16) {
+        return __half2float(__ushort_as_half(__ldcg((const unsigned short *) p)));
+    } else if constexpr (T == T_BF16) {
+        return dev::b2f(__ldcg((const unsigned short *) p));
+    } else {
+        return __ldcg((const float *) p);
+    }
+}
+
+// Cells [cb, cb + nc) of one head's K (or V) rows into dst, hd + 1 floats apart, one element at a time. Only for
+// head sizes that do not divide the block (stage_chunk below is the fast path).
 __device__ void stage_rows(float * dst, int hd, const uint8_t * base, int type, uint64_t nb_dim, uint64_t nb_cell, int cb,
                            int nc) {
-    if (k_threads % hd == 0) {
-        const int d = threadIdx.x % hd, step = k_threads / hd;
-        const uint8_t * bd = base + (uint64_t) d * nb_dim;
-#pragma unroll 4
-        for (int c = threadIdx.x / hd; c < nc; c += step) {
-            dst[c * (hd + 1) + d] = ld_kv(type, bd + (uint64_t) (cb + c) * nb_cell);
+    for (int e = threadIdx.x; e < nc * hd; e += k_threads) {
+        const int c = e / hd, d = e % hd;
+        dst[c * (hd + 1) + d] = ld_kv(type, base + (uint64_t) (cb + c) * nb_cell + (uint64_t) d * nb_dim);
+    }
+}
+
+// One thread's part of a staged K or V chunk: its k-th element is cell c + k * dc, dimension d + k * dd.
+struct stage_walk {
+    int c, dc, d, dd;
+};
+
+// The mask, K and V of cells [cb, cb + nc) into shared memory (rows hd + 1 floats apart), and with `q` the query
+// rows too. Every load of a pass is issued before any is stored: a loop that loads and stores one element per
+// iteration waits a whole memory round trip per element (16 of them per 64-cell chunk, ~16 us per attention tile
+// on the H100). Needs k_threads to be a multiple of both head sizes.
+template <int T>
+__device__ void stage_chunk(const attention & at, const uint8_t * kb, const uint8_t * vb, const uint8_t * mb, float * ks,
+                            float * vs, float * msk, int cb, int nc, bool v_by_cell, float * q, const float * qg, int nq) {
+    constexpr int N = 8;
+    const int t = threadIdx.x, hk = at.head_dim_k, hv = at.head_dim_v;
+    // K: a thread keeps one dimension and walks the cells; V the same, or, transposed (cells contiguous), it keeps
+    // one cell and walks the dimensions, so that neighbouring threads read neighbouring addresses either way.
+    const stage_walk wk{t / hk, k_threads / hk, t % hk, 0};
+    const stage_walk wv = v_by_cell ? stage_walk{t % k_attn_chunk, 0, t / k_attn_chunk, k_threads / k_attn_chunk}
+                                    : stage_walk{t / hv, k_threads / hv, t % hv, 0};
+    const int per_thread = (k_attn_chunk * max(hk, hv) + k_threads - 1) / k_threads;
+    for (int k0 = 0; k0 < per_thread; k0 += N) {
+        float rk[N], rv[N], rm = 0.0f, rq0 = 0.0f, rq1 = 0.0f;
+        if (k0 == 0) {
+            if (q && t < nq) {
+                rq0 = ldcg_f(qg + t);
+            }
+            if (q && t + k_threads < nq) {
+                rq1 = ldcg_f(qg + t + k_threads);
+            }
+            if (mb && t < nc) {
+                rm = at.mask_type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) mb + cb + t)))
+                                           : __ldcg((const float *) mb + cb + t);
+            }
         }
-    } else {
-        for (int e = threadIdx.x; e < nc * hd; e += k_threads) {
-            const int c = e / hd, d = e % hd;
-            dst[c * (hd + 1) + d] = ld_kv(type, base + (uint64_t) (cb + c) * nb_cell + (uint64_t) d * nb_dim);
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            const int c = wk.c + (k0 + k) * wk.dc;
+            rk[k] = c < nc ? ld_kv_t<T>(kb + (uint64_t) wk.d * at.k_nb_dim + (uint64_t) (cb + c) * at.k_nb_cell) : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            const int c = wv.c + (k0 + k) * wv.dc, d = wv.d + (k0 + k) * wv.dd;
+            rv[k] = c < nc && d < hv ? ld_kv_t<T>(vb + (uint64_t) d * at.v_nb_dim + (uint64_t) (cb + c) * at.v_nb_cell) : 0.0f;
+        }
+        if (k0 == 0) {
+            if (q && t < nq) {
+                q[t] = rq0;
+            }
+            if (q && t + k_threads < nq) {
+                q[t + k_threads] = rq1;
+            }
+            if (t < nc) {
+                msk[t] = rm;
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            const int c = wk.c + (k0 + k) * wk.dc;
+            if (c < nc) {
+                ks[c * (hk + 1) + wk.d] = rk[k];
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            const int c = wv.c + (k0 + k) * wv.dc, d = wv.d + (k0 + k) * wv.dd;
+            if (c < nc && d < hv) {
+                vs[c * (hv + 1) + d] = rv[k];
+            }
         }
     }
 }
@@ -717,10 +853,7 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
     float * mx  = acc + group * hv;                   // group: running max
     float * sm  = mx + group;                         // group: running sum
     float * cr  = sm + group;                         // group: rescale of this chunk
-    const float * qg = (const float *) resolve(a, at.q);
-    for (int i = threadIdx.x; i < group * hk; i += k_threads) {
-        q[i] = ldcg_f(qg + (size_t) kvh * group * hk + i);
-    }
+    const float * qg = (const float *) resolve(a, at.q) + (size_t) kvh * group * hk;
     for (int i = threadIdx.x; i < group * hv; i += k_threads) {
         acc[i] = 0.0f;
     }
@@ -732,25 +865,28 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
     const uint8_t * vb = resolve(a, at.v) + (uint64_t) kvh * at.v_nb_head;
     const uint8_t * mb = at.mask.null() ? nullptr : resolve(a, at.mask);
     const bool v_by_cell = at.v_nb_cell < at.v_nb_dim;  // transposed V (flash attention off): cells contiguous
+    const bool fast = k_threads % hk == 0 && k_threads % hv == 0 && at.k_type == at.v_type && group * hk <= 2 * k_threads;
+    if (!fast) {
+        for (int i = threadIdx.x; i < group * hk; i += k_threads) {
+            q[i] = ldcg_f(qg + i);
+        }
+    }
     for (int cb = c0; cb < c1; cb += k_attn_chunk) {
         const int nc = min(k_attn_chunk, c1 - cb);
         __syncthreads();
-        for (int c = threadIdx.x; c < nc; c += k_threads) {
-            msk[c] = !mb ? 0.0f : at.mask_type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) mb + cb + c)))
-                                                        : __ldcg((const float *) mb + cb + c);
-        }
-        // K and V rows of the chunk; the transposed V of flash attention off is walked cell-major instead.
-        stage_rows(ks, hk, kb, at.k_type, at.k_nb_dim, at.k_nb_cell, cb, nc);
-        if (v_by_cell) {
-            const int c = threadIdx.x % k_attn_chunk, step = k_threads / k_attn_chunk;
-            if (c < nc) {
-                const uint8_t * vc = vb + (uint64_t) (cb + c) * at.v_nb_cell;
-#pragma unroll 4
-                for (int d = threadIdx.x / k_attn_chunk; d < hv; d += step) {
-                    vs[c * (hv + 1) + d] = ld_kv(at.v_type, vc + (uint64_t) d * at.v_nb_dim);
-                }
+        float * qd = cb == c0 ? q : nullptr;  // the query rows come with the first chunk
+        if (fast) {
+            switch (at.k_type) {
+                case T_F16:  stage_chunk<T_F16>(at, kb, vb, mb, ks, vs, msk, cb, nc, v_by_cell, qd, qg, group * hk); break;
+                case T_BF16: stage_chunk<T_BF16>(at, kb, vb, mb, ks, vs, msk, cb, nc, v_by_cell, qd, qg, group * hk); break;
+                default:     stage_chunk<T_F32>(at, kb, vb, mb, ks, vs, msk, cb, nc, v_by_cell, qd, qg, group * hk); break;
             }
         } else {
+            for (int c = threadIdx.x; c < nc; c += k_threads) {
+                msk[c] = !mb ? 0.0f : at.mask_type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) mb + cb + c)))
+                                                            : __ldcg((const float *) mb + cb + c);
+            }
+            stage_rows(ks, hk, kb, at.k_type, at.k_nb_dim, at.k_nb_cell, cb, nc);
             stage_rows(vs, hv, vb, at.v_type, at.v_nb_dim, at.v_nb_cell, cb, nc);
         }
         __syncthreads();
@@ -1087,7 +1223,7 @@ bool gpu_target(int device, target & t, std::string & err) {
 }
 
 gpu_program * gpu_load(const program & p, int device, std::string & err) {
-    // shared memory: x (longest input), y (most rows per tile), w (norm reduction, split weights, attention)
+    // shared memory: x (longest input), y (most rows per tile), w (norm weight and reduction, split weights)
     size_t x_f = 32, y_f = 32, w_f = k_warps, attn_f = 0;
     for (const instruction & in : p.instrs) {
         if (in.kind == instr_kind::attn) {
@@ -1102,8 +1238,11 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
             continue;
         }
         x_f = std::max(x_f, (size_t) in.in.n);
-        if (in.in.kind == in_kind::attn_reduce) {
-            w_f = std::max(w_f, (size_t) in.in.n_head * in.in.n_split);
+        if (in.in.kind == in_kind::attn_reduce) {  // (max, sum) and the weight of every (head, split)
+            w_f = std::max(w_f, 3 * (size_t) in.in.n_head * in.in.n_split);
+        }
+        if (in.in.kind == in_kind::rms_norm) {  // the norm's weight, then the block reduction
+            w_f = std::max(w_f, (size_t) in.in.n + k_warps);
         }
         for (int s = 0; s < in.n_segments; s++) {
             y_f = std::max(y_f, (size_t) in.seg[s].rows_per_tile);
