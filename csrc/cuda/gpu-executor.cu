@@ -62,8 +62,10 @@ struct kernel_args {
 };
 
 // Profile entries per (block, instruction): arrival, dependencies met (first tile), summed input-forming and
-// weight-compute times over the block's tiles, end of its last tile.
-constexpr int k_prof = 5;
+// weight-compute times over the block's tiles, end of its last tile, then three sub-phases summed over the tiles
+// (attention: staging, scores and softmax, accumulators; matvec: loading x, q8_1 rounding, epilogue).
+constexpr int k_prof = 8;
+
 
 // --- small device helpers --------------------------------------------------------------------------------------
 
@@ -78,6 +80,19 @@ __device__ __forceinline__ unsigned long long global_ns() {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
 }
+
+// Thread 0's clock for the sub-phases of a tile (does nothing unless profiling).
+struct phase_clock {
+    unsigned long long * acc;
+    unsigned long long t;
+    __device__ void mark(int k) {
+        if (acc && threadIdx.x == 0) {
+            const unsigned long long n = global_ns();
+            acc[k] += n - t;
+            t = n;
+        }
+    }
+};
 
 __device__ __forceinline__ unsigned long long ld_acquire(const unsigned long long * p) {
     unsigned long long v;
@@ -839,7 +854,7 @@ __host__ __device__ inline size_t attn_smem_floats(const attention & at) {
 
 // One KV head over cells [c0, c1): chunks of K and V are staged in shared memory by all threads (coalesced,
 // independent loads), then scores, an online softmax per query head of the group, and the accumulators.
-__device__ void attn_tile(const kernel_args & a, const attention & at, int tile, float * smem) {
+__device__ void attn_tile(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc) {
     const int kvh = tile / at.n_split, split = tile % at.n_split;
     const int c0 = split * at.cells_per_split, c1 = min(at.n_kv, c0 + at.cells_per_split);
     const int group = at.n_head / at.n_head_kv, hk = at.head_dim_k, hv = at.head_dim_v;
@@ -890,6 +905,7 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
             stage_rows(vs, hv, vb, at.v_type, at.v_nb_dim, at.v_nb_cell, cb, nc);
         }
         __syncthreads();
+        pc.mark(0);
         // Scores: two neighbouring threads per (query head, cell), each over half of the dimensions with four
         // independent sums, combined with one shuffle. Items are laid out g * k_attn_chunk + c so that whole warps
         // share the loop bounds (the shuffle needs every lane).
@@ -949,6 +965,7 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
             }
         }
         __syncthreads();
+        pc.mark(1);
         // Accumulators: two neighbouring threads per (query head, dimension), each over half of the cells.
         for (int e = threadIdx.x; e < 2 * group * hv + (k_threads - (2 * group * hv) % k_threads) % k_threads;
              e += k_threads) {
@@ -984,6 +1001,7 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
             o[1] = sm[g];
         }
     }
+    pc.mark(2);
 }
 
 __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
@@ -1008,6 +1026,12 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
     __shared__ instruction in;  // the current instruction, copied once: its fields are read all through a tile
     __shared__ attention s_at;
     unsigned long long * prof = a.prof ? a.prof + (size_t) b * a.n_instrs * k_prof : nullptr;
+    // the SM clock against the global timer, from block 0: cycles and ns at the start and the end of the step
+    unsigned long long * clk = a.prof && b == 0 && threadIdx.x == 0 ? a.prof + (size_t) G * a.n_instrs * k_prof : nullptr;
+    if (clk) {
+        clk[0] = clock64();
+        clk[1] = global_ns();
+    }
     for (int i = 0; i < a.n_instrs; i++) {
         const int first = ((b - a.offsets[i]) % G + G) % G;
         if (first >= a.tiles[i]) {
@@ -1063,11 +1087,13 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
             }
             const unsigned long long t0 = prof ? global_ns() : 0;
             unsigned long long t1 = t0;
+            phase_clock pc{prof ? prof + i * k_prof + 5 : nullptr, t0};
             if (in.kind == instr_kind::attn) {
-                attn_tile(a, s_at, t, smem);
+                attn_tile(a, s_at, t, smem, pc);
                 t1 = prof ? global_ns() : 0;
             } else {
                 form_input(a, in.in, x, w);
+                pc.mark(0);
                 if (in.kind == instr_kind::vec) {
                     t1 = prof ? global_ns() : 0;
                     epilogue(a, in.seg[0], x, 0, in.in.n, s_red);
@@ -1076,6 +1102,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                     if (q8) {
                         round_q8_1(x, xq, xd, in.in.n);
                     }
+                    pc.mark(1);
                     t1 = prof ? global_ns() : 0;
                     const mv_x xin{x, xq, xd, in.in.n, q8};
                     if (cp.n_chunks) {
@@ -1100,7 +1127,9 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                         const unsigned long long t2 = global_ns();
                         t_mv += t2 - t1;
                     }
+                    pc.t = prof ? global_ns() : 0;
                     epilogue(a, sg, y, r0, r1, s_red);
+                    pc.mark(2);
                 }
             }
             t_in += t1 - t0;
@@ -1111,6 +1140,10 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 prof[i * k_prof + 4] = global_ns();
             }
         }
+    }
+    if (clk) {
+        clk[2] = clock64();
+        clk[3] = global_ns();
     }
 }
 
@@ -1137,7 +1170,8 @@ struct gpu_program {
     std::string prof_path;
     unsigned long long * d_prof = nullptr;
     std::vector<unsigned long long> h_prof;
-    std::vector<double> p_begin, p_end, p_wait, p_input, p_compute;
+    std::vector<double> p_begin, p_end, p_wait, p_input, p_compute, p_sub[3];
+    double p_mhz = 0;
     double p_total = 0;
     long p_steps = 0;
     std::vector<int> tiles;
@@ -1147,11 +1181,15 @@ namespace {
 
 void profile_step(gpu_program * g) {
     const int n = g->args.n_instrs;
-    g->h_prof.assign((size_t) g->grid * n * k_prof, 0);
+    g->h_prof.assign((size_t) g->grid * n * k_prof + 4, 0);
     cudaMemcpy(g->h_prof.data(), g->d_prof, g->h_prof.size() * 8, cudaMemcpyDeviceToHost);
     cudaMemset(g->d_prof, 0, g->h_prof.size() * 8);
     unsigned long long t0 = ~0ull, t1 = 0;
-    for (size_t k = 0; k < g->h_prof.size(); k += k_prof) {
+    const unsigned long long * clk = &g->h_prof[(size_t) g->grid * n * k_prof];
+    if (clk[3] > clk[1]) {
+        g->p_mhz += 1e3 * (double) (clk[2] - clk[0]) / (double) (clk[3] - clk[1]);
+    }
+    for (size_t k = 0; k + k_prof <= (size_t) g->grid * n * k_prof; k += k_prof) {
         if (g->h_prof[k]) {
             t0 = std::min(t0, g->h_prof[k]);
             t1 = std::max(t1, g->h_prof[k + 4]);
@@ -1160,12 +1198,12 @@ void profile_step(gpu_program * g) {
     if (t0 == ~0ull) {
         return;
     }
-    for (auto * v : {&g->p_begin, &g->p_end, &g->p_wait, &g->p_input, &g->p_compute}) {
+    for (auto * v : {&g->p_begin, &g->p_end, &g->p_wait, &g->p_input, &g->p_compute, &g->p_sub[0], &g->p_sub[1], &g->p_sub[2]}) {
         v->resize(n, 0);
     }
     for (int i = 0; i < n; i++) {
         unsigned long long b = ~0ull, e = 0;
-        double w = 0, in = 0, mv = 0;
+        double w = 0, in = 0, mv = 0, sub[3] = {0, 0, 0};
         int nb = 0;
         for (int blk = 0; blk < g->grid; blk++) {
             const unsigned long long * r = &g->h_prof[((size_t) blk * n + i) * k_prof];
@@ -1175,6 +1213,9 @@ void profile_step(gpu_program * g) {
             w += (double) (r[1] - r[0]);
             in += (double) r[2];
             mv += (double) r[3];
+            for (int k = 0; k < 3; k++) {
+                sub[k] += (double) r[5 + k];
+            }
             nb++;
         }
         if (nb == 0) continue;
@@ -1183,19 +1224,24 @@ void profile_step(gpu_program * g) {
         g->p_wait[i] += w / nb;
         g->p_input[i] += in / nb;
         g->p_compute[i] += mv / nb;
+        for (int k = 0; k < 3; k++) {
+            g->p_sub[k][i] += sub[k] / nb;
+        }
     }
     g->p_total += (double) (t1 - t0);
     g->p_steps++;
     if (g->p_steps % 32 == 0) {
         if (FILE * f = fopen(g->prof_path.c_str(), "w")) {
             const double k = 1e-3 / g->p_steps;  // ns sums -> mean microseconds
-            fprintf(f, "{\"steps\":%ld,\"grid\":%d,\"ring_slots\":%d,\"slot_bytes\":%d,\"step_us\":%.2f,\"instructions\":[",
-                    g->p_steps, g->grid, g->args.ring_slots, g->args.slot_bytes, g->p_total * k);
+            fprintf(f, "{\"steps\":%ld,\"grid\":%d,\"ring_slots\":%d,\"slot_bytes\":%d,\"step_us\":%.2f,\"sm_clock_mhz\":%.0f,"
+                    "\"instructions\":[", g->p_steps, g->grid, g->args.ring_slots, g->args.slot_bytes, g->p_total * k,
+                    g->p_mhz / g->p_steps);
             for (int i = 0; i < n; i++) {
                 fprintf(f, "%s{\"name\":\"%s\",\"tiles\":%d,\"begin_us\":%.2f,\"end_us\":%.2f,\"wait_us\":%.2f,"
-                        "\"input_us\":%.2f,\"compute_us\":%.2f}", i ? "," : "",
+                        "\"input_us\":%.2f,\"compute_us\":%.2f,\"sub_us\":[%.2f,%.2f,%.2f]}", i ? "," : "",
                         g->names[i].c_str(), g->tiles[i], g->p_begin[i] * k, g->p_end[i] * k, g->p_wait[i] * k,
-                        g->p_input[i] * k, g->p_compute[i] * k);
+                        g->p_input[i] * k, g->p_compute[i] * k, g->p_sub[0][i] * k, g->p_sub[1][i] * k,
+                        g->p_sub[2][i] * k);
             }
             fprintf(f, "]}\n");
             fclose(f);
@@ -1460,7 +1506,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.prof = nullptr;
     if (const char * pp = getenv("LLAMA_MEGAKERNEL_PROFILE")) {
         g->prof_path = pp;
-        const size_t bytes = (size_t) g->grid * p.instrs.size() * k_prof * 8;
+        const size_t bytes = ((size_t) g->grid * p.instrs.size() * k_prof + 4) * 8;
         if (cudaMalloc(&g->d_prof, bytes) == cudaSuccess && cudaMemset(g->d_prof, 0, bytes) == cudaSuccess) {
             a.prof = g->d_prof;
         }
