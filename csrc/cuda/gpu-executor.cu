@@ -194,7 +194,7 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
 #pragma unroll
                 for (int k = 0; k < k_gather; k++) {
                     const int i = i0 + k * k_threads;
-                    r[k] = i < n ? ldcg_f(s + i) : 0.0f;
+                    r[k] = ldcg_f(s + min(i, n - 1));  // clamped, not skipped: no branch between the loads
                 }
 #pragma unroll
                 for (int k = 0; k < k_gather; k++) {
@@ -210,22 +210,23 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
             // x and the norm's weight in one round trip; the sum of squares needs the whole vector first
             const float * s = (const float *) resolve(a, in.src);
             const float * nw = in.w.null() ? nullptr : (const float *) resolve(a, in.w);
+            const float * gw = nw ? nw : s;
             float ss = 0.0f;
             for (int i0 = t; i0 < n; i0 += k_gather * k_threads) {
                 float r[k_gather], g[k_gather];
 #pragma unroll
                 for (int k = 0; k < k_gather; k++) {
                     const int i = i0 + k * k_threads;
-                    r[k] = i < n ? ldcg_f(s + i) : 0.0f;
-                    g[k] = i < n && nw ? __ldg(nw + i) : 1.0f;
+                    r[k] = ldcg_f(s + min(i, n - 1));
+                    g[k] = __ldg(gw + min(i, n - 1));
                 }
 #pragma unroll
                 for (int k = 0; k < k_gather; k++) {
                     const int i = i0 + k * k_threads;
-                    ss += r[k] * r[k];
                     if (i < n) {
+                        ss += r[k] * r[k];
                         x[i] = r[k];
-                        w[i] = g[k];
+                        w[i] = nw ? g[k] : 1.0f;
                     }
                 }
             }
@@ -245,8 +246,9 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
 #pragma unroll
                 for (int k = 0; k < k_gather; k++) {
                     const int j = j0 + k * k_threads;
-                    m[k] = j < nhs ? ldcg_f(part + j * stride) : 0.0f;
-                    l[k] = j < nhs ? ldcg_f(part + j * stride + 1) : 0.0f;
+                    const int jj = min(j, nhs - 1);
+                    m[k] = ldcg_f(part + jj * stride);
+                    l[k] = ldcg_f(part + jj * stride + 1);
                 }
 #pragma unroll
                 for (int k = 0; k < k_gather; k++) {
@@ -281,14 +283,23 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
                 for (int k = 0; k < k_gather; k++) {
                     v[k] = 0.0f;
                 }
+                int h[k_gather], d[k_gather];
+#pragma unroll
+                for (int k = 0; k < k_gather; k++) {
+                    const int e = min(e0 + k * k_threads, n - 1);
+                    h[k] = e / in.head_dim;
+                    d[k] = e % in.head_dim;
+                }
+#pragma unroll 4
                 for (int s = 0; s < ns; s++) {
+                    float r[k_gather];
 #pragma unroll
                     for (int k = 0; k < k_gather; k++) {
-                        const int e = e0 + k * k_threads;
-                        if (e < n) {
-                            const int h = e / in.head_dim, d = e % in.head_dim;
-                            v[k] += wt[h * ns + s] * ldcg_f(part + (h * ns + s) * stride + 2 + d);
-                        }
+                        r[k] = ldcg_f(part + (h[k] * ns + s) * stride + 2 + d[k]);
+                    }
+#pragma unroll
+                    for (int k = 0; k < k_gather; k++) {
+                        v[k] += wt[h[k] * ns + s] * r[k];
                     }
                 }
 #pragma unroll
@@ -728,17 +739,35 @@ __device__ void ring_drain(const kernel_args & a, const ring_cursor & rc, uint64
 // q = round(x / d). Doing the same keeps the megakernel's logits within float summation order of stock's.
 // x keeps the rounded values (for the float paths); xq/xd get the int8 values and scales (for the integer paths).
 __device__ void round_q8_1(float * x, int8_t * xq, float * xd, int n) {
-    const int l = threadIdx.x % 32;
-    for (int b = threadIdx.x / 32; b < n / 32; b += k_warps) {
-        const float v = x[32 * b + l];
-        const float amax = warp_max(fabsf(v));
+    // eight values per thread, four threads per block of 32: two shuffles per block instead of a warp reduction
+    // per block (a warp walking the blocks one after another took 4 us for the 8,192 values of an FFN input)
+    const int l = threadIdx.x % 32, ng = n / 8;
+    for (int g0 = threadIdx.x - l; g0 < ng; g0 += k_threads) {  // warp-uniform loop: the shuffles need every lane
+        const int g = min(g0 + l, ng - 1);
+        float4 * p = (float4 *) (x + 8 * g);
+        const float4 u = p[0], v = p[1];
+        float amax = fmaxf(fmaxf(fmaxf(fabsf(u.x), fabsf(u.y)), fmaxf(fabsf(u.z), fabsf(u.w))),
+                           fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
         const float d = amax / 127.0f;
-        const float q = amax == 0.0f ? 0.0f : roundf(v / d);
         const float dh = __half2float(__float2half_rn(d));
-        x[32 * b + l] = q * dh;
-        xq[32 * b + l] = (int8_t) q;
-        if (l == 0) {
-            xd[b] = dh;
+        const float e[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
+        float r[8];
+        uint32_t packed[2] = {0, 0};
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            const float q = amax == 0.0f ? 0.0f : roundf(e[k] / d);
+            r[k] = q * dh;
+            packed[k / 4] |= ((uint32_t) (int8_t) q & 0xffu) << (8 * (k % 4));
+        }
+        if (g0 + l < ng) {
+            p[0] = make_float4(r[0], r[1], r[2], r[3]);
+            p[1] = make_float4(r[4], r[5], r[6], r[7]);
+            *(uint2 *) (xq + 8 * g) = make_uint2(packed[0], packed[1]);
+            if (g % 4 == 0) {
+                xd[g / 4] = dh;
+            }
         }
     }
     __syncthreads();
@@ -778,9 +807,10 @@ struct stage_walk {
 };
 
 // The mask, K and V of cells [cb, cb + nc) into shared memory (rows hd + 1 floats apart), and with `q` the query
-// rows too. Every load of a pass is issued before any is stored: a loop that loads and stores one element per
-// iteration waits a whole memory round trip per element (16 of them per 64-cell chunk, ~16 us per attention tile
-// on the H100). Needs k_threads to be a multiple of both head sizes.
+// rows too. All loads of a pass are issued before any value is used, and none sits behind a branch (out-of-range
+// elements load a clamped address and are dropped at the store): a load whose value is converted or stored before
+// the next load is issued costs a whole memory round trip, ~1 us here, and an attention tile made of such loads
+// took 16 us. Needs k_threads to be a multiple of both head sizes.
 template <int T>
 __device__ void stage_chunk(const attention & at, const uint8_t * kb, const uint8_t * vb, const uint8_t * mb, float * ks,
                             float * vs, float * msk, int cb, int nc, bool v_by_cell, float * q, const float * qg, int nq) {
@@ -792,29 +822,31 @@ __device__ void stage_chunk(const attention & at, const uint8_t * kb, const uint
     const stage_walk wv = v_by_cell ? stage_walk{t % k_attn_chunk, 0, t / k_attn_chunk, k_threads / k_attn_chunk}
                                     : stage_walk{t / hv, k_threads / hv, t % hv, 0};
     const int per_thread = (k_attn_chunk * max(hk, hv) + k_threads - 1) / k_threads;
+    const uint8_t * kd = kb + (uint64_t) wk.d * at.k_nb_dim + (uint64_t) cb * at.k_nb_cell;
+    const uint8_t * vc = vb + (uint64_t) cb * at.v_nb_cell;
     for (int k0 = 0; k0 < per_thread; k0 += N) {
-        float rk[N], rv[N], rm = 0.0f, rq0 = 0.0f, rq1 = 0.0f;
+        float rk[N], rv[N], rq0 = 0.0f, rq1 = 0.0f;
+        uint32_t rm = 0;  // the mask's bits: converted at the store, not between loads
         if (k0 == 0) {
-            if (q && t < nq) {
-                rq0 = ldcg_f(qg + t);
+            const int cm = min(t, nc - 1);
+            if (q) {
+                rq0 = ldcg_f(qg + min(t, nq - 1));
+                rq1 = ldcg_f(qg + min(t + k_threads, nq - 1));
             }
-            if (q && t + k_threads < nq) {
-                rq1 = ldcg_f(qg + t + k_threads);
-            }
-            if (mb && t < nc) {
-                rm = at.mask_type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) mb + cb + t)))
-                                           : __ldcg((const float *) mb + cb + t);
+            if (mb) {
+                rm = at.mask_type == T_F16 ? (uint32_t) __ldcg((const unsigned short *) mb + cb + cm)
+                                           : __ldcg((const unsigned int *) mb + cb + cm);
             }
         }
 #pragma unroll
         for (int k = 0; k < N; k++) {
-            const int c = wk.c + (k0 + k) * wk.dc;
-            rk[k] = c < nc ? ld_kv_t<T>(kb + (uint64_t) wk.d * at.k_nb_dim + (uint64_t) (cb + c) * at.k_nb_cell) : 0.0f;
+            const int c = min(wk.c + (k0 + k) * wk.dc, nc - 1);
+            rk[k] = ld_kv_t<T>(kd + (uint64_t) c * at.k_nb_cell);
         }
 #pragma unroll
         for (int k = 0; k < N; k++) {
-            const int c = wv.c + (k0 + k) * wv.dc, d = wv.d + (k0 + k) * wv.dd;
-            rv[k] = c < nc && d < hv ? ld_kv_t<T>(vb + (uint64_t) d * at.v_nb_dim + (uint64_t) (cb + c) * at.v_nb_cell) : 0.0f;
+            const int c = min(wv.c + (k0 + k) * wv.dc, nc - 1), d = min(wv.d + (k0 + k) * wv.dd, hv - 1);
+            rv[k] = ld_kv_t<T>(vc + (uint64_t) d * at.v_nb_dim + (uint64_t) c * at.v_nb_cell);
         }
         if (k0 == 0) {
             if (q && t < nq) {
@@ -824,7 +856,7 @@ __device__ void stage_chunk(const attention & at, const uint8_t * kb, const uint
                 q[t + k_threads] = rq1;
             }
             if (t < nc) {
-                msk[t] = rm;
+                msk[t] = !mb ? 0.0f : at.mask_type == T_F16 ? __half2float(__ushort_as_half((unsigned short) rm)) : __uint_as_float(rm);
             }
         }
 #pragma unroll
