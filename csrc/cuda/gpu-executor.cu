@@ -58,7 +58,8 @@ struct kernel_args {
     int32_t ring_slots;       // 0: no ring
     int32_t slot_bytes;
     int32_t ring_off;
-    int32_t prefetch;         // 1: L2-prefetch a tile's weights before its dependency wait (LLAMA_MEGAKERNEL_PREFETCH=0: no)
+    int32_t prefetch;         // bytes per segment of a tile's weights to L2-prefetch before its dependency wait
+                              // (LLAMA_MEGAKERNEL_PREFETCH=KiB; 0: none, and no K/V prefetch for attention either)
 };
 
 // Profile entries per (block, instruction): arrival, dependencies met (first tile), summed input-forming and
@@ -884,6 +885,32 @@ __host__ __device__ inline size_t attn_smem_floats(const attention & at) {
            (size_t) group * at.head_dim_v + 4 * (size_t) group;
 }
 
+// The 128-byte lines of a tile's K and V rows (cells [c0, c1) of its KV head) towards L2, before the tile waits on
+// the QKV instruction: apart from the newest cell they were written in earlier steps and have left the L2.
+__device__ void prefetch_kv(const kernel_args & a, const attention & at, int tile) {
+    const int kvh = tile / at.n_split, split = tile % at.n_split;
+    const int c0 = split * at.cells_per_split, c1 = min(at.n_kv, c0 + at.cells_per_split);
+    const uint8_t * kb = resolve(a, at.k) + (uint64_t) kvh * at.k_nb_head;
+    const uint8_t * vb = resolve(a, at.v) + (uint64_t) kvh * at.v_nb_head;
+    const bool v_by_cell = at.v_nb_cell < at.v_nb_dim;
+    const uint64_t k_row = (uint64_t) at.head_dim_k * at.k_nb_dim;  // bytes of one cell's K row of this head
+    const int k_lines = (int) ((k_row + 127) / 128);
+    for (int e = threadIdx.x; e < (c1 - c0) * k_lines; e += k_threads) {
+        prefetch_l2(kb + (uint64_t) (c0 + e / k_lines) * at.k_nb_cell + (uint64_t) (e % k_lines) * 128);
+    }
+    if (v_by_cell) {  // per dimension, the cells are contiguous
+        const int v_lines = (int) (((uint64_t) (c1 - c0) * at.v_nb_cell + 127) / 128);
+        for (int e = threadIdx.x; e < at.head_dim_v * v_lines; e += k_threads) {
+            prefetch_l2(vb + (uint64_t) (e / v_lines) * at.v_nb_dim + (uint64_t) c0 * at.v_nb_cell + (uint64_t) (e % v_lines) * 128);
+        }
+    } else {
+        const int v_lines = (int) (((uint64_t) at.head_dim_v * at.v_nb_dim + 127) / 128);
+        for (int e = threadIdx.x; e < (c1 - c0) * v_lines; e += k_threads) {
+            prefetch_l2(vb + (uint64_t) (c0 + e / v_lines) * at.v_nb_cell + (uint64_t) (e % v_lines) * 128);
+        }
+    }
+}
+
 // One KV head over cells [c0, c1): chunks of K and V are staged in shared memory by all threads (coalesced,
 // independent loads), then scores, an online softmax per query head of the group, and the accumulators.
 __device__ void attn_tile(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc) {
@@ -1098,13 +1125,16 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                     for (int k = 0; k < (in.kind == instr_kind::glu ? 2 : 1); k++) {
                         const segment & ps = in.seg[in.kind == instr_kind::glu ? k : s];
                         const uint8_t * p0 = resolve(a, ps.w) + (uint64_t) (r0 + skip) * ps.row_bytes;
-                        // at most 96 KiB per segment: L2 holds ~380 KiB per SM, and prefetching a whole LM-head
+                        // capped (96 KiB by default): L2 holds ~380 KiB per SM, and prefetching a whole LM-head
                         // tile (4 MB per SM in BF16) only evicted itself (BF16 step 2,610 -> 2,398 us without it)
-                        const int64_t nbytes = min((int64_t) (r1 - r0 - skip) * (int64_t) ps.row_bytes, (int64_t) 96 * 1024);
+                        const int64_t nbytes = min((int64_t) (r1 - r0 - skip) * (int64_t) ps.row_bytes, (int64_t) a.prefetch);
                         for (int64_t o = (int64_t) threadIdx.x * 128; o < nbytes; o += (int64_t) k_threads * 128) {
                             prefetch_l2(p0 + o);
                         }
                     }
+                }
+                if (in.kind == instr_kind::attn && a.prefetch) {
+                    prefetch_kv(a, a.attns[in.attn], t);  // last step's cells are in DRAM: start them now
                 }
                 if (!wait_deps(a, in, i, &s_flag)) {
                     if (threadIdx.x == 0) {
@@ -1524,9 +1554,9 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.x_floats = (int32_t) x_f;
     a.y_floats = (int32_t) y_f;
     a.w_floats = (int32_t) w_f;
-    a.prefetch = 1;
+    a.prefetch = 96 * 1024;
     if (const char * pf = getenv("LLAMA_MEGAKERNEL_PREFETCH")) {
-        a.prefetch = atoi(pf) != 0;
+        a.prefetch = std::max(0, atoi(pf)) * 1024;
     }
     a.ring_slots = ring_slots;
     a.slot_bytes = slot_bytes;
