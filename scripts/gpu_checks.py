@@ -288,7 +288,7 @@ def main() -> int:
                         "-k", "regex:megakernel",
                         "--launch-skip", "8", "--launch-count", "1", "-f", "-o", str(rep_file.with_suffix("")),
                         str(tool), str(M / f"{name}.gguf"), "--steps", "16"], env=env_for(True, extra=extra), timeout=400)
-                for view in ("sass",):
+                for view in ("sass", "cuda") if os.environ["MK_NCU_SOURCE"] == "cuda" else ("sass",):
                     v = sh(["ncu", "--import", str(rep_file), "--page", "source", "--csv", "--print-source", view])
                     (out.parent / f"ncu-source-{view}-{name}.csv").write_text(v.stdout[-30_000_000:] + v.stderr[-5000:])
                 log(f"ncu source {name}: rc {r.returncode}")

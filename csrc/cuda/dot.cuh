@@ -205,15 +205,19 @@ struct w_q8_0_int : w_q8_0 {
     }
 };
 
-// Q4_K/Q5_K scales: 6-bit scale and min of sub-block j from the 12 scale bytes (as 3 words).
+// Q4_K/Q5_K scales: 6-bit scale and min of sub-block j from the 12 scale bytes (as 3 words). Bytes are taken with
+// shifts: indexing the words through a byte pointer would put them in local memory.
+__device__ __forceinline__ uint32_t k_byte(const uint32_t * sw, int i) {
+    const uint32_t w = i < 4 ? sw[0] : i < 8 ? sw[1] : sw[2];  // selects, not an index: sw stays in registers
+    return (w >> (8 * (i & 3))) & 0xffu;
+}
 __device__ __forceinline__ void k_sm(int j, const uint32_t * sw, float & sc, float & mn) {
-    const uint8_t * s = (const uint8_t *) sw;
     if (j < 4) {
-        sc = (float) (s[j] & 63);
-        mn = (float) (s[j + 4] & 63);
+        sc = (float) (k_byte(sw, j) & 63);
+        mn = (float) (k_byte(sw, j + 4) & 63);
     } else {
-        sc = (float) ((s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4));
-        mn = (float) ((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+        sc = (float) ((k_byte(sw, j + 4) & 0xf) | ((k_byte(sw, j - 4) >> 6) << 4));
+        mn = (float) ((k_byte(sw, j + 4) >> 4) | ((k_byte(sw, j) >> 6) << 4));
     }
 }
 
@@ -349,7 +353,7 @@ struct w_q6_k_int : w_q6_k {
 };
 
 // Call f.template operator()<W>() with the struct of weight type t; false if the type has none.
-template <typename F> __device__ __forceinline__ bool dispatch_type(int t, F && f) {
+template <typename F> __device__ __forceinline__ bool dispatch_type(int t, F f) {
     switch (t) {
         case 0:  f(w_f32{});  return true;
         case 1:  f(w_f16{});  return true;

@@ -318,11 +318,8 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
             const uint8_t * src = resolve(a, in.src) + (uint64_t) row * in.src_row_bytes;
             const type_info ti = info_of(in.src_type);
             for (int b = threadIdx.x; b < n / ti.block; b += k_threads) {
-                float tmp[256];
-                dequant_block(in.src_type, src + (uint64_t) b * ti.bytes, tmp);
-                for (int j = 0; j < ti.block; j++) {
-                    x[b * ti.block + j] = tmp[j];
-                }
+                // straight into shared memory: a local array here cost every thread a 1 KB stack frame
+                dequant_block(in.src_type, src + (uint64_t) b * ti.bytes, x + b * ti.block);
             }
             break;
         }
@@ -472,7 +469,7 @@ struct mv_x {  // the input in its forms: float, and (q8 true) int8 values with 
 };
 
 template <typename W, int R>
-__device__ __forceinline__ void dot_any(const mv_x & in, const uint8_t * row0, uint64_t stride, const mv_plan & p, float (&s)[R]) {
+__device__ __forceinline__ void dot_any(const mv_x in, const uint8_t * row0, uint64_t stride, const mv_plan p, float (&s)[R]) {
     if constexpr (dev::has_int_path<W>::value) {
         if (in.q8) {
             dev::dot_rows_q8<W, R>(row0, stride, in.xq, in.xd, in.n, p.start, p.step, s);
@@ -483,7 +480,7 @@ __device__ __forceinline__ void dot_any(const mv_x & in, const uint8_t * row0, u
 }
 
 template <typename W, int R>
-__device__ void mv_rows(const mv_plan & p, const uint8_t * base, uint64_t stride, const mv_x & x, int r0, int r1,
+__device__ void mv_rows(const mv_plan p, const uint8_t * base, uint64_t stride, const mv_x x, int r0, int r1,
                         float * out) {
     const int l = threadIdx.x % 32, rows = r1 - r0, full = rows / R;
     auto emit = [&](int i, float v) {
@@ -507,9 +504,11 @@ __device__ void mv_rows(const mv_plan & p, const uint8_t * base, uint64_t stride
     }
 }
 
-__device__ void mv_segment(const mv_plan & p, int type, const uint8_t * base, uint64_t stride, const mv_x & x, int rows,
+// Plans and inputs go by value, and the lambda captures by value: taken by reference, they ended up in local
+// memory (a round trip to L2 for every row's result, as the L1 is mostly carved out for shared memory).
+__device__ void mv_segment(const mv_plan p, int type, const uint8_t * base, uint64_t stride, const mv_x x, int rows,
                            float * out) {
-    dev::dispatch_type(type, [&](auto Wt) {
+    dev::dispatch_type(type, [=](auto Wt) {
         using W = decltype(Wt);
         switch (p.R) {
             case 8:  mv_rows<W, 8>(p, base, stride, x, 0, rows, out); break;
@@ -598,11 +597,14 @@ __device__ chunk_plan plan_chunks(const kernel_args & a, const instruction & in,
     const bool glu = in.kind == instr_kind::glu;
     c.n_segs = glu ? 2 : 1;
     uint32_t per_row = 0;
-    for (int k = 0; k < c.n_segs; k++) {
-        const segment & sg = in.seg[glu ? k : tr.seg];
-        c.rb[k] = (uint32_t) sg.row_bytes;
-        c.w[k] = resolve(a, sg.w) + (uint64_t) tr.r0 * sg.row_bytes;
-        per_row += c.rb[k];
+#pragma unroll
+    for (int k = 0; k < 2; k++) {  // fixed bounds: a runtime-indexed c.rb/c.w would live in local memory
+        if (k < c.n_segs) {
+            const segment & sg = in.seg[glu ? k : tr.seg];
+            c.rb[k] = (uint32_t) sg.row_bytes;
+            c.w[k] = resolve(a, sg.w) + (uint64_t) tr.r0 * sg.row_bytes;
+            per_row += c.rb[k];
+        }
     }
     c.rows = tr.r1 - tr.r0;
     const int fit = (int) ((uint32_t) a.slot_bytes / per_row);  // >= 1: gpu_load checked
