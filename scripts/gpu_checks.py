@@ -249,8 +249,6 @@ def main() -> int:
         variants += [("-noprefetch", {"LLAMA_MEGAKERNEL_PREFETCH": "0"})] if os.environ.get("MK_PROFILE_NOPREFETCH") else []
         variants += [(f"-prefetch{k}", {"LLAMA_MEGAKERNEL_PREFETCH": k})  # KiB per segment
                      for k in os.environ.get("MK_PROFILE_PREFETCH", "").split()]
-        variants += [(f"-lookahead{k}", {"LLAMA_MEGAKERNEL_LOOKAHEAD": k})  # KiB per segment of the next tile
-                     for k in os.environ.get("MK_PROFILE_LOOKAHEAD", "").split()]
         for name in ("llama-smollm2-135m-Q4_0", "llama-llama-3.2-1b-Q4_0", "llama-llama-3.2-1b-BF16"):
             for variant, extra in variants:
                 if not have(name):

@@ -58,7 +58,6 @@ struct kernel_args {
     int32_t ring_slots;       // 0: no ring
     int32_t slot_bytes;
     int32_t ring_off;
-    int32_t lookahead;        // bytes per segment of the next matvec tile to prefetch while waiting (LLAMA_MEGAKERNEL_LOOKAHEAD=KiB)
     int32_t prefetch;         // bytes per segment of a tile's weights to L2-prefetch before its dependency wait
                               // (LLAMA_MEGAKERNEL_PREFETCH=KiB; 0: none, and no K/V prefetch for attention either)
 };
@@ -1066,32 +1065,6 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
     pc.mark(2);
 }
 
-// The first weights of this block's next matvec tile after instruction i towards L2, while it waits on i: a
-// tile's own prefetch starts only when the block arrives at it, too late to cover its first rows.
-__device__ void prefetch_next(const kernel_args & a, int i, int b) {
-    const int G = gridDim.x;
-    for (int j = i + 1; j < a.n_instrs; j++) {
-        const int t = ((b - a.offsets[j]) % G + G) % G;
-        if (t >= a.tiles[j]) {
-            continue;
-        }
-        const instruction & nx = a.instrs[j];
-        if (nx.kind != instr_kind::matvec && nx.kind != instr_kind::glu) {
-            return;
-        }
-        const tile_rows tr = rows_of(nx, t);
-        for (int k = 0; k < (nx.kind == instr_kind::glu ? 2 : 1); k++) {
-            const segment & ps = nx.seg[nx.kind == instr_kind::glu ? k : tr.seg];
-            const uint8_t * p0 = resolve(a, ps.w) + (uint64_t) tr.r0 * ps.row_bytes;
-            const int64_t nbytes = min((int64_t) (tr.r1 - tr.r0) * (int64_t) ps.row_bytes, (int64_t) a.lookahead);
-            for (int64_t o = (int64_t) threadIdx.x * 128; o < nbytes; o += (int64_t) k_threads * 128) {
-                prefetch_l2(p0 + o);
-            }
-        }
-        return;
-    }
-}
-
 __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
     extern __shared__ __align__(128) float smem[];
     __shared__ int s_flag;
@@ -1164,9 +1137,6 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 }
                 if (in.kind == instr_kind::attn && a.prefetch) {
                     prefetch_kv(a, a.attns[in.attn], t);  // last step's cells are in DRAM: start them now
-                }
-                if (a.lookahead) {
-                    prefetch_next(a, i, b);
                 }
                 if (!wait_deps(a, in, i, &s_flag)) {
                     if (threadIdx.x == 0) {
@@ -1589,10 +1559,6 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.prefetch = 96 * 1024;
     if (const char * pf = getenv("LLAMA_MEGAKERNEL_PREFETCH")) {
         a.prefetch = std::max(0, atoi(pf)) * 1024;
-    }
-    a.lookahead = 0;
-    if (const char * la = getenv("LLAMA_MEGAKERNEL_LOOKAHEAD")) {
-        a.lookahead = std::max(0, atoi(la)) * 1024;
     }
     a.ring_slots = ring_slots;
     a.slot_bytes = slot_bytes;
