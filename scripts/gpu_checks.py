@@ -149,11 +149,16 @@ def markdown(result: dict) -> str:
     r = result
     o = [f"# {r['date']} {r['gpu']}: the GPU executor against stock llama.cpp", "",
          f"Commit {r['commit']}, llama.cpp {r['llama_cpp_commit']} + patches/{r['llama_cpp_commit']} (one binary; the "
-         f"plugin loaded through GGML_BACKEND_PATH or not), driver {r['driver']}, copy bandwidth "
-         f"{r.get('copy_bandwidth_gbs')} GB/s (read + write, PyTorch device-to-device copy).", "",
-         "## llama-bench (medians; stock and megakernel alternated A B / B A each round)", "",
-         "| model | test | depth | stock tok/s | megakernel tok/s | ratio | bytes/token | stock % of floor | mk % of floor |",
-         "|---|---|---|---|---|---|---|---|---|"]
+         f"plugin loaded through GGML_BACKEND_PATH or not), driver {r['driver']}"
+         + (f", copy bandwidth {r['copy_bandwidth_gbs']} GB/s (read + write, device-to-device copy)."
+            if r.get("copy_bandwidth_gbs") else "."), "",
+         "## llama-bench (medians; stock and megakernel alternated A B / B A each round)", ""]
+    if r["rows"]:
+        o += ["| model | test | depth | stock tok/s | megakernel tok/s | ratio | bytes/token | stock % of floor | mk % of floor |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    elif r.get("bench_files"):
+        o += ["This run had no bench stage; the llama-bench comparison of the same commit is in "
+              + ", ".join(r["bench_files"]) + "."]
     for x in r["rows"]:
         if "ratio" not in x:
             o.append(f"| {x['model']} | {x['test']} | {x.get('depth', 0)} | error: {x.get('error', '')[:80]} | | | | | |")

@@ -96,6 +96,6 @@ def test_gpu_executor_results_markdown_matches_json():
         import gpu_checks
     finally:
         sys.path.pop(0)
-    for js in RESULTS.glob("*-gpu-executor.json"):
+    for js in RESULTS.glob("*-gpu-executor*.json"):
         md = js.with_suffix(".md")
         assert md.read_text() == gpu_checks.markdown(json.loads(js.read_text()))
