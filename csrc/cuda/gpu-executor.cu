@@ -59,7 +59,7 @@ struct kernel_args {
     int32_t slot_bytes;
     int32_t ring_off;
     int32_t prefetch;         // bytes per segment of a tile's weights to L2-prefetch before its dependency wait
-                              // (LLAMA_MEGAKERNEL_PREFETCH=KiB; 0: none, and no K/V prefetch for attention either)
+                              // (LLAMA_MEGAKERNEL_PREFETCH=KiB; 0: none)
 };
 
 // Profile entries per (block, instruction): arrival, dependencies met (first tile), summed input-forming and
@@ -272,7 +272,7 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
                     den += (mh[s] == -INFINITY ? 0.0f : __expf(mh[s] - mx)) * w[nhs + h * ns + s];
                 }
                 const float inv = den > 0.0f ? 1.0f / den : 0.0f;
-                for (int s = 0; s < ns; s++) {
+                for (int s = 0; s < ns; s++) {  // exp again rather than stored: storing it cost the kernel 8 bytes of spills
                     w[2 * nhs + h * ns + s] = (mh[s] == -INFINITY ? 0.0f : __expf(mh[s] - mx)) * inv;
                 }
             }
@@ -786,12 +786,6 @@ __device__ void round_q8_1(float * x, int8_t * xq, float * xd, int n) {
 
 constexpr int k_attn_chunk = 64;  // KV cells staged in shared memory at a time
 
-__device__ __forceinline__ float ld_kv(int type, const uint8_t * p) {
-    return type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) p)))
-         : type == T_BF16 ? dev::b2f(__ldcg((const unsigned short *) p))
-                          : __ldcg((const float *) p);
-}
-
 template <int T> __device__ __forceinline__ float ld_kv_t(const uint8_t * p) {
     if constexpr (T == T_F16) {
         return __half2float(__ushort_as_half(__ldcg((const unsigned short *) p)));
@@ -800,6 +794,10 @@ template <int T> __device__ __forceinline__ float ld_kv_t(const uint8_t * p) {
     } else {
         return __ldcg((const float *) p);
     }
+}
+
+__device__ __forceinline__ float ld_kv(int type, const uint8_t * p) {
+    return type == T_F16 ? ld_kv_t<T_F16>(p) : type == T_BF16 ? ld_kv_t<T_BF16>(p) : ld_kv_t<T_F32>(p);
 }
 
 // Cells [cb, cb + nc) of one head's K (or V) rows into dst, hd + 1 floats apart, one element at a time. Only for
@@ -893,32 +891,6 @@ __host__ __device__ inline size_t attn_smem_floats(const attention & at) {
     return (size_t) group * at.head_dim_k + (size_t) k_attn_chunk * (at.head_dim_k + 1) +
            (size_t) k_attn_chunk * (at.head_dim_v + 1) + (size_t) group * k_attn_chunk + k_attn_chunk +
            (size_t) group * at.head_dim_v + 4 * (size_t) group;
-}
-
-// The 128-byte lines of a tile's K and V rows (cells [c0, c1) of its KV head) towards L2, before the tile waits on
-// the QKV instruction: apart from the newest cell they were written in earlier steps and have left the L2.
-__device__ void prefetch_kv(const kernel_args & a, const attention & at, int tile) {
-    const int kvh = tile / at.n_split, split = tile % at.n_split;
-    const int c0 = split * at.cells_per_split, c1 = min(at.n_kv, c0 + at.cells_per_split);
-    const uint8_t * kb = resolve(a, at.k) + (uint64_t) kvh * at.k_nb_head;
-    const uint8_t * vb = resolve(a, at.v) + (uint64_t) kvh * at.v_nb_head;
-    const bool v_by_cell = at.v_nb_cell < at.v_nb_dim;
-    const uint64_t k_row = (uint64_t) at.head_dim_k * at.k_nb_dim;  // bytes of one cell's K row of this head
-    const int k_lines = (int) ((k_row + 127) / 128);
-    for (int e = threadIdx.x; e < (c1 - c0) * k_lines; e += k_threads) {
-        prefetch_l2(kb + (uint64_t) (c0 + e / k_lines) * at.k_nb_cell + (uint64_t) (e % k_lines) * 128);
-    }
-    if (v_by_cell) {  // per dimension, the cells are contiguous
-        const int v_lines = (int) (((uint64_t) (c1 - c0) * at.v_nb_cell + 127) / 128);
-        for (int e = threadIdx.x; e < at.head_dim_v * v_lines; e += k_threads) {
-            prefetch_l2(vb + (uint64_t) (e / v_lines) * at.v_nb_dim + (uint64_t) c0 * at.v_nb_cell + (uint64_t) (e % v_lines) * 128);
-        }
-    } else {
-        const int v_lines = (int) (((uint64_t) at.head_dim_v * at.v_nb_dim + 127) / 128);
-        for (int e = threadIdx.x; e < (c1 - c0) * v_lines; e += k_threads) {
-            prefetch_l2(vb + (uint64_t) (c0 + e / v_lines) * at.v_nb_cell + (uint64_t) (e % v_lines) * 128);
-        }
-    }
 }
 
 // One KV head over cells [c0, c1): chunks of K and V are staged in shared memory by all threads (coalesced,
@@ -1142,9 +1114,6 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                             prefetch_l2(p0 + o);
                         }
                     }
-                }
-                if (in.kind == instr_kind::attn && a.prefetch) {
-                    prefetch_kv(a, a.attns[in.attn], t);  // last step's cells are in DRAM: start them now
                 }
                 if (!wait_deps(a, in, i, &s_flag)) {
                     if (threadIdx.x == 0) {
