@@ -147,6 +147,9 @@ struct compiler {
         instruction in;
         in.kind = kind;
         in.layer = layer_of(t);
+        if (in.layer < 0 && !p.instrs.empty() && strncmp(t->name, "node_", 5) == 0) {
+            in.layer = p.instrs.back().layer;  // an unnamed node (gemma3's O projection) of the layer being built
+        }
         snprintf(in.name, sizeof(in.name), "%s", t->name);
         p.instrs.push_back(in);
         chain_version.resize(p.instrs.size() * k_max_segments, 0);
@@ -393,7 +396,10 @@ struct compiler {
         val & sv = whole(src, "rms_norm");
         float eps;
         memcpy(&eps, t->op_params, sizeof(float));
-        if (src->ne[0] == ggml_nelements(src) && sv.form != val::norm && sv.form != val::attn_out) {
+        // A norm over a reshape is per head (Q/K norms), even with a single KV head where the row is the whole vector:
+        // it stays in the producer's epilogue instead of becoming an instruction of its own.
+        const bool per_head = src->op == GGML_OP_RESHAPE && sv.form == val::open;
+        if (!per_head && src->ne[0] == ggml_nelements(src) && sv.form != val::norm && sv.form != val::attn_out) {
             // whole vector: fold into the consumer
             addr a = ensure_direct(root_of(src), sv);
             val nv;
@@ -569,7 +575,7 @@ struct compiler {
         const bool swapped = ggml_get_op_params_i32(t, 1) != 0;
         const ggml_tensor * a = t->src[0];
         const ggml_tensor * b = t->src[1];
-        if (op != GGML_GLU_OP_SWIGLU || b == nullptr) {
+        if (!glu_supported(op) || b == nullptr) {
             fail("unsupported-op", std::string(ggml_op_desc(t)) + " (" + t->name + ")");
         }
         val & av = whole(a, "glu");
@@ -878,14 +884,42 @@ struct compiler {
                 reads.push_back({kv.first.first, kv.first.second, i});
             }
         }
-        for (size_t i = 0; i < p.instrs.size(); i++) {
-            const instruction & in = p.instrs[i];
-            for (int s = 0; s < (in.kind == instr_kind::attn ? 0 : std::max<int>(1, in.n_segments)); s++) {
-                for (int e = 0; e < in.seg[s].n_epi; e++) {
-                    const epi_op & op = in.seg[s].epi[e];
-                    if (op.kind == epi_kind::store && !op.a.scratch) {
-                        const uint64_t n = (uint64_t) (in.kind == instr_kind::vec ? in.in.n : in.seg[s].rows) * 4;
-                        writes.push_back({op.a.off, op.a.off + n, (int) i});
+        const size_t n_before = p.instrs.size();
+        for (size_t i = 0; i < n_before; i++) {
+            for (int s = 0; s < (p.instrs[i].kind == instr_kind::attn ? 0 : std::max<int>(1, p.instrs[i].n_segments)); s++) {
+                for (int e = 0; e < p.instrs[i].seg[s].n_epi; e++) {
+                    epi_op & op = p.instrs[i].seg[s].epi[e];
+                    if (op.kind != epi_kind::store || op.a.scratch) {
+                        continue;
+                    }
+                    const int32_t count = p.instrs[i].kind == instr_kind::vec ? p.instrs[i].in.n : p.instrs[i].seg[s].rows;
+                    const uint64_t lo = op.a.off, hi = lo + (uint64_t) count * 4;
+                    bool self = false;  // the output overlaps an input of the same instruction
+                    for (const range & r : reads) {
+                        self = self || (r.instr == (int) i && r.lo < hi && lo < r.hi);
+                    }
+                    if (self) {
+                        // its tiles would overwrite what the others still read: store to scratch, then copy out
+                        const addr out = op.a;
+                        op.a = scratch_alloc((uint64_t) count * 4);
+                        instruction c;
+                        c.kind = instr_kind::vec;
+                        c.layer = p.instrs[i].layer;
+                        snprintf(c.name, sizeof(c.name), "%.56s (copy)", p.instrs[i].name);
+                        c.in.n = count;
+                        c.in.src = op.a;
+                        c.n_segments = 1;
+                        c.seg[0].rows = count;
+                        c.seg[0].n_epi = 1;
+                        c.seg[0].epi[0].kind = epi_kind::store;
+                        c.seg[0].epi[0].a = out;
+                        c.n_deps = 1;
+                        c.deps[0].instr = (int) i;
+                        p.instrs.push_back(c);
+                        chain_version.resize(p.instrs.size() * k_max_segments, 0);
+                        writes.push_back({lo, hi, (int) p.instrs.size() - 1});
+                    } else {
+                        writes.push_back({lo, hi, (int) i});
                     }
                 }
             }

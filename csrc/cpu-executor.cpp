@@ -24,10 +24,6 @@ struct tile_ctx {
     }
 };
 
-float silu(float x) {
-    return x / (1.0f + expf(-x));
-}
-
 void form_input(const tile_ctx & c, const vec_in & in, std::vector<float> & x) {
     x.resize(in.n);
     switch (in.kind) {
@@ -284,7 +280,7 @@ void run_tile(const tile_ctx & c, const instruction & in, int tile) {
             if (in.glu_swapped) {
                 std::swap(g, u);
             }
-            y[r - r0] = silu(g) * u;
+            y[r - r0] = glu_gate(in.glu_op, g) * u;
         } else {
             y[r - r0] = (float) dot_row(sg, c, r, x0, xa0, w);
         }

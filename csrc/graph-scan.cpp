@@ -1,5 +1,6 @@
 #include "graph-scan.h"
 #include "json.h"
+#include "program.h"
 
 #include "ggml-backend.h"
 #include "ggml-impl.h"
@@ -33,7 +34,7 @@ static bool op_supported(const ggml_tensor * t) {
         case GGML_OP_FLASH_ATTN_EXT:
             return true;
         case GGML_OP_GLU:
-            return ggml_get_glu_op(t) == GGML_GLU_OP_SWIGLU;
+            return glu_supported(ggml_get_glu_op(t));
         default:
             return false;
     }
@@ -113,6 +114,43 @@ graph_scan scan_graph(const ggml_cgraph * g) {
         s.detail = "batch-1 decode graph recognised; no executor for this backend";
     }
     return s;
+}
+
+static const char * const k_architectures[] = {"llama", "qwen2", "qwen3", "gemma3"};
+
+bool architecture_supported(const std::string & arch) {
+    for (const char * a : k_architectures) {
+        if (arch == a) {
+            return true;
+        }
+    }
+    return false;
+}
+
+std::string supported_json() {
+    std::string archs, ops, glus, types;
+    for (const char * a : k_architectures) {
+        archs += (archs.empty() ? "" : ",") + json_str(a);
+    }
+    ggml_tensor t = {};
+    for (int op = 0; op < GGML_OP_COUNT; op++) {
+        t.op = (ggml_op) op;
+        if (op != GGML_OP_NONE && op != GGML_OP_GLU && op_supported(&t)) {
+            ops += (ops.empty() ? "" : ",") + json_str(ggml_op_name((ggml_op) op));
+        }
+    }
+    for (int g = 0; g < GGML_GLU_OP_COUNT; g++) {
+        if (glu_supported(g)) {
+            glus += (glus.empty() ? "" : ",") + json_str(ggml_glu_op_name((ggml_glu_op) g));
+        }
+    }
+    for (int ty = 0; ty < GGML_TYPE_COUNT; ty++) {
+        if (ggml_get_type_traits((ggml_type) ty)->type_name && weight_type_supported((ggml_type) ty)) {
+            types += (types.empty() ? "" : ",") + json_str(ggml_type_name((ggml_type) ty));
+        }
+    }
+    return "{\"architectures\":[" + archs + "],\"ops\":[" + ops + "],\"glu_ops\":[" + glus +
+           "],\"weight_types\":[" + types + "]}";
 }
 
 std::string to_json(const graph_scan & s) {

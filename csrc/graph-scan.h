@@ -31,4 +31,12 @@ graph_scan scan_graph(const ggml_cgraph * graph);
 // JSON object of a scan (for status() and `llama-megakernel doctor`).
 std::string to_json(const graph_scan & s);
 
+// What the plugin takes, for `llama-megakernel doctor`: {"architectures", "ops", "glu_ops", "weight_types"}.
+// The compiler works on ops, not on model names; the architectures are those whose decode graphs are verified
+// end to end against stock (tests/test_compiler.py; bench/results/ for the GPU).
+std::string supported_json();
+
+// True if `arch` (a GGUF general.architecture) is one of those.
+bool architecture_supported(const std::string & arch);
+
 }  // namespace mk

@@ -27,6 +27,8 @@ size_t       llama_mk_explain_json(char * buf, size_t size);
 int          llama_mk_dequantize(int type, const void * src, long long n, float * dst);
 size_t       llama_mk_op_test(const char * what, int wtype, int flash_attn, int n_kv, int seed, char * out, size_t size);
 double       llama_mk_copy_bandwidth_gbs(int device);
+size_t       llama_mk_supported_json(char * buf, size_t size);
+void         llama_mk_note_model_arch(const char * arch);
 /* cffi-end */
 #ifdef __cplusplus
 }

@@ -3,6 +3,7 @@
 // are. tests/test_compiler.py calls this through the C API with fresh seeds and asserts the tolerances.
 //
 //   matvec: y = W x                       (one weight type, activation rounding as ggml defines it)
+//   glu:    y = act(W_gate x) * (W_up x)  (the gated activation ggml_glu_op n_kv: REGLU, GEGLU, SWIGLU, ...)
 //   layer:  one llama layer (norm, QKV, rope, KV append into F16 caches, attention with or without flash
 //           attention, O + residual, norm, gate/up/SwiGLU, down + residual) and the LM head
 #include "compiler.h"
@@ -88,7 +89,8 @@ extern "C" __attribute__((visibility("default"))) size_t llama_mk_op_test(const 
     try {
         const ggml_type wt = (ggml_type) wtype;
         const bool layer = std::string(what) == "layer";
-        if (!layer && std::string(what) != "matvec") {
+        const bool glu = std::string(what) == "glu";
+        if (!layer && !glu && std::string(what) != "matvec") {
             throw std::runtime_error(std::string("unknown op test ") + what);
         }
         const int n_embd = 256, n_head = 4, n_head_kv = 2, hd = 64, n_ff = 512, n_vocab = 1024, R = 384;
@@ -122,7 +124,20 @@ extern "C" __attribute__((visibility("default"))) size_t llama_mk_op_test(const 
         ggml_set_input(x);
         ggml_tensor *k_cache = nullptr, *v_cache = nullptr, *pos = nullptr, *kidx = nullptr, *vidx = nullptr,
                     *mask = nullptr;
-        if (!layer) {
+        if (glu) {
+            auto mm = [&](const char * name) {
+                ggml_tensor * w = W(name, n_ff, R);
+                weights.push_back({w, r.normal((size_t) n_ff * R, 1.5f / std::sqrt((float) n_ff))});
+                return ggml_mul_mat(cg, w, x);
+            };
+            ggml_tensor * gate = mm("w_gate");
+            ggml_tensor * up = mm("w_up");
+            ggml_tensor * y = ggml_glu_split(cg, gate, up, (ggml_glu_op) n_kv);
+            ggml_set_name(y, "y");
+            ggml_set_output(y);
+            outputs.push_back(y);
+            ggml_build_forward_expand(gf, y);
+        } else if (!layer) {
             ggml_tensor * w = W("w", n_ff, R);
             weights.push_back({w, r.normal((size_t) n_ff * R, 1.0f / std::sqrt((float) n_ff))});
             ggml_tensor * y = ggml_mul_mat(cg, w, x);

@@ -98,6 +98,7 @@ struct state {
     uint64_t graphs_while_disabled = 0;
     std::map<std::string, uint64_t> reasons;
     std::deque<graph_record> last_graphs;  // newest last
+    std::string model_arch;                // of the last model the bridge saw loaded ("": unknown)
 };
 
 state & st() {
@@ -155,21 +156,27 @@ void prepare(state & s, wrapped_backend & wb, ggml_cgraph * graph) {
         wb.last_scan.detail = e.what();
     }
     wb.last_uid = graph->uid;
-    if (!wb.last_scan.supported) {
-        return;
+    if (wb.last_scan.supported) {
+        try {
+            wb.prog.reset(new mk::program(mk::compile(graph, target_for(wb))));
+            s.programs_compiled++;
+            s.last_explain = mk::explain_json(*wb.prog);
+        } catch (const mk::compile_error & e) {
+            wb.last_scan.supported = false;
+            wb.last_scan.reason = e.reason;
+            wb.last_scan.detail = e.what();
+        } catch (const std::exception & e) {
+            wb.last_scan.supported = false;
+            wb.last_scan.reason = "internal-error";
+            wb.last_scan.detail = std::string("compiler: ") + e.what();
+        }
     }
-    try {
-        wb.prog.reset(new mk::program(mk::compile(graph, target_for(wb))));
-        s.programs_compiled++;
-        s.last_explain = mk::explain_json(*wb.prog);
-    } catch (const mk::compile_error & e) {
-        wb.last_scan.supported = false;
-        wb.last_scan.reason = e.reason;
-        wb.last_scan.detail = e.what();
-    } catch (const std::exception & e) {
-        wb.last_scan.supported = false;
-        wb.last_scan.reason = "internal-error";
-        wb.last_scan.detail = std::string("compiler: ") + e.what();
+    const std::string & r = wb.last_scan.reason;
+    if (wb.last_scan.decode && !wb.last_scan.supported && !s.model_arch.empty() &&
+        !mk::architecture_supported(s.model_arch) && r.compare(0, 12, "unsupported-") == 0) {
+        wb.last_scan.reason = "unsupported-architecture";
+        wb.last_scan.detail = "model architecture " + s.model_arch + " (the last model loaded) is not supported: " +
+                              wb.last_scan.detail;
     }
 }
 
@@ -572,6 +579,18 @@ int llama_mk_dequantize(int type, const void * src, long long n, float * dst) {
 // `llama-megakernel bench` reports; -1 without CUDA or on any CUDA error.
 double llama_mk_copy_bandwidth_gbs(int device) {
     return mk::copy_bandwidth_gbs(device);
+}
+
+size_t llama_mk_supported_json(char * buf, size_t size) {
+    return mk::copy_out(mk::supported_json(), buf, size);
+}
+
+// The bridge reports the architecture of each model llama-cpp-python loads. A graph knows nothing of its model, so
+// this only names the architecture in the reason of graphs that are handed back anyway.
+void llama_mk_note_model_arch(const char * arch) {
+    state & s = st();
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.model_arch = arch ? arch : "";
 }
 
 }  // extern "C"

@@ -11,6 +11,7 @@
 // tensors, whose addresses the program holds.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -116,6 +117,29 @@ struct attention {
     float    scale = 1, softcap = 0;
     addr     partials;          // scratch: [n_head][n_split] x (max, sum, acc[head_dim_v])
 };
+
+// The gate activation of a glu instruction: y = act(gate) * up, numbered as ggml_glu_op. Both executors call
+// glu_gate, so a new gated activation is one case here (and its number in glu_supported).
+enum glu_op_t : int32_t { glu_reglu = 0, glu_geglu = 1, glu_swiglu = 2, glu_geglu_erf = 4, glu_geglu_quick = 5 };
+
+MK_PROGRAM_HD inline bool glu_supported(int32_t op) {
+    return op == glu_reglu || op == glu_geglu || op == glu_swiglu || op == glu_geglu_erf || op == glu_geglu_quick;
+}
+
+MK_PROGRAM_HD inline float glu_gate(int32_t op, float g) {
+    switch (op) {
+        case glu_reglu:
+            return g > 0.0f ? g : 0.0f;
+        case glu_geglu:  // the tanh approximation, as ggml_gelu_f32
+            return 0.5f * g * (1.0f + tanhf(0.79788456080286535587989211986876f * g * (1.0f + 0.044715f * g * g)));
+        case glu_geglu_erf:
+            return 0.5f * g * (1.0f + erff(g * 0.70710678118654752440084436210484f));
+        case glu_geglu_quick:
+            return g / (1.0f + expf(-1.702f * g));
+        default:  // glu_swiglu
+            return g / (1.0f + expf(-g));
+    }
+}
 
 enum class instr_kind : uint8_t {
     vec,     // x from `in`, epilogue of segment 0 (single segment, no weights): norms, embeddings, copies

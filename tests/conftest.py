@@ -17,6 +17,8 @@ import pytest
 from llama_megakernel import models, pinned
 
 ARCHS = sorted(models.SHAPES)
+# architectures besides llama whose decode graphs the plugin takes, verified end to end in test_compiler.py
+OTHER_ARCHS = ["qwen2", "qwen3", "gemma3"]
 
 
 def _model_cache() -> Path:

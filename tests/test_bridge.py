@@ -13,7 +13,7 @@ import pytest
 import llama_megakernel as mk
 from llama_megakernel import pinned
 
-from conftest import run_py
+from conftest import OTHER_ARCHS, run_py
 
 
 def test_plugin_is_a_ggml_backend_library():
@@ -131,6 +131,12 @@ def test_cli_path_and_doctor():
     assert r.returncode == 0, r.stderr
     assert "interception: active on devices CPU" in r.stdout
     assert "batch>1" in r.stdout and "no-executor" in r.stdout
+    # the architectures doctor lists are exactly those the tests verify end to end
+    archs = next(line for line in r.stdout.splitlines() if line.startswith("architectures: "))
+    assert sorted(archs.split(": ", 1)[1].split(", ")) == sorted(["llama", *OTHER_ARCHS]), archs
+    types = next(line for line in r.stdout.splitlines() if line.startswith("weight types: "))
+    assert types.split(": ", 1)[1].split(", ") == ["f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_K", "q5_K",
+                                                   "q6_K", "bf16"], types
 
 
 def test_missing_plugin_is_a_clear_error(tmp_path):

@@ -23,7 +23,7 @@ import random
 import numpy as np
 import pytest
 
-from conftest import greedy, run_py, tiny_model
+from conftest import OTHER_ARCHS, greedy, run_py, tiny_model
 
 QUANTS = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_M", "Q6_K"]
 GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13,
@@ -78,6 +78,23 @@ def test_matvec_each_weight_type_matches_ggml_cpu():
         assert r["y"]["rel"] <= 1e-5, (name, seed, r["y"])
 
 
+# ggml_glu_op values. ggml-cpu evaluates GELU and quick GELU through F16 tables: input and result rounded to F16,
+# 2^-11 of values up to ~4x the rms here, so max error <= 1e-2 of the rms. We evaluate the formulas in F32. The
+# others agree to summation order.
+GLU_OPS = {"REGLU": (0, 1e-5), "GEGLU": (1, 1e-2), "SWIGLU": (2, 1e-5), "GEGLU_ERF": (4, 1e-5),
+           "GEGLU_QUICK": (5, 1e-2)}
+
+
+def test_gated_activations_match_ggml_cpu():
+    """y = act(W_gate x) * (W_up x) as the whole graph. ggml's allocator gives y the memory of x (x is free after
+    its last reader), so this also checks that no tile overwrites an input other tiles still read."""
+    seed = random.randrange(1 << 30)
+    results = _op_tests([("glu", GGML_TYPES["F32"], False, op, seed + op) for op, _ in GLU_OPS.values()])
+    for (name, (_, tol)), r in zip(GLU_OPS.items(), results):
+        assert "error" not in r, (name, r)
+        assert r["y"]["rel"] <= tol and r["y"]["cos"] >= 0.99999, (name, seed, r["y"])
+
+
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["no-fa", "fa"])
 def test_layer_each_weight_type_matches_ggml_cpu(flash_attn):
     """One llama layer + LM head on random weights and a random 200-cell context (one cell masked)."""
@@ -105,23 +122,37 @@ def _compare(stock, ours, steps):
     return cos, agree, decisive
 
 
-@pytest.mark.parametrize("flash_attn", [False, True], ids=["no-fa", "fa"])
-@pytest.mark.parametrize("quant", QUANTS)
-def test_cpu_executor_end_to_end(quant, flash_attn, tmp_path):
-    """Unchanged llama-cpp-python code, the plugin executing every decode graph on the CPU."""
-    model = tiny_model("llama", quant)
-    steps = 32
+def _end_to_end(arch, quant, flash_attn, steps, tmp_path):
+    """Unchanged llama-cpp-python code, the plugin executing every decode graph on the CPU, teacher-forced on
+    stock's tokens."""
+    model = tiny_model(arch, quant)
     stock = greedy(model, tmp_path / "stock.npz", steps, plugin=False, flash_attn=flash_attn)
     ours = greedy(model, tmp_path / "ours.npz", steps, plugin=True, flash_attn=flash_attn,
                   extra=CPU + ["--force-tokens", str(tmp_path / "stock.npz")])
     st = ours["status"]
     assert st["reasons"].get("executed") == steps - 1 == st["graphs_handled"] == st["decode_graphs_seen"], st
     cos, agree, decisive = _compare(stock, ours, steps)
-    print(f"{quant} fa={flash_attn}: min cos {cos.min():.6f}, top-1 {agree.mean():.3f} raw, "
+    print(f"{arch} {quant} fa={flash_attn}: min cos {cos.min():.6f}, top-1 {agree.mean():.3f} raw, "
           f"{agree[decisive].mean():.3f} on {decisive.sum()} decisive steps")
     assert cos.min() >= 0.999, cos
     assert decisive.sum() >= steps // 8
     assert agree[decisive].mean() >= 0.99, (agree, decisive)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["no-fa", "fa"])
+@pytest.mark.parametrize("quant", QUANTS)
+def test_cpu_executor_end_to_end(quant, flash_attn, tmp_path):
+    _end_to_end("llama", quant, flash_attn, 32, tmp_path)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["no-fa", "fa"])
+@pytest.mark.parametrize("quant", ["F16", "Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("arch", OTHER_ARCHS)
+def test_cpu_executor_other_architectures(arch, quant, flash_attn, tmp_path):
+    """qwen2 (Q/K/V biases), qwen3 (per-head Q/K norms), gemma3 (embedding scale, Q/K norms, post-attention and
+    post-FFN norms, GEGLU, sliding-window layers: the tiny model's window is 16 cells, so 64 steps cross it).
+    Every weight type is covered per op above; these are the architectures' own ops."""
+    _end_to_end(arch, quant, flash_attn, 64, tmp_path)
 
 
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["no-fa", "fa"])
@@ -159,13 +190,15 @@ def test_smollm2_flash_attention_teacher_forced(smollm2, tmp_path):
 
 
 def test_unsupported_graph_handed_back_unchanged(tmp_path):
-    """gemma3 (GEGLU) with the CPU executor on: handed back with its reason, output bitwise stock."""
-    model = tiny_model("gemma3", "Q8_0")
+    """qwen35 (Gated DeltaNet: CONCAT, SSM_CONV, ...) with the CPU executor on: handed back with its reason,
+    output bitwise stock."""
+    model = tiny_model("qwen35", "Q8_0")
     stock = greedy(model, tmp_path / "stock.npz", 8, plugin=False)
     ours = greedy(model, tmp_path / "ours.npz", 8, plugin=True, extra=CPU)
     st = ours["status"]
-    assert st["graphs_handled"] == 0 and st["reasons"].get("unsupported-op") == 7, st["reasons"]
-    assert "GEGLU" in st["last_graphs"][-1]["scan"]["detail"]
+    assert st["graphs_handled"] == 0 and st["reasons"].get("unsupported-architecture") == 7, st["reasons"]
+    detail = st["last_graphs"][-1]["scan"]["detail"]
+    assert "model architecture qwen35" in detail and "CONCAT" in detail, detail
     assert np.array_equal(stock["logits"], ours["logits"])
 
 

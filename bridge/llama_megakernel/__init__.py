@@ -20,7 +20,7 @@ from .pinned import GGML_VERSION, LLAMA_CPP_COMMIT, LLAMA_CPP_PYTHON_VERSION
 
 __version__ = "0.1.0"
 __all__ = [
-    "enable", "disable", "status", "info", "reset_counters", "plugin_path", "is_enabled", "explain", "dequantize",
+    "enable", "disable", "status", "info", "supported", "reset_counters", "plugin_path", "is_enabled", "explain", "dequantize",
     "MegakernelError", "IncompatibleVersionError", "check_versions",
     "LLAMA_CPP_PYTHON_VERSION", "LLAMA_CPP_COMMIT", "GGML_VERSION",
 ]
@@ -53,6 +53,7 @@ def enable(cpu_executor: bool | None = None, shuffle_seed: int | None = None) ->
         n.lib.llama_mk_set_cpu_executor(1 if cpu_executor else 0)
     if shuffle_seed is not None:
         n.lib.llama_mk_set_shuffle_seed(shuffle_seed)
+    n.watch_model_loads()
     n.lib.llama_mk_set_enabled(1)
     return n.info()
 
@@ -81,6 +82,11 @@ def status() -> dict:
 def info() -> dict:
     """Build information of the loaded plugin (versions, CUDA architectures, GPUs it sees)."""
     return _load().info()
+
+
+def supported() -> dict:
+    """What the plugin takes: architectures verified end to end, graph ops, gated activations, weight types."""
+    return _load().supported()
 
 
 def explain():

@@ -122,8 +122,35 @@ class Native:
     def explain(self):
         return self._json(self.lib.llama_mk_explain_json)
 
+    def supported(self) -> dict:
+        return self._json(self.lib.llama_mk_supported_json)
+
+    def watch_model_loads(self) -> None:
+        """Tell the plugin the architecture of every model llama-cpp-python loads from now on, so that graphs of
+        an unsupported architecture are handed back with its name in the reason."""
+        import ctypes
+
+        import llama_cpp.llama_cpp as ll
+
+        load = ll.llama_model_load_from_file
+        if getattr(load, "_megakernel", False):
+            return
+        lib = self.lib
+
+        def load_and_note(path_model, params):
+            model = load(path_model, params)
+            if model:
+                buf = ctypes.create_string_buffer(128)
+                if ll.llama_model_meta_val_str(model, b"general.architecture", buf, len(buf)) > 0:
+                    lib.llama_mk_note_model_arch(buf.value)
+            return model
+
+        load_and_note._megakernel = True
+        ll.llama_model_load_from_file = load_and_note
+
     def op_test(self, what: str, ggml_type: int, flash_attn: bool = False, n_kv: int = 64, seed: int = 0) -> dict:
-        """Compare ggml-cpu and the CPU executor on one op or layer (see csrc/op-test.cpp)."""
+        """Compare ggml-cpu and the CPU executor on one op or layer (see csrc/op-test.cpp). For "glu", n_kv is
+        the ggml_glu_op to test."""
         w = what.encode()
         return self._json(lambda buf, size: self.lib.llama_mk_op_test(w, ggml_type, int(flash_attn), n_kv, seed,
                                                                          buf, size))

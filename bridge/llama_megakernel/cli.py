@@ -119,7 +119,14 @@ def cmd_doctor(args) -> int:
     _say(f"routes: {routes}  (intercept = no-patch route; hook = patched llama.cpp)")
     _say(f"interception: {'active' if st['intercepted_devices'] else 'NOT active'} on devices "
          f"{', '.join(st['intercepted_devices']) or '(none)'}")
-    _say("executor: none yet in this build; every graph is handed back to stock llama.cpp with its reason")
+    gpu = "on" if st.get("gpu_executor") else "off (LLAMA_MEGAKERNEL_GPU=1 turns it on; slower than stock so far)"
+    cpu = "on" if st.get("cpu_executor") else "off (LLAMA_MEGAKERNEL_CPU=1 turns it on; for tests and debugging)"
+    _say(f"executors: GPU {gpu if info['cuda_compiled'] else 'not built'}; CPU {cpu}")
+    sup = mk.supported()
+    _say(f"architectures: {', '.join(sup['architectures'])}")
+    _say(f"weight types: {', '.join(sup['weight_types'])}")
+    _say(f"graph ops: {', '.join(sup['ops'])}; gated activations: {', '.join(sup['glu_ops'])}")
+    _say("anything else is handed back to stock llama.cpp with its reason")
     if args.no_run:
         return 0
     try:
@@ -162,7 +169,7 @@ def cmd_make_model(args) -> int:
 
     t0 = time.perf_counter()
     try:
-        out = models.make_model(args.arch, args.shape, args.quant, args.out, seed=args.seed,
+        out = models.make_model(args.arch, args.shape, args.quant, args.out, seed=args.seed, vocab=args.vocab,
                                 progress=lambda m: _say(f"[make-model] {m}"))
     except (models.ModelFactoryError, OSError) as e:
         return _err(str(e))
@@ -376,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     mm.add_argument("quant", help=", ".join(models.QUANTS))
     mm.add_argument("out")
     mm.add_argument("--seed", type=int, default=0)
+    mm.add_argument("--vocab", help="take the tokenizer from this vocab file of the pinned tree instead (e.g. "
+                    "llama-bpe), padded to the shape's vocabulary size: same weights and shapes")
     mm.set_defaults(fn=cmd_make_model)
 
     ex = sub.add_parser("explain", help="compile a model's decode graph and show the program and its byte floor")

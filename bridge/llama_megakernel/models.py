@@ -12,6 +12,7 @@ installed llama-cpp-python, so every quant type is exactly what llama.cpp itself
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import tempfile
@@ -50,15 +51,22 @@ SHAPES: dict[str, dict[str, Shape]] = {
         "llama-3.2-1b": Shape(2048, 16, 32, 8, 64, 8192, "llama-bpe", rope_base=500000.0),
         "llama-3.2-3b": Shape(3072, 28, 24, 8, 128, 8192, "llama-bpe", rope_base=500000.0),
     },
+    "qwen2": {
+        "tiny": Shape(256, 2, 4, 2, 64, 512, "qwen2", rope_base=1e6, rms_eps=1e-6, tied=False),
+        "qwen2.5-0.5b": Shape(896, 24, 14, 2, 64, 4864, "qwen2", n_vocab=151936, rope_base=1e6, rms_eps=1e-6,
+                              n_ctx_train=32768),
+    },
     "qwen3": {
         "tiny": Shape(256, 2, 4, 2, 64, 512, "qwen2", rope_base=1e6, rms_eps=1e-6, tied=False),
-        "qwen3-0.6b": Shape(1024, 28, 16, 8, 128, 3072, "qwen2", rope_base=1e6, rms_eps=1e-6, n_ctx_train=40960),
+        "qwen3-0.6b": Shape(1024, 28, 16, 8, 128, 3072, "qwen2", n_vocab=151936, rope_base=1e6, rms_eps=1e-6,
+                            n_ctx_train=40960),
     },
     "gemma3": {
         # tiny: alternate sliding-window and global layers, with a window short enough to matter in tests
         "tiny": Shape(256, 4, 4, 1, 64, 512, "gemma-4", rms_eps=1e-6, rope_base=1e6, tied=False,
                       extra={"sliding_window": 16, "swa_pattern": 2, "rope_base_swa": 10000.0}),
-        "gemma-3-270m": Shape(640, 18, 4, 1, 256, 2048, "gemma-4", rms_eps=1e-6, rope_base=1e6, n_ctx_train=32768,
+        "gemma-3-270m": Shape(640, 18, 4, 1, 256, 2048, "gemma-4", n_vocab=262144, rms_eps=1e-6, rope_base=1e6,
+                              n_ctx_train=32768,
                               extra={"sliding_window": 512, "swa_pattern": 6, "rope_base_swa": 10000.0}),
     },
     "qwen35": {
@@ -93,33 +101,37 @@ def _tensors(arch: str, s: Shape, n_vocab: int) -> list[tuple[str, tuple[int, ..
     q, kv = s.n_head * hd, s.n_head_kv * hd
     # A tied embedding is also the output head: scale it like one. Scaled like an input (std 1) it would swamp
     # the residual stream, and greedy decoding would repeat the input token.
-    t = [("token_embd.weight", (E, n_vocab), "head" if s.tied else "embd"), ("output_norm.weight", (E,), "ones")]
+    t = [("token_embd.weight", (E, n_vocab), "head" if s.tied else "embd"), ("output_norm.weight", (E,), "norm")]
     if not s.tied:
         t.append(("output.weight", (E, n_vocab), "head"))
     for i in range(s.n_layer):
         b = f"blk.{i}."
-        t.append((b + "attn_norm.weight", (E,), "ones"))
+        t.append((b + "attn_norm.weight", (E,), "norm"))
         ffn = [(b + "ffn_gate.weight", (E, F), "mat"), (b + "ffn_up.weight", (E, F), "mat"),
                (b + "ffn_down.weight", (F, E), "mat")]
         attn = [(b + "attn_k.weight", (E, kv), "mat"), (b + "attn_v.weight", (E, kv), "mat"),
                 (b + "attn_output.weight", (q, E), "mat")]
         if arch == "llama":
-            t += [(b + "attn_q.weight", (E, q), "mat")] + attn + [(b + "ffn_norm.weight", (E,), "ones")] + ffn
+            t += [(b + "attn_q.weight", (E, q), "mat")] + attn + [(b + "ffn_norm.weight", (E,), "norm")] + ffn
+        elif arch == "qwen2":
+            t += [(b + "attn_q.weight", (E, q), "mat"), (b + "attn_q.bias", (q,), "bias")] + attn
+            t += [(b + "attn_k.bias", (kv,), "bias"), (b + "attn_v.bias", (kv,), "bias"),
+                  (b + "ffn_norm.weight", (E,), "norm")] + ffn
         elif arch == "qwen3":
             t += [(b + "attn_q.weight", (E, q), "mat")] + attn
-            t += [(b + "attn_q_norm.weight", (hd,), "ones"), (b + "attn_k_norm.weight", (hd,), "ones"),
-                  (b + "ffn_norm.weight", (E,), "ones")] + ffn
+            t += [(b + "attn_q_norm.weight", (hd,), "norm"), (b + "attn_k_norm.weight", (hd,), "norm"),
+                  (b + "ffn_norm.weight", (E,), "norm")] + ffn
         elif arch == "gemma3":
             t += [(b + "attn_q.weight", (E, q), "mat")] + attn
-            t += [(b + "attn_q_norm.weight", (hd,), "ones"), (b + "attn_k_norm.weight", (hd,), "ones"),
-                  (b + "post_attention_norm.weight", (E,), "ones"), (b + "ffn_norm.weight", (E,), "ones"),
-                  (b + "post_ffw_norm.weight", (E,), "ones")] + ffn
+            t += [(b + "attn_q_norm.weight", (hd,), "norm"), (b + "attn_k_norm.weight", (hd,), "norm"),
+                  (b + "post_attention_norm.weight", (E,), "norm"), (b + "ffn_norm.weight", (E,), "norm"),
+                  (b + "post_ffw_norm.weight", (E,), "norm")] + ffn
         elif arch == "qwen35":
             x = s.extra
-            t.append((b + "post_attention_norm.weight", (E,), "ones"))
+            t.append((b + "post_attention_norm.weight", (E,), "norm"))
             if (i + 1) % x["full_attention_interval"] == 0:  # gated full attention: Q projection also yields the gate
                 t += [(b + "attn_q.weight", (E, 2 * q), "mat")] + attn
-                t += [(b + "attn_q_norm.weight", (hd,), "ones"), (b + "attn_k_norm.weight", (hd,), "ones")]
+                t += [(b + "attn_q_norm.weight", (hd,), "norm"), (b + "attn_k_norm.weight", (hd,), "norm")]
             else:  # Gated DeltaNet
                 kd = x["ssm_heads_k"] * x["ssm_head_dim"]
                 vd = x["ssm_heads_v"] * x["ssm_head_dim"]
@@ -128,7 +140,7 @@ def _tensors(arch: str, s: Shape, n_vocab: int) -> list[tuple[str, tuple[int, ..
                       (b + "ssm_conv1d.weight", (x["conv_kernel"], 2 * kd + vd), "conv"),
                       (b + "ssm_dt.bias", (hv,), "dt_bias"), (b + "ssm_a", (hv,), "ssm_a"),
                       (b + "ssm_beta.weight", (E, hv), "mat"), (b + "ssm_alpha.weight", (E, hv), "mat"),
-                      (b + "ssm_norm.weight", (x["ssm_head_dim"],), "ones"),
+                      (b + "ssm_norm.weight", (x["ssm_head_dim"],), "norm"),
                       (b + "ssm_out.weight", (vd, E), "mat")]
             t += ffn
         else:
@@ -138,8 +150,10 @@ def _tensors(arch: str, s: Shape, n_vocab: int) -> list[tuple[str, tuple[int, ..
 
 def _init(rng: np.random.Generator, ne: tuple[int, ...], kind: str) -> np.ndarray:
     shape = tuple(reversed(ne))  # numpy is row-major: ggml's ne0 is the last numpy axis
-    if kind == "ones":
-        return np.ones(shape, np.float32)
+    if kind == "norm":  # around 1, not 1: a norm weight an executor forgot to apply changes the output
+        return (1.0 + 0.25 * rng.standard_normal(shape)).astype(np.float32)
+    if kind == "bias":
+        return (0.5 * rng.standard_normal(shape)).astype(np.float32)
     if kind == "embd":
         return rng.standard_normal(shape, np.float32)
     if kind == "head":  # logits with a std of a few units: a clear but not degenerate greedy choice
@@ -252,7 +266,7 @@ def _write_base(arch: str, s: Shape, path: Path, dtype: np.dtype, seed: int, pro
         a = _init(rng, ne, kind)
         # norms, biases, the conv1d kernel and 1-D tensors stay F32, as llama.cpp's converter writes them
         # (ggml's SSM_CONV requires an F32 kernel)
-        w.add_tensor(name, a.astype(dtype) if (a.ndim == 2 and kind not in ("ones", "conv")) else a)
+        w.add_tensor(name, a.astype(dtype) if (a.ndim == 2 and kind not in ("norm", "conv")) else a)
         if progress and (i % 50 == 0 or i == len(specs) - 1):
             progress(f"generated {i + 1}/{len(specs)} tensors")
     w.write_header_to_file()
@@ -261,8 +275,11 @@ def _write_base(arch: str, s: Shape, path: Path, dtype: np.dtype, seed: int, pro
     w.close()
 
 
-def make_model(arch: str, shape: str, quant: str, out: str | os.PathLike, seed: int = 0, progress=None) -> Path:
-    """Write a synthetic GGUF model and return its path. `progress` is called with short status strings."""
+def make_model(arch: str, shape: str, quant: str, out: str | os.PathLike, seed: int = 0, progress=None,
+               vocab: str | None = None) -> Path:
+    """Write a synthetic GGUF model and return its path. `progress` is called with short status strings.
+    `vocab` takes the tokenizer from another vocab file of the pinned tree (padded to the shape's vocabulary
+    size): the weights and shapes are the same, and a machine that carries one vocab file can make every model."""
     if arch not in SHAPES:
         raise ModelFactoryError(f"unknown architecture {arch!r}; known: {', '.join(SHAPES)}")
     if shape not in SHAPES[arch]:
@@ -271,6 +288,8 @@ def make_model(arch: str, shape: str, quant: str, out: str | os.PathLike, seed: 
     if quant not in QUANTS:
         raise ModelFactoryError(f"unknown quant type {quant!r}; known: {', '.join(QUANTS)}")
     s = SHAPES[arch][shape]
+    if vocab is not None:
+        s = dataclasses.replace(s, vocab=vocab)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Tiny shapes start from F32 so that every quant type comes from exact weights; real shapes from F16

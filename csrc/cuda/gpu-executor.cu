@@ -431,9 +431,6 @@ __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, i
 
 // --- tiles ---------------------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
-
-
 // How the warps of a block share the rows [r0, r1) of a tile: with fewer rows than warps, `wpr` warps split each
 // row's groups between them (partial sums added in shared memory); otherwise each warp takes chunks of R rows, so
 // that every lane has R independent weight loads in flight.
@@ -551,7 +548,7 @@ __device__ void matvec_rows(const instruction & in, int s, const mv_x & x, const
         __syncthreads();
         for (int j = threadIdx.x; j < rows; j += k_threads) {
             const float g = y[j], u = y2[j];
-            y[j] = in.glu_swapped ? silu(u) * g : silu(g) * u;
+            y[j] = in.glu_swapped ? glu_gate(in.glu_op, u) * g : glu_gate(in.glu_op, g) * u;
         }
     }
     __syncthreads();
