@@ -7,6 +7,8 @@
 # Prepare here first: bash scripts/device-bundle.sh; then, on the GPU machine, with .device carried:
 #   MK_COMMIT=<sha> bash scripts/gpu-check.sh                 everything
 #   MK_STAGES="correct bench" ...                             some stages (build and models are always made)
+#   MK_ARCH_MODELS="qwen3:qwen3-0.6b:F16:BF16,Q8_0" ...       other architectures' models, checked like the llama
+#                                                              ones; MK_EXTRA_BENCH="qwen3-qwen3-0.6b-Q8_0" benches them
 # A build of llama.cpp takes ~5 minutes there; its binaries are packed into $OUT/llama-bin.tar.xz.* (to carry
 # back in .device/prebuilt/ so that later calls skip the build).
 set -euo pipefail
@@ -53,17 +55,24 @@ stamp "models"
 M=$W/models; mkdir -p $M
 mkmodel() {  # arch shape base-type types...
   local arch=$1 shape=$2 base=$3; shift 3
-  [ -f $M/$arch-$shape-$base.gguf ] || python3 -m llama_megakernel make-model $arch $shape $base $M/$arch-$shape-$base.gguf | tail -1
+  # only llama-bpe travels in the trimmed tree: other architectures take its tokenizer, padded to their vocab size
+  [ -f $M/$arch-$shape-$base.gguf ] || python3 -m llama_megakernel make-model $arch $shape $base $M/$arch-$shape-$base.gguf \
+    --vocab llama-bpe | tail -1
   for q in "$@"; do
     [ -f $M/$arch-$shape-$q.gguf ] || $B/llama-quantize $M/$arch-$shape-$base.gguf $M/$arch-$shape-$q.gguf $q > /dev/null 2>&1 \
       || echo "quantize $shape $q failed"
   done
 }
 mkmodel llama tiny F32 Q4_0 Q4_K_M F16
-mkmodel llama smollm2-135m F32 ${MK_SMOLLM2_TYPES:-Q4_0 F16 BF16 Q8_0 Q4_K_M Q6_K}
+SMOLLM2_TYPES=${MK_SMOLLM2_TYPES-Q4_0 F16 BF16 Q8_0 Q4_K_M Q6_K}  # set but empty: no SmolLM2-shape models
+[ -z "$SMOLLM2_TYPES" ] || mkmodel llama smollm2-135m F32 $SMOLLM2_TYPES
 if [[ " ${MK_MODELS_1B:-yes} " == " yes " ]]; then
   mkmodel llama llama-3.2-1b F16 ${MK_1B_TYPES:-Q4_0 BF16 Q8_0 Q4_K_M Q6_K}
 fi
+for spec in ${MK_ARCH_MODELS:-}; do  # arch:shape:base:type,type,... (e.g. qwen3:qwen3-0.6b:F16:BF16,Q8_0,Q4_K_M)
+  IFS=: read -r arch shape base types <<< "$spec"
+  mkmodel $arch $shape $base ${types//,/ }
+done
 [ -f .device/smollm2-q4_1.gguf ] && cp .device/smollm2-q4_1.gguf $M/smollm2-135m-real-Q4_1.gguf
 ls -la $M
 

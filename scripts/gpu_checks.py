@@ -222,6 +222,9 @@ def main() -> int:
         plan += [(f"llama-smollm2-135m-{q}", 256, 0) for q in ("Q4_0", "F16", "BF16", "Q8_0", "Q4_K_M", "Q6_K")]
         plan += [(f"llama-llama-3.2-1b-{q}", 256, 0) for q in ("Q4_0", "F16", "BF16", "Q8_0", "Q4_K_M", "Q6_K")]
         plan += [("smollm2-135m-real-Q4_1", 256, 0)]
+        for spec in os.environ.get("MK_ARCH_MODELS", "").split():  # arch:shape:base:types, as gpu-check.sh
+            arch, shape, _, types = spec.split(":")
+            plan += [(f"{arch}-{shape}-{q}", 256, 0) for q in types.split(",")]
         for name, steps, cpu in plan:
             if not have(name):
                 continue
@@ -254,7 +257,8 @@ def main() -> int:
         variants += [("-noprefetch", {"LLAMA_MEGAKERNEL_PREFETCH": "0"})] if os.environ.get("MK_PROFILE_NOPREFETCH") else []
         variants += [(f"-prefetch{k}", {"LLAMA_MEGAKERNEL_PREFETCH": k})  # KiB per segment
                      for k in os.environ.get("MK_PROFILE_PREFETCH", "").split()]
-        for name in ("llama-smollm2-135m-Q4_0", "llama-llama-3.2-1b-Q4_0", "llama-llama-3.2-1b-BF16"):
+        for name in ["llama-smollm2-135m-Q4_0", "llama-llama-3.2-1b-Q4_0", "llama-llama-3.2-1b-BF16",
+                     *os.environ.get("MK_EXTRA_BENCH", "").split()]:
             for variant, extra in variants:
                 if not have(name):
                     continue
@@ -321,6 +325,7 @@ def main() -> int:
                 ("llama-llama-3.2-1b-BF16", "tg128", 0, ["-p", "0", "-n", "128", "-r", "5"]),
                 ("llama-llama-3.2-1b-Q4_0", "tg128", 4096, ["-p", "0", "-n", "128", "-r", "5", "-d", "4096"]),
                 ("llama-llama-3.2-1b-Q4_0", "pp512", 0, ["-p", "512", "-n", "0", "-r", "5"])]
+        rows += [(n, "tg128", 0, ["-p", "0", "-n", "128", "-r", "5"]) for n in os.environ.get("MK_EXTRA_BENCH", "").split()]
         for name, test, depth, args in rows:
             if not have(name):
                 continue

@@ -5,10 +5,10 @@
 // weights into L2 (or, with the weight ring on, has them copied into shared memory ahead of time) and then waits on
 // the producers' counters; after each tile it bumps the instruction's counter.
 //
-// Ordering: a tile's results are written by all threads, then __syncthreads, then one thread fences and adds to
-// the counter (release); a consumer's thread 0 reads the counter, fences (acquire), __syncthreads. Data written
-// inside the launch (scratch, the KV rows of this step) is read with ld.global.cg so that no stale L1 line is used;
-// weights, which nothing writes, go through the read-only path.
+// Ordering: a tile's results are written by all threads, then __syncthreads, then one thread adds to the counter
+// with release semantics; a consumer's thread 0 reads the counter with acquire loads, then __syncthreads. Data
+// written inside the launch (scratch, the KV rows of this step) is read with ld.global.cg so that no stale L1 line
+// is used; weights, which nothing writes, go through the read-only path.
 //
 // Never hanging the GPU: the grid is launched cooperatively (the launch fails rather than run blocks that are not
 // co-resident); every wait is bounded by a deadline on the global timer, after which the block writes the error
@@ -145,24 +145,29 @@ __device__ bool wait_deps(const kernel_args & a, const instruction & in, int sel
         for (int d = 0; d < in.n_deps && ok; d++) {
             const int p = in.deps[d].instr;
             const unsigned long long target = a.epoch * (unsigned long long) a.instrs[p].n_tiles + in.deps[d].needed;
+            // One load per turn of the loop: the abort word and the clock are looked at every 16th turn, so that
+            // a met dependency is seen within one L2 round trip rather than two.
             while (ld_acquire(a.counters + p) < target) {
-                if (*(volatile int *) a.abort != 0) {
-                    ok = 0;
-                    break;
+                if ((++spins & 15) == 0) {
+                    if (*(volatile int *) a.abort != 0) {
+                        ok = 0;
+                        break;
+                    }
+                    if (global_ns() > deadline) {
+                        atomicExch(a.abort, 1);
+                        *(volatile int *) a.error = 1 + self;
+                        __threadfence_system();
+                        ok = 0;
+                        break;
+                    }
                 }
-                if (global_ns() > deadline) {
-                    atomicExch(a.abort, 1);
-                    *(volatile int *) a.error = 1 + self;
-                    __threadfence_system();
-                    ok = 0;
-                    break;
-                }
-                if (++spins > 64) {  // plain spinning first: a dependency is usually met within a few microseconds
+                if (spins > 64) {  // plain spinning first: a dependency is usually met within a few microseconds
                     __nanosleep(32);
                 }
             }
         }
-        __threadfence();
+        // no fence here: the acquire loads order thread 0's later reads, and the barrier below orders the
+        // block's other threads after thread 0 (data written in the step is read from L2 with ld.global.cg)
         *s_flag = ok;
     }
     __syncthreads();
