@@ -106,7 +106,9 @@ def test_layer_each_weight_type_matches_ggml_cpu(flash_attn):
         for out in ("l_out-0", "result_output"):
             assert r[out]["cos"] >= (0.99999 if exact else 0.9995), (name, seed, out, r[out])
             assert r[out]["rel"] <= (0.02 if exact else 0.15), (name, seed, out, r[out])
-        assert r["k_row"]["max_abs"] <= 1e-3 and r["v_row"]["max_abs"] <= 2e-3, (name, seed, r)  # ~1 F16 ulp
+        # the cache rows are F16: one rounding step apart at most, which is 2^-10 of the value's binade (values
+        # here stay below 8, so 4e-3; 1e-3 failed ~1 run in 15 on a K value in [2, 4))
+        assert r["k_row"]["max_abs"] <= 4e-3 and r["v_row"]["max_abs"] <= 4e-3, (name, seed, r)
         assert r["cache_cells_changed_elsewhere"] == 0, (name, r)
         prog = r["program"]
         assert prog["edges_per_layer"] == [] and prog["critical_path_edges"] <= 6, prog  # 5 per layer + LM head
