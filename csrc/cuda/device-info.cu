@@ -1,6 +1,7 @@
 // What the CUDA runtime reports about the GPUs (for doctor/info). The persistent kernel will size its grid
 // from the same properties.
 #include "../json.h"
+#include "device-guard.cuh"
 
 #include <cuda_runtime.h>
 
@@ -42,6 +43,7 @@ double copy_bandwidth_gbs(int device) {
     void * b = nullptr;
     cudaEvent_t e0 = nullptr, e1 = nullptr;
     float ms = 0.0f;
+    const device_guard guard;
     bool ok = cudaSetDevice(device) == cudaSuccess && cudaMalloc(&a, bytes) == cudaSuccess &&
               cudaMalloc(&b, bytes) == cudaSuccess && cudaEventCreate(&e0) == cudaSuccess &&
               cudaEventCreate(&e1) == cudaSuccess;

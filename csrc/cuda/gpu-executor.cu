@@ -15,6 +15,7 @@
 // word and all blocks leave at their next wait. The host reads the word after the step and hands the step back.
 #include "../gpu-executor.h"
 #include "../quants.h"
+#include "device-guard.cuh"
 #include "dot.cuh"
 
 #include <cuda_runtime.h>
@@ -1394,6 +1395,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     }
     const size_t smem = ring_off + (size_t) ring_slots * slot_bytes;
 
+    const device_guard guard;
     cudaError_t e = cudaSetDevice(device);
     if (e != cudaSuccess) {
         cudaGetLastError();
@@ -1411,7 +1413,13 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
               std::to_string(prop.sharedMemPerBlockOptin);
         return nullptr;
     }
-    e = cudaFuncSetAttribute(megakernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
+    // The limit belongs to the kernel function (per device), not to this program: only ever raise it, so that a
+    // smaller program loaded later (a second model on the same GPU) does not make this one's launches fail.
+    cudaFuncAttributes fa{};
+    e = cudaFuncGetAttributes(&fa, megakernel);
+    if (e == cudaSuccess && (size_t) fa.maxDynamicSharedSizeBytes < smem) {
+        e = cudaFuncSetAttribute(megakernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
+    }
     if (e != cudaSuccess) {
         cudaGetLastError();
         err = cuda_err("cudaFuncSetAttribute", e);
@@ -1559,6 +1567,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
 }
 
 bool gpu_run(gpu_program * g, void * stream_, std::string & err) {
+    const device_guard guard;
     cudaError_t e = cudaSetDevice(g->device);
     cudaStream_t stream = (cudaStream_t) stream_;
     if (e == cudaSuccess && stream == nullptr) {
@@ -1598,6 +1607,7 @@ void gpu_free(gpu_program * g) {
     if (g == nullptr) {
         return;
     }
+    const device_guard guard;
     cudaSetDevice(g->device);
     if (g->own) cudaStreamDestroy(g->own);
     if (g->d_mem) cudaFree(g->d_mem);
