@@ -50,8 +50,8 @@ def env_for(plugin: bool, status_file: Path | None = None, extra: dict | None = 
 
 
 def compare(tool: Path, model: Path, fa: int, steps: int, prompt: int = 8, cpu_steps: int = 0,
-            timeout: int = 300) -> dict:
-    cmd = [str(tool), str(model), "--steps", str(steps), "--fa", str(fa), "--prompt", str(prompt)]
+            timeout: int = 300, extra: list[str] | None = None) -> dict:
+    cmd = [str(tool), str(model), "--steps", str(steps), "--fa", str(fa), "--prompt", str(prompt), *(extra or [])]
     if cpu_steps:
         cmd += ["--cpu-steps", str(cpu_steps)]
     if prompt + steps > 4000:
@@ -73,6 +73,11 @@ def compare(tool: Path, model: Path, fa: int, steps: int, prompt: int = 8, cpu_s
         res["gpu_vs_cpu_executor"] = d["cpu"]["gpu_vs_cpu_executor"]
         res["stock_vs_cpu_executor"] = d["cpu"]["stock_vs_cpu_executor"]
         res["cpu_executed"] = d["cpu"]["status"]["reasons"].get("executed", 0)
+    if d.get("two_contexts"):
+        res["two_contexts"] = {k: v for k, v in d["two_contexts"].items() if k != "status"}
+        st2 = d["two_contexts"]["status"]
+        res["two_contexts"].update(executed=st2["reasons"].get("executed", 0), gpu_failures=st2.get("gpu_failures"),
+                                   last_gpu_error=st2.get("last_gpu_error"))
     # every decode step of the forced and the free run through the megakernel, none handed back with an error
     ran = res["executed"] >= 2 * steps - 2 and sf.get("gpu_failures", 1) == 0
     res["passed"] = bool(ran and tf["min_cos"] >= 0.999 and tf["top1_agree"] >= 0.99
@@ -239,6 +244,20 @@ def main() -> int:
                     "passed", "teacher_forced", "free_greedy_identical_steps", "executed", "gpu_failures",
                     "last_gpu_error", "gpu_vs_cpu_executor", "error")}))
                 save()
+
+    # two models, two contexts on one GPU, decoding in turn: each gets bit for bit what it got alone
+    pair = os.environ.get("MK_TWO_MODELS", "llama-llama-3.2-1b-Q4_0 llama-smollm2-135m-Q4_0").split()
+    if "two" in a.stages and all(have(n) for n in pair):
+        for fa in (0, 1):
+            res = compare(tool, M / f"{pair[0]}.gguf", fa, 64, extra=["--with", str(M / f"{pair[1]}.gguf")])
+            res["check"] = f"two-contexts-one-gpu-fa{fa}"
+            tc = res.get("two_contexts") or {}
+            res["passed"] = bool(tc and tc["first_alone_vs_together"]["max_abs"] == 0
+                                 and tc["second_alone_vs_together"]["max_abs"] == 0
+                                 and tc["executed"] >= 3 * 64 - 2 and tc["gpu_failures"] == 0)
+            result["correctness"].append(res)
+            log(f"two contexts fa={fa}: " + json.dumps({k: res.get(k) for k in ("passed", "two_contexts", "error")}))
+            save()
 
     for name in os.environ.get("MK_DEPTH_MODELS", "llama-llama-3.2-1b-Q4_0").split():
         if "depth" not in a.stages or not have(name):

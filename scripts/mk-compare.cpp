@@ -6,6 +6,8 @@
 //   C  plugin, free greedy: tokens identical to A up to which step
 //   D  (--cpu-steps K) the CPU executor on the same graphs (model loaded without offload, plugin's CPU executor on),
 //      teacher-forced: logits against B, i.e. the GPU executor against the CPU executor
+//   E  (--with MODEL2) a second model and context on the same GPU, plugin on: MODEL2 alone, then both contexts
+//      decoding in turn, one step each; each must get exactly what it got alone (B for MODEL, E for MODEL2)
 // Prints one JSON object. Used by scripts/gpu_checks.py on the GPU machine.
 //
 // Build: g++ -O2 -std=c++17 mk-compare.cpp -I<llama.cpp>/include -I<llama.cpp>/ggml/include -L<bin> -lllama -lggml-base
@@ -81,6 +83,34 @@ run_out run(llama_context * ctx, int n_vocab, const std::vector<llama_token> & p
     return o;
 }
 
+// Two contexts decoding in turn, one step each (teacher-forced with `forced1` / `forced2`), logits kept.
+void interleave(llama_context * c1, int nv1, const std::vector<llama_token> & p1, const std::vector<int> & forced1,
+                llama_context * c2, int nv2, const std::vector<llama_token> & p2, const std::vector<int> & forced2,
+                int steps, run_out & o1, run_out & o2) {
+    llama_context * ctx[2] = {c1, c2};
+    const int nv[2] = {nv1, nv2};
+    const std::vector<llama_token> * pr[2] = {&p1, &p2};
+    const std::vector<int> * fo[2] = {&forced1, &forced2};
+    run_out * o[2] = {&o1, &o2};
+    for (int k = 0; k < 2; k++) {
+        llama_memory_clear(llama_get_memory(ctx[k]), true);
+        std::vector<llama_token> p = *pr[k];
+        if (llama_decode(ctx[k], llama_batch_get_one(p.data(), (int32_t) p.size())) != 0) {
+            die("prefill failed (two contexts)");
+        }
+    }
+    for (int i = 0; i < steps; i++) {
+        for (int k = 0; k < 2; k++) {
+            llama_token t = (*fo[k])[i];
+            if (llama_decode(ctx[k], llama_batch_get_one(&t, 1)) != 0) {
+                die("decode failed (two contexts)");
+            }
+            const float * lg = llama_get_logits_ith(ctx[k], -1);
+            o[k]->logits.insert(o[k]->logits.end(), lg, lg + nv[k]);
+        }
+    }
+}
+
 struct cmp {
     double min_cos = 1, mean_cos = 0, max_abs = 0;
     int top1_agree = 0, n = 0;
@@ -123,7 +153,7 @@ void quiet_log(ggml_log_level level, const char * text, void *) {
 }  // namespace
 
 int main(int argc, char ** argv) {
-    std::string model_path;
+    std::string model_path, with_path;
     int steps = 256, fa = 0, n_prompt = 8, seed = 1, cpu_steps = 0, n_ctx = 0;
     for (int i = 1; i < argc; i++) {
         std::string a = argv[i];
@@ -137,11 +167,13 @@ int main(int argc, char ** argv) {
         else if (a == "--seed") seed = atoi(next());
         else if (a == "--cpu-steps") cpu_steps = atoi(next());
         else if (a == "--ctx") n_ctx = atoi(next());
+        else if (a == "--with") with_path = next();
         else if (a[0] != '-') model_path = a;
         else die("unknown option " + a);
     }
     if (model_path.empty()) {
-        die("usage: mk-compare MODEL [--steps N] [--fa 0|1] [--prompt N] [--seed S] [--cpu-steps K] [--ctx N]");
+        die("usage: mk-compare MODEL [--steps N] [--fa 0|1] [--prompt N] [--seed S] [--cpu-steps K] [--ctx N] "
+            "[--with MODEL2]");
     }
     llama_log_set(quiet_log, nullptr);
     llama_backend_init();
@@ -163,11 +195,11 @@ int main(int argc, char ** argv) {
         die("the plugin lacks the llama_mk_* API");
     }
 
-    auto load = [&](int ngl) {
+    auto load = [&](int ngl, const std::string & path) {
         llama_model_params mp = llama_model_default_params();
         mp.n_gpu_layers = ngl;
-        llama_model * m = llama_model_load_from_file(model_path.c_str(), mp);
-        if (m == nullptr) die("cannot load " + model_path);
+        llama_model * m = llama_model_load_from_file(path.c_str(), mp);
+        if (m == nullptr) die("cannot load " + path);
         return m;
     };
     auto make_ctx = [&](llama_model * m) {
@@ -181,7 +213,7 @@ int main(int argc, char ** argv) {
         return c;
     };
 
-    llama_model * model = load(99);
+    llama_model * model = load(99, model_path);
     llama_context * ctx = make_ctx(model);
     const int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
     std::mt19937 rng(seed);
@@ -207,13 +239,33 @@ int main(int argc, char ** argv) {
     while (same < steps && A.tokens[same] == C.tokens[same]) same++;
     const cmp ab = compare(A.logits, B.logits, n_vocab, steps);
 
+    std::string e_json = "null";
+    if (!with_path.empty()) {
+        llama_model * m2 = load(99, with_path);
+        llama_context * c2 = make_ctx(m2);
+        const int nv2 = llama_vocab_n_tokens(llama_model_get_vocab(m2));
+        std::vector<llama_token> p2(n_prompt);
+        for (auto & t : p2) t = (llama_token) (rng() % nv2);
+        api.reset_counters();
+        run_out E = run(c2, nv2, p2, steps, nullptr, true);  // MODEL2 alone, greedy
+        run_out I1, I2;
+        interleave(ctx, n_vocab, prompt, A.tokens, c2, nv2, p2, E.tokens, steps, I1, I2);
+        const std::string status_e = api.status();
+        const cmp b1 = compare(B.logits, I1.logits, n_vocab, steps);
+        const cmp e2 = compare(E.logits, I2.logits, nv2, steps);
+        e_json = "{\"model2\":\"" + with_path + "\",\"first_alone_vs_together\":" + json(b1) +
+                 ",\"second_alone_vs_together\":" + json(e2) + ",\"status\":" + status_e + "}";
+        llama_free(c2);
+        llama_model_free(m2);
+    }
+
     std::string d_json = "null";
     if (cpu_steps > 0) {
         cpu_steps = std::min(cpu_steps, steps);
         llama_free(ctx);
         llama_model_free(model);
         api.set_cpu_executor(1);  // before loading: keeps the CPU weights in the GGUF layout
-        llama_model * mc = load(0);
+        llama_model * mc = load(0, model_path);
         llama_context * cc = make_ctx(mc);
         api.reset_counters();
         std::vector<int> forced(A.tokens.begin(), A.tokens.begin() + cpu_steps);
@@ -230,9 +282,10 @@ int main(int argc, char ** argv) {
         llama_model_free(model);
     }
     printf("{\"model\":\"%s\",\"flash_attn\":%d,\"prompt\":%d,\"steps\":%d,\"n_vocab\":%d,"
-           "\"bytes_per_token\":%s,\"teacher_forced\":%s,\"free_greedy_identical_steps\":%d,\"status_forced\":%s,\"status_free\":%s,\"cpu\":%s}\n",
+           "\"bytes_per_token\":%s,\"teacher_forced\":%s,\"free_greedy_identical_steps\":%d,\"status_forced\":%s,\"status_free\":%s,\"cpu\":%s,"
+           "\"two_contexts\":%s}\n",
            model_path.c_str(), fa, n_prompt, steps, n_vocab, bytes_per_token.c_str(), json(ab).c_str(), same, status_b.c_str(), status_c.c_str(),
-           d_json.c_str());
+           d_json.c_str(), e_json.c_str());
     llama_backend_free();
     return 0;
 }
