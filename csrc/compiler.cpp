@@ -143,17 +143,22 @@ struct compiler {
         return chain_version[instr * k_max_segments + seg];
     }
 
-    int new_instr(instr_kind kind, const ggml_tensor * t) {
+    int new_instr(instr_kind kind, const char * name, int layer) {
         instruction in;
         in.kind = kind;
-        in.layer = layer_of(t);
-        if (in.layer < 0 && !p.instrs.empty() && strncmp(t->name, "node_", 5) == 0) {
-            in.layer = p.instrs.back().layer;  // an unnamed node (gemma3's O projection) of the layer being built
-        }
-        snprintf(in.name, sizeof(in.name), "%s", t->name);
+        in.layer = layer;
+        snprintf(in.name, sizeof(in.name), "%s", name);
         p.instrs.push_back(in);
         chain_version.resize(p.instrs.size() * k_max_segments, 0);
         return (int) p.instrs.size() - 1;
+    }
+
+    int new_instr(instr_kind kind, const ggml_tensor * t) {
+        int layer = layer_of(t);
+        if (layer < 0 && !p.instrs.empty() && strncmp(t->name, "node_", 5) == 0) {
+            layer = p.instrs.back().layer;  // an unnamed node (gemma3's O projection) of the layer being built
+        }
+        return new_instr(kind, t->name, layer);
     }
 
     void add_dep(int instr, int producer) {
@@ -277,9 +282,12 @@ struct compiler {
 
     // A vec instruction whose input is v (the start of a new chain), named after t.
     int new_vec(const val & v, const ggml_tensor * t) {
-        vec_in x = describe(v);
-        int i = new_instr(instr_kind::vec, t);
-        p.instrs[i].in = x;
+        return fill_vec(v, new_instr(instr_kind::vec, t));
+    }
+
+    // Vec instruction i reads v.
+    int fill_vec(const val & v, int i) {
+        p.instrs[i].in = describe(v);
         note_input(v.ext, i);
         add_dep(i, v.form == val::norm ? v.norm_src_producer : v.producer);
         p.instrs[i].n_segments = 1;
@@ -901,23 +909,16 @@ struct compiler {
                     if (self) {
                         // its tiles would overwrite what the others still read: store to scratch, then copy out
                         const addr out = op.a;
-                        op.a = scratch_alloc((uint64_t) count * 4);
-                        instruction c;
-                        c.kind = instr_kind::vec;
-                        c.layer = p.instrs[i].layer;
-                        snprintf(c.name, sizeof(c.name), "%.56s (copy)", p.instrs[i].name);
-                        c.in.n = count;
-                        c.in.src = op.a;
-                        c.n_segments = 1;
-                        c.seg[0].rows = count;
-                        c.seg[0].n_epi = 1;
-                        c.seg[0].epi[0].kind = epi_kind::store;
-                        c.seg[0].epi[0].a = out;
-                        c.n_deps = 1;
-                        c.deps[0].instr = (int) i;
-                        p.instrs.push_back(c);
-                        chain_version.resize(p.instrs.size() * k_max_segments, 0);
-                        writes.push_back({lo, hi, (int) p.instrs.size() - 1});
+                        val v;
+                        v.n = count;
+                        v.a = op.a = scratch_alloc((uint64_t) count * 4);
+                        v.producer = (int) i;
+                        char name[64];
+                        snprintf(name, sizeof(name), "%.56s (copy)", p.instrs[i].name);
+                        // (op is not used past this point: new_instr may move the instructions)
+                        const int c = fill_vec(v, new_instr(instr_kind::vec, name, p.instrs[i].layer));
+                        push_epi(c, 0, epi_kind::store).a = out;
+                        writes.push_back({lo, hi, c});
                     } else {
                         writes.push_back({lo, hi, (int) i});
                     }

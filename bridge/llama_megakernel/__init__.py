@@ -20,7 +20,8 @@ from .pinned import GGML_VERSION, LLAMA_CPP_COMMIT, LLAMA_CPP_PYTHON_VERSION
 
 __version__ = "0.1.0"
 __all__ = [
-    "enable", "disable", "status", "info", "supported", "reset_counters", "plugin_path", "is_enabled", "explain", "dequantize",
+    "enable", "disable", "status", "info", "supported", "reset_counters", "plugin_path", "is_enabled", "explain",
+    "dequantize",
     "MegakernelError", "IncompatibleVersionError", "check_versions",
     "LLAMA_CPP_PYTHON_VERSION", "LLAMA_CPP_COMMIT", "GGML_VERSION",
 ]
