@@ -12,7 +12,9 @@ import sys
 
 f = sys.argv[1] if len(sys.argv) > 1 else glob.glob(os.environ['OUT'] + '/ncu-source-sass-*.csv')[0]
 rows = list(csv.reader(open(f, errors='replace')))
-hi = next(i for i, r in enumerate(rows) if any('Sampling' in c for c in r))
+hi = next((i for i, r in enumerate(rows) if any('Sampling' in c for c in r)), None)
+if hi is None:
+    sys.exit('no sampling columns in %s; it begins: %r' % (f, rows[:6]))
 h = rows[hi]
 print('columns:', h)
 for r in rows[hi + 1:hi + 3]:
@@ -28,6 +30,24 @@ for r in rows[hi + 1:]:
     except (ValueError, IndexError):
         pass
 tot = sum(d[0] for d in data) or 1
+ex = next((i for i, c in enumerate(h) if c.strip().startswith('Instructions Executed')), None)
+if ex is not None:  # where the instructions go (time = instructions / issue rate)
+    cnt = []
+    for i, r in enumerate(rows[hi + 1:]):
+        try:
+            cnt.append((float(r[ex] or 0), i, r[src]))
+        except (ValueError, IndexError):
+            pass
+    tx = sum(c[0] for c in cnt) or 1
+    print('instructions executed', tx)
+    for v, i, s in sorted(cnt, reverse=True)[:40]:
+        print('%12.0f %5.2f%% #%d %s' % (v, 100 * v / tx, i, s[:90]))
+    byw = collections.Counter()
+    for v, i, s in cnt:
+        byw[i // 128] += v
+    print('instructions executed by 128-instruction window:')
+    for k, v in byw.most_common(40):
+        print('  window %5d (instr %6d..): %5.2f%%  %s' % (k, k * 128, 100 * v / tx, rows[hi + 1 + k * 128][src][:60]))
 print('total samples', tot, 'instructions', len(data))
 for v, a, s, w in sorted(data, reverse=True)[:50]:
     print('%7.0f %5.2f%% %s %s %s' % (v, 100 * v / tot, a, s[:70], ' '.join(w)[:60]))
