@@ -677,14 +677,10 @@ struct compiler {
         }
         at.scale = scale;
         at.softcap = softcap;
-        // Split the context so that all multiprocessors take part: about one tile per SM. A split stages at least
-        // 64 x 64 K values (fewer cells for bigger heads, 16 at the least): the fixed cost of a tile (~2.5 us on an
-        // H100) is not worth paying for less, and one KV head of size 256 (gemma3) at 64 cells left 4 tiles of
-        // 21 us each.
+        // Split the context so that all multiprocessors take part: about one tile per SM, at least 64 cells each.
         const int per_head = std::max(1, tgt.n_sm / n_head_kv);
-        const int min_cells = std::min(64, std::max(16, 64 * 64 / std::max(at.head_dim_k, at.head_dim_v)));
         int cps = (at.n_kv + per_head - 1) / per_head;
-        cps = std::max(min_cells, (cps + 15) / 16 * 16);
+        cps = std::max(64, (cps + 31) / 32 * 32);
         at.cells_per_split = cps;
         at.n_split = (at.n_kv + cps - 1) / cps;
         at.partials = scratch_alloc((uint64_t) n_head * at.n_split * (at.head_dim_v + 2) * 4);
