@@ -6,6 +6,7 @@
 //   glu:    y = act(W_gate x) * (W_up x)  (the gated activation ggml_glu_op n_kv: REGLU, GEGLU, SWIGLU, ...)
 //   layer:  one llama layer (norm, QKV, rope, KV append into F16 caches, attention with or without flash
 //           attention, O + residual, norm, gate/up/SwiGLU, down + residual) and the LM head
+//   layer-hd256: the same with one head of size 256 and one KV head (gemma3's attention shape)
 #include "compiler.h"
 #include "cpu-executor.h"
 #include "json.h"
@@ -88,12 +89,15 @@ extern "C" __attribute__((visibility("default"))) size_t llama_mk_op_test(const 
     ggml_gallocr_t galloc = nullptr;
     try {
         const ggml_type wt = (ggml_type) wtype;
-        const bool layer = std::string(what) == "layer";
+        // layer-hd256: one head of size 256 and one KV head (gemma3's attention shape)
+        const bool wide = std::string(what) == "layer-hd256";
+        const bool layer = wide || std::string(what) == "layer";
         const bool glu = std::string(what) == "glu";
         if (!layer && !glu && std::string(what) != "matvec") {
             throw std::runtime_error(std::string("unknown op test ") + what);
         }
-        const int n_embd = 256, n_head = 4, n_head_kv = 2, hd = 64, n_ff = 512, n_vocab = 1024, R = 384;
+        const int n_embd = 256, n_head = wide ? 1 : 4, n_head_kv = wide ? 1 : 2, hd = wide ? 256 : 64, n_ff = 512,
+                  n_vocab = 1024, R = 384;
         const int n_gqa = hd * n_head_kv;
         const int cell = std::max(1, n_kv) - 1;  // this token's cache cell; cells before it hold a context
         rnd r(seed);

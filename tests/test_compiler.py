@@ -96,10 +96,12 @@ def test_gated_activations_match_ggml_cpu():
 
 
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["no-fa", "fa"])
-def test_layer_each_weight_type_matches_ggml_cpu(flash_attn):
-    """One llama layer + LM head on random weights and a random 200-cell context (one cell masked)."""
+@pytest.mark.parametrize("layer", ["layer", "layer-hd256"])
+def test_layer_each_weight_type_matches_ggml_cpu(layer, flash_attn):
+    """One llama layer + LM head on random weights and a random 200-cell context (one cell masked). layer-hd256
+    has one head of size 256 and one KV head (gemma3's attention shape); its last context split is partial."""
     seed = random.randrange(1 << 30)
-    results = _op_tests([("layer", t, flash_attn, 200, seed + i) for i, t in enumerate(GGML_TYPES.values())])
+    results = _op_tests([(layer, t, flash_attn, 200, seed + i) for i, t in enumerate(GGML_TYPES.values())])
     for name, r in zip(GGML_TYPES, results):
         assert "error" not in r, (name, r)
         exact = name in ("F32", "F16", "BF16")
