@@ -122,6 +122,13 @@ struct compiler {
     std::unordered_map<const ggml_tensor *, val> ext_vals;  // inputs of the graph read as vectors
     std::unordered_map<const ggml_tensor *, int> uses;   // consumers of a root (through its views) + outputs
     std::map<const ggml_tensor *, std::set<int>> cache_writers;  // root of an external tensor -> instructions
+    struct row_write {
+        const void * data;  // the destination view's first element
+        size_t nb1;         // its row stride
+        addr idx;
+        int32_t idx_type;
+    };
+    std::map<const ggml_tensor *, std::vector<row_write>> row_writes;  // one-row set_rows per cache root
     std::vector<int> chain_version;                      // per instruction (segment 0..3 packed as instr*4+seg)
     std::set<const ggml_tensor *> done;                  // nodes consumed by a pattern (attention)
     std::map<std::pair<uint64_t, uint64_t>, std::set<int>> input_ranges;  // graph inputs' memory -> readers
@@ -576,6 +583,9 @@ struct compiler {
         e.idx_type = idx->type;
         e.row_len = (int32_t) src->ne[0];
         cache_writers[root_of(dst)].insert(instr);
+        if (idx->ne[0] == 1) {
+            row_writes[root_of(dst)].push_back({dst->data, dst->nb[1], e.idx, e.idx_type});
+        }
     }
 
     void op_glu(const ggml_tensor * t) {
@@ -677,6 +687,14 @@ struct compiler {
         }
         at.scale = scale;
         at.softcap = softcap;
+        // K's cells are rows of a one-row set_rows into the same memory with the same stride: its index is the
+        // cell this step writes (V's is the same cell: one token)
+        auto rw = row_writes.find(root_of(k));
+        if (rw != row_writes.end() && rw->second.size() == 1 && rw->second[0].data == k->data &&
+            rw->second[0].nb1 == k->nb[1]) {
+            at.kv_row = rw->second[0].idx;
+            at.kv_row_type = rw->second[0].idx_type;
+        }
         // Split the context so that all multiprocessors take part: about one tile per SM, at least 64 cells each.
         const int per_head = std::max(1, tgt.n_sm / n_head_kv);
         int cps = (at.n_kv + per_head - 1) / per_head;
@@ -1168,7 +1186,8 @@ std::string explain_json(const program & p) {
         if (in.kind == instr_kind::attn) {
             const attention & at = p.attns[in.attn];
             o += ",\"n_kv\":" + std::to_string(at.n_kv) + ",\"n_split\":" + std::to_string(at.n_split) +
-                 ",\"heads\":" + std::to_string(at.n_head) + ",\"kv_heads\":" + std::to_string(at.n_head_kv);
+                 ",\"heads\":" + std::to_string(at.n_head) + ",\"kv_heads\":" + std::to_string(at.n_head_kv) +
+                 ",\"kv_row_known\":" + (at.kv_row.null() ? "false" : "true");
         }
         o += "}";
     }

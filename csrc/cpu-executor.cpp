@@ -18,6 +18,7 @@ namespace {
 struct tile_ctx {
     const program & p;
     uint8_t * scratch;
+    const std::vector<std::vector<uint8_t>> * k_before = nullptr, * v_before = nullptr;
 
     template <typename T = float> T * ptr(const addr & a) const {
         return (T *) (a.scratch ? scratch + a.off : (uint8_t *) (uintptr_t) a.off);
@@ -204,12 +205,29 @@ double dot_row(const segment & sg, const tile_ctx & c, int row, const std::vecto
     return acc;
 }
 
-void run_attn_tile(const tile_ctx & c, const attention & at, int tile) {
+// Bytes from the first to one past the last element of a cache view (all heads, all cells).
+uint64_t cache_extent(int32_t type, int n_heads, uint64_t nb_head, int n_cells, uint64_t nb_cell, int n_dims, uint64_t nb_dim) {
+    return (uint64_t) (n_heads - 1) * nb_head + (uint64_t) (n_cells - 1) * nb_cell + (uint64_t) (n_dims - 1) * nb_dim +
+           (type == T_F32 ? 4 : 2);
+}
+
+// The cell this step appends, or -1 when the attention does not know it.
+int64_t appended_cell(const tile_ctx & c, const attention & at) {
+    if (at.kv_row.null()) {
+        return -1;
+    }
+    return at.kv_row_type == T_I64 ? *c.ptr<const int64_t>(at.kv_row) : *c.ptr<const int32_t>(at.kv_row);
+}
+
+void run_attn_tile(const tile_ctx & c, const attention & at, int a_index, int tile) {
     const int kvh = tile / at.n_split, split = tile % at.n_split;
     const int c0 = split * at.cells_per_split, c1 = std::min(at.n_kv, c0 + at.cells_per_split);
     const int group = at.n_head / at.n_head_kv;
-    const uint8_t * kb = c.ptr<const uint8_t>(at.k);
-    const uint8_t * vb = c.ptr<const uint8_t>(at.v);
+    const int64_t appended = appended_cell(c, at);
+    const uint8_t * k_live = c.ptr<const uint8_t>(at.k);
+    const uint8_t * v_live = c.ptr<const uint8_t>(at.v);
+    const uint8_t * k_old = appended >= 0 ? (*c.k_before)[a_index].data() : k_live;
+    const uint8_t * v_old = appended >= 0 ? (*c.v_before)[a_index].data() : v_live;
     const float * q_all = c.ptr(at.q);
     float * part = c.ptr(at.partials);
     for (int g = 0; g < group; g++) {
@@ -227,6 +245,8 @@ void run_attn_tile(const tile_ctx & c, const attention & at, int tile) {
                     continue;
                 }
             }
+            const uint8_t * kb = cell == appended ? k_live : k_old;
+            const uint8_t * vb = cell == appended ? v_live : v_old;
             double s = 0.0;
             for (int d = 0; d < at.head_dim_k; d++) {
                 s += (double) q[d] * load_scalar(at.k_type, kb, (uint64_t) kvh * at.k_nb_head + (uint64_t) cell * at.k_nb_cell + (uint64_t) d * at.k_nb_dim);
@@ -256,7 +276,7 @@ void run_attn_tile(const tile_ctx & c, const attention & at, int tile) {
 
 void run_tile(const tile_ctx & c, const instruction & in, int tile) {
     if (in.kind == instr_kind::attn) {
-        run_attn_tile(c, c.p.attns[in.attn], tile);
+        run_attn_tile(c, c.p.attns[in.attn], in.attn, tile);
         return;
     }
     std::vector<float> x, w;
@@ -299,7 +319,21 @@ void cpu_executor::run(const program & p, long long shuffle_seed) {
     if (scratch.size() < p.scratch_bytes) {
         scratch.resize(p.scratch_bytes);
     }
-    tile_ctx c{p, scratch.data()};
+    tile_ctx c{p, scratch.data(), &k_before, &v_before};
+    k_before.resize(p.attns.size());
+    v_before.resize(p.attns.size());
+    for (size_t a = 0; a < p.attns.size(); a++) {
+        const attention & at = p.attns[a];
+        if (appended_cell(c, at) < 0) {
+            continue;
+        }
+        const uint64_t kn = cache_extent(at.k_type, at.n_head_kv, at.k_nb_head, at.n_kv, at.k_nb_cell, at.head_dim_k, at.k_nb_dim);
+        const uint64_t vn = cache_extent(at.v_type, at.n_head_kv, at.v_nb_head, at.n_kv, at.v_nb_cell, at.head_dim_v, at.v_nb_dim);
+        const uint8_t * k = c.ptr<const uint8_t>(at.k);
+        const uint8_t * v = c.ptr<const uint8_t>(at.v);
+        k_before[a].assign(k, k + kn);
+        v_before[a].assign(v, v + vn);
+    }
     const int n = (int) p.instrs.size();
     auto ready = [&](int i) {
         const instruction & in = p.instrs[i];

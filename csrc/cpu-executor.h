@@ -14,6 +14,10 @@ struct cpu_executor {
     std::vector<uint8_t>  scratch;
     std::vector<uint64_t> counters;  // per instruction, monotonic across steps
     uint64_t epoch = 0;              // steps run so far
+    // Per attention with a known appended cell: its K and V cache bytes as they were when the step began. Tiles
+    // read every other cell from here, as the GPU executor reads them before its dependencies are met, so a wrong
+    // appended cell shows up as wrong results.
+    std::vector<std::vector<uint8_t>> k_before, v_before;
 
     // shuffle_seed < 0: canonical order (instruction by instruction). Otherwise a random valid order: at every
     // point any tile whose dependencies are met may run next, so a missing dependency shows up as wrong results.

@@ -116,6 +116,11 @@ struct attention {
     int32_t  n_split = 1, cells_per_split = 0;
     float    scale = 1, softcap = 0;
     addr     partials;          // scratch: [n_head][n_split] x (max, sum, acc[head_dim_v])
+    // The cell this step appends (the KV append's row index, an I32 or I64 graph input), or null if the compiler
+    // could not tie it to K. Every other cell is unchanged during the step, so an executor may read those before
+    // its dependencies are met and read only this one after.
+    addr     kv_row;
+    int32_t  kv_row_type = 0;
 };
 
 // The gate activation of a glu instruction: y = act(gate) * up, numbered as ggml_glu_op. Both executors call

@@ -60,6 +60,7 @@ struct kernel_args {
     int32_t slot_bytes;
     int32_t ring_off;
     int32_t prefetch;         // bytes per segment of a tile's weights to L2-prefetch before its dependency wait
+    int32_t attn_prestage;    // attention tiles stage their first chunk before the wait (attn_prestage)
                               // (LLAMA_MEGAKERNEL_PREFETCH=KiB; 0: none)
 };
 
@@ -896,22 +897,94 @@ __host__ __device__ inline size_t attn_smem_floats(const attention & at) {
            (size_t) group * at.head_dim_v + 4 * (size_t) group;
 }
 
+// Where an attention tile keeps its parts in shared memory (floats).
+struct attn_layout {
+    float * q;    // group x hk
+    float * ks;   // chunk x (hk + 1)
+    float * vs;   // chunk x (hv + 1)
+    float * p;    // group x chunk: scores, then probabilities
+    float * msk;  // chunk
+    float * acc;  // group x hv
+    float * mx;   // group: running max
+    float * sm;   // group: running sum
+    float * cr;   // group: rescale of this chunk
+    __device__ attn_layout(const attention & at, float * smem) {
+        const int group = at.n_head / at.n_head_kv, hk = at.head_dim_k, hv = at.head_dim_v;
+        q = smem;
+        ks = q + group * hk;
+        vs = ks + k_attn_chunk * (hk + 1);
+        p = vs + k_attn_chunk * (hv + 1);
+        msk = p + group * k_attn_chunk;
+        acc = msk + k_attn_chunk;
+        mx = acc + group * hv;
+        sm = mx + group;
+        cr = sm + group;
+    }
+};
+
+// A tile's KV head, its cells and the cache bases of that head.
+struct attn_span {
+    int kvh, split, c0, c1;
+    const uint8_t * kb;
+    const uint8_t * vb;
+    const uint8_t * mb;
+    bool v_by_cell;  // transposed V (flash attention off): cells contiguous
+    bool fast;       // stage_chunk applies
+    __device__ attn_span(const kernel_args & a, const attention & at, int tile) {
+        kvh = tile / at.n_split;
+        split = tile % at.n_split;
+        c0 = split * at.cells_per_split;
+        c1 = min(at.n_kv, c0 + at.cells_per_split);
+        kb = resolve(a, at.k) + (uint64_t) kvh * at.k_nb_head;
+        vb = resolve(a, at.v) + (uint64_t) kvh * at.v_nb_head;
+        mb = at.mask.null() ? nullptr : resolve(a, at.mask);
+        v_by_cell = at.v_nb_cell < at.v_nb_dim;
+        const int group = at.n_head / at.n_head_kv;
+        fast = k_threads % at.head_dim_k == 0 && k_threads % at.head_dim_v == 0 && at.k_type == at.v_type &&
+               group * at.head_dim_k <= 2 * k_threads;
+    }
+};
+
+// The mask, K and V of cells [cb, cb + nc) into shared memory, and with `qd` the query rows too (fast path only).
+__device__ void stage_kv(const attention & at, const attn_span & sp, const attn_layout & L, int cb, int nc, float * qd,
+                         const float * qg) {
+    const int group = at.n_head / at.n_head_kv, hk = at.head_dim_k, hv = at.head_dim_v;
+    if (sp.fast) {
+        switch (at.k_type) {
+            case T_F16:  stage_chunk<T_F16>(at, sp.kb, sp.vb, sp.mb, L.ks, L.vs, L.msk, cb, nc, sp.v_by_cell, qd, qg, group * hk); break;
+            case T_BF16: stage_chunk<T_BF16>(at, sp.kb, sp.vb, sp.mb, L.ks, L.vs, L.msk, cb, nc, sp.v_by_cell, qd, qg, group * hk); break;
+            default:     stage_chunk<T_F32>(at, sp.kb, sp.vb, sp.mb, L.ks, L.vs, L.msk, cb, nc, sp.v_by_cell, qd, qg, group * hk); break;
+        }
+    } else {
+        for (int c = threadIdx.x; c < nc; c += k_threads) {
+            L.msk[c] = !sp.mb ? 0.0f : at.mask_type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) sp.mb + cb + c)))
+                                                             : __ldcg((const float *) sp.mb + cb + c);
+        }
+        stage_rows(L.ks, hk, sp.kb, at.k_type, at.k_nb_dim, at.k_nb_cell, cb, nc);
+        stage_rows(L.vs, hv, sp.vb, at.v_type, at.v_nb_dim, at.v_nb_cell, cb, nc);
+    }
+}
+
+// Before the tile's dependencies are met: its first chunk of K, V and mask. Only the cell this step appends can
+// still change (attention.kv_row); attn_tile reloads it after the wait. This takes the staging round trip off the
+// critical path (it cost ~4-6 us of the attention tile's ~12, docs/gpu-executor-notes.md runs 33-34).
+__device__ __noinline__ void attn_prestage(const kernel_args & a, const attention & at, int tile, float * smem) {
+    const attn_span sp(a, at, tile);
+    stage_kv(at, sp, attn_layout(at, smem), sp.c0, min(k_attn_chunk, sp.c1 - sp.c0), nullptr, nullptr);
+}
+
 // One KV head over cells [c0, c1): chunks of K and V are staged in shared memory by all threads (coalesced,
-// independent loads), then scores, an online softmax per query head of the group, and the accumulators.
-__device__ void attn_tile(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc) {
-    const int kvh = tile / at.n_split, split = tile % at.n_split;
-    const int c0 = split * at.cells_per_split, c1 = min(at.n_kv, c0 + at.cells_per_split);
+// independent loads), then scores, an online softmax per query head of the group, and the accumulators. With
+// `prestaged` the first chunk was staged by attn_prestage before the wait.
+__device__ void attn_tile(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc,
+                          bool prestaged) {
+    const attn_span sp(a, at, tile);
+    const attn_layout L(at, smem);
+    const int c0 = sp.c0, c1 = sp.c1, kvh = sp.kvh, split = sp.split;
     const int group = at.n_head / at.n_head_kv, hk = at.head_dim_k, hv = at.head_dim_v;
     const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    float * q   = smem;                               // group x hk
-    float * ks  = q + group * hk;                     // chunk x (hk + 1)
-    float * vs  = ks + k_attn_chunk * (hk + 1);       // chunk x (hv + 1)
-    float * p   = vs + k_attn_chunk * (hv + 1);       // group x chunk: scores, then probabilities
-    float * msk = p + group * k_attn_chunk;           // chunk
-    float * acc = msk + k_attn_chunk;                 // group x hv
-    float * mx  = acc + group * hv;                   // group: running max
-    float * sm  = mx + group;                         // group: running sum
-    float * cr  = sm + group;                         // group: rescale of this chunk
+    float * q = L.q, * ks = L.ks, * vs = L.vs, * p = L.p, * msk = L.msk, * acc = L.acc, * mx = L.mx, * sm = L.sm,
+          * cr = L.cr;
     const float * qg = (const float *) resolve(a, at.q) + (size_t) kvh * group * hk;
     for (int i = threadIdx.x; i < group * hv; i += k_threads) {
         acc[i] = 0.0f;
@@ -920,11 +993,7 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
         mx[threadIdx.x] = -INFINITY;
         sm[threadIdx.x] = 0.0f;
     }
-    const uint8_t * kb = resolve(a, at.k) + (uint64_t) kvh * at.k_nb_head;
-    const uint8_t * vb = resolve(a, at.v) + (uint64_t) kvh * at.v_nb_head;
-    const uint8_t * mb = at.mask.null() ? nullptr : resolve(a, at.mask);
-    const bool v_by_cell = at.v_nb_cell < at.v_nb_dim;  // transposed V (flash attention off): cells contiguous
-    const bool fast = k_threads % hk == 0 && k_threads % hv == 0 && at.k_type == at.v_type && group * hk <= 2 * k_threads;
+    const bool fast = sp.fast;
     if (!fast) {
         for (int i = threadIdx.x; i < group * hk; i += k_threads) {
             q[i] = ldcg_f(qg + i);
@@ -933,20 +1002,44 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
     for (int cb = c0; cb < c1; cb += k_attn_chunk) {
         const int nc = min(k_attn_chunk, c1 - cb);
         __syncthreads();
-        float * qd = cb == c0 ? q : nullptr;  // the query rows come with the first chunk
-        if (fast) {
-            switch (at.k_type) {
-                case T_F16:  stage_chunk<T_F16>(at, kb, vb, mb, ks, vs, msk, cb, nc, v_by_cell, qd, qg, group * hk); break;
-                case T_BF16: stage_chunk<T_BF16>(at, kb, vb, mb, ks, vs, msk, cb, nc, v_by_cell, qd, qg, group * hk); break;
-                default:     stage_chunk<T_F32>(at, kb, vb, mb, ks, vs, msk, cb, nc, v_by_cell, qd, qg, group * hk); break;
+        if (cb == c0 && prestaged) {
+            // the query rows, and the appended cell's K and V rows if they fall in this chunk (one round trip)
+            const int64_t row = at.kv_row_type == T_I64 ? *(const int64_t *) resolve(a, at.kv_row)
+                                                        : *(const int32_t *) resolve(a, at.kv_row);
+            const bool mine = row >= cb && row < cb + nc;
+            const int ci = mine ? (int) (row - cb) : 0;
+            float rq0 = 0.0f, rq1 = 0.0f, rk = 0.0f, rv = 0.0f;
+            const int t = threadIdx.x;
+            if (fast) {
+                rq0 = ldcg_f(qg + min(t, group * hk - 1));
+                rq1 = ldcg_f(qg + min(t + k_threads, group * hk - 1));
+            }
+            if (mine) {
+                rk = ld_kv(at.k_type, sp.kb + (uint64_t) row * at.k_nb_cell + (uint64_t) min(t, hk - 1) * at.k_nb_dim);
+                rv = ld_kv(at.v_type, sp.vb + (uint64_t) row * at.v_nb_cell + (uint64_t) min(t, hv - 1) * at.v_nb_dim);
+            }
+            if (fast && t < group * hk) {
+                q[t] = rq0;
+            }
+            if (fast && t + k_threads < group * hk) {
+                q[t + k_threads] = rq1;
+            }
+            if (mine && t < hk) {
+                ks[ci * (hk + 1) + t] = rk;
+            }
+            if (mine && t < hv) {
+                vs[ci * (hv + 1) + t] = rv;
+            }
+            if (mine) {  // head sizes above the block: the rest of the row
+                for (int d = t + k_threads; d < hk; d += k_threads) {
+                    ks[ci * (hk + 1) + d] = ld_kv(at.k_type, sp.kb + (uint64_t) row * at.k_nb_cell + (uint64_t) d * at.k_nb_dim);
+                }
+                for (int d = t + k_threads; d < hv; d += k_threads) {
+                    vs[ci * (hv + 1) + d] = ld_kv(at.v_type, sp.vb + (uint64_t) row * at.v_nb_cell + (uint64_t) d * at.v_nb_dim);
+                }
             }
         } else {
-            for (int c = threadIdx.x; c < nc; c += k_threads) {
-                msk[c] = !mb ? 0.0f : at.mask_type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) mb + cb + c)))
-                                                            : __ldcg((const float *) mb + cb + c);
-            }
-            stage_rows(ks, hk, kb, at.k_type, at.k_nb_dim, at.k_nb_cell, cb, nc);
-            stage_rows(vs, hv, vb, at.v_type, at.v_nb_dim, at.v_nb_cell, cb, nc);
+            stage_kv(at, sp, L, cb, nc, cb == c0 ? q : nullptr, qg);  // the query rows come with the first chunk
         }
         __syncthreads();
         pc.mark(0);
@@ -1090,9 +1183,10 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
             for (int k = threadIdx.x; k < (int) (sizeof(attention) / 4); k += k_threads) {
                 ((uint32_t *) &s_at)[k] = ((const uint32_t *) (a.attns + in.attn))[k];
             }
+            __syncthreads();  // attn_prestage reads it before the wait's barriers
         }
         const bool mv = in.kind == instr_kind::matvec || in.kind == instr_kind::glu;
-        bool waited = false;
+        bool waited = false, prestaged = false;
         unsigned long long t_in = 0, t_mv = 0;
         for (int t = first; t < in.n_tiles; t += G) {
             const tile_rows tr = rows_of(in, t);
@@ -1118,6 +1212,10 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                         }
                     }
                 }
+                if (in.kind == instr_kind::attn && !s_at.kv_row.null() && a.attn_prestage) {
+                    attn_prestage(a, s_at, t, smem);
+                    prestaged = true;
+                }
                 if (!wait_deps(a, in, i, &s_flag)) {
                     if (threadIdx.x == 0) {
                         ring_drain(a, s_rc, s_bars, consumed);
@@ -1133,7 +1231,8 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
             unsigned long long t1 = t0;
             phase_clock pc{prof ? prof + i * k_prof + 5 : nullptr, t0};
             if (in.kind == instr_kind::attn) {
-                attn_tile(a, s_at, t, smem, pc);
+                attn_tile(a, s_at, t, smem, pc, prestaged);
+                prestaged = false;  // a block's later tiles of the instruction stage after the wait
                 t1 = prof ? global_ns() : 0;
             } else {
                 form_input(a, in.in, x, w);
@@ -1543,6 +1642,10 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.x_floats = (int32_t) x_f;
     a.y_floats = (int32_t) y_f;
     a.w_floats = (int32_t) w_f;
+    a.attn_prestage = 1;
+    if (const char * ps = getenv("LLAMA_MEGAKERNEL_ATTN_PRESTAGE")) {  // 0: stage after the wait (for A/B runs)
+        a.attn_prestage = atoi(ps) != 0;
+    }
     a.prefetch = 96 * 1024;
     if (const char * pf = getenv("LLAMA_MEGAKERNEL_PREFETCH")) {
         a.prefetch = std::max(0, atoi(pf)) * 1024;
