@@ -208,7 +208,7 @@ double dot_row(const segment & sg, const tile_ctx & c, int row, const std::vecto
 // Bytes from the first to one past the last element of a cache view (all heads, all cells).
 uint64_t cache_extent(int32_t type, int n_heads, uint64_t nb_head, int n_cells, uint64_t nb_cell, int n_dims, uint64_t nb_dim) {
     return (uint64_t) (n_heads - 1) * nb_head + (uint64_t) (n_cells - 1) * nb_cell + (uint64_t) (n_dims - 1) * nb_dim +
-           (type == T_F32 ? 4 : 2);
+           info_of(type).bytes;
 }
 
 // The cell this step appends, or -1 when the attention does not know it.

@@ -319,9 +319,9 @@ def main() -> int:
                 for view in ("sass", "cuda") if os.environ["MK_NCU_SOURCE"] == "cuda" else ("sass",):
                     v = sh(["ncu", "--import", str(rep_file), "--page", "source", "--csv", "--print-source", view])
                     (out.parent / f"ncu-source-{view}-{name}.csv").write_text(v.stdout[-30_000_000:] + v.stderr[-5000:])
-                for view in ("sass", "cuda") if os.environ["MK_NCU_SOURCE"] == "cuda" else ("sass",):
-                    s = sh(["python3", str(Path(__file__).parent / "ncu_sass_top.py"), str(out.parent / f"ncu-source-{view}-{name}.csv")])
-                    (out.parent / f"ncu-{view}-top-{name}.txt").write_text(s.stdout + s.stderr)
+                # only the SASS view carries the samples (the CUDA view is the source text)
+                s = sh(["python3", str(Path(__file__).parent / "ncu_sass_top.py"), str(out.parent / f"ncu-source-sass-{name}.csv")])
+                (out.parent / f"ncu-sass-top-{name}.txt").write_text(s.stdout + s.stderr)
                 sh(["xz", "-T8", "-f", str(out.parent / f"ncu-source-sass-{name}.csv")])  # tens of MB, a few packed
                 log(f"ncu source {name}: rc {r.returncode}")
 
