@@ -95,7 +95,9 @@ int layer_of(const ggml_tensor * t) {  // llama.cpp names per-layer tensors "<na
 }
 
 struct val {
-    enum form_t { direct, norm, attn_out, open } form = direct;
+    // state_row: one row of a recurrent-state cache picked by a graph input (not copied anywhere); conv_window: that
+    // row's conv inputs followed by an open value (the newest input of each channel), for an ssm_conv
+    enum form_t { direct, norm, attn_out, open, state_row, conv_window } form = direct;
     int64_t n = 0;          // number of values (one token)
     addr    a;              // direct: where they are
     int     producer = -1;  // the instruction that writes them (-1: outside the program)
@@ -105,12 +107,25 @@ struct val {
     addr    norm_w;
     float   eps = 0;
     bool    norm_weighted = false;
+    int32_t norm_row = 0;    // per-group norm (0: the whole vector)
+    // norm, attn_out: multiplied by this F32 vector (an output gate) once formed
+    addr    gate;
+    int     gate_producer = -1;
+    // state_row / conv_window
+    addr    state;           // the cache's row 0
+    uint64_t state_nb = 0;   // its row stride
+    addr    state_idx;       // I32: which row
+    const ggml_tensor * state_idx_t = nullptr;
+    addr    conv_out;        // conv_window: where the window's last inputs go (the next step's state), if anywhere
+    int     conv_epi = -1;   // conv_window: the ssm_conv epilogue op, once emitted
+    int     conv_len = 0;    // conv_window: the kernel's length
     // attn
     int     attn = -1;  // attn_out: index into program::attns
     // open
     int     instr = -1, seg = 0, version = 0;
     // direct copy made while open (a store tap), if any
     bool    stored = false;
+    bool    split = false;   // open: a matvec result only read through strided views, each its own segment
     const ggml_tensor * ext = nullptr;  // a graph input read in place
 };
 
@@ -130,7 +145,14 @@ struct compiler {
     };
     std::map<const ggml_tensor *, std::vector<row_write>> row_writes;  // one-row set_rows per cache root
     std::vector<int> chain_version;                      // per instruction (segment 0..3 packed as instr*4+seg)
-    std::set<const ggml_tensor *> done;                  // nodes consumed by a pattern (attention)
+    std::set<const ggml_tensor *> done;                  // nodes consumed by a pattern (attention, delta net)
+    struct qk_norm {  // the rms_norm and scale a Gated DeltaNet's q or k went through (the L2 norm), if any
+        const ggml_tensor * src = nullptr;
+        float eps = -1, scale = 1;
+    };
+    std::map<const ggml_tensor *, qk_norm> delta_qk;    // q and k inputs of the delta nets -> their norms
+    std::map<const ggml_tensor *, int> delta_of;
+    std::map<const ggml_tensor *, segment> split_bases;  // split matmul results -> their segment before the split         // delta net node -> index into program::deltas
     std::map<std::pair<uint64_t, uint64_t>, std::set<int>> input_ranges;  // graph inputs' memory -> readers
     uint64_t scratch = 0;
 
@@ -162,6 +184,9 @@ struct compiler {
 
     int new_instr(instr_kind kind, const ggml_tensor * t) {
         int layer = layer_of(t);
+        if (layer < 0 && t->op == GGML_OP_MUL_MAT && strncmp(t->src[0]->name, "blk.", 4) == 0) {
+            layer = atoi(t->src[0]->name + 4);  // an unnamed matmul (qwen35's): its weight's "blk.<layer>."
+        }
         if (layer < 0 && !p.instrs.empty() && strncmp(t->name, "node_", 5) == 0) {
             layer = p.instrs.back().layer;  // an unnamed node (gemma3's O projection) of the layer being built
         }
@@ -198,6 +223,12 @@ struct compiler {
     // The val of a tensor computed in this graph, seen through views: must cover the whole root.
     val & whole(const ggml_tensor * t, const char * what) {
         const ggml_tensor * r = root_of(t);
+        if (t != r) {
+            auto vt = vals.find(t);  // a strided view that became a segment of its own
+            if (vt != vals.end()) {
+                return vt->second;
+            }
+        }
         auto it = vals.find(r);
         if (it == vals.end()) {
             // an input of the graph (the embedding row copied in from another split): in memory already
@@ -211,10 +242,61 @@ struct compiler {
             e.ext = t;
             return e;
         }
-        if (t != r && (t->view_offs != 0 || ggml_nelements(t) != ggml_nelements(r) || !dense(t))) {
+        if (t != r && it->second.form == val::open && !dense(t)) {
+            return split_view(t, it->second, what);
+        }
+        // (a value may cover only the start of its tensor: a delta net's output before its state)
+        if (it->second.split || (t != r && (t->view_offs != 0 || ggml_nelements(t) != it->second.n || !dense(t)))) {
             fail("unsupported-pattern", std::string(what) + ": partial or strided view " + tname(t));
         }
         return it->second;
+    }
+
+    // The tensor a value is kept under: a split view's own, otherwise its root's.
+    const ggml_tensor * key_of(const ggml_tensor * t) const {
+        return t != root_of(t) && vals.count(t) ? t : root_of(t);
+    }
+
+    // A strided view of a matvec result still in registers, taking groups of g values every S (Qwen3.5's Q and
+    // output gate share one matmul, interleaved per head): a segment of the same instruction whose rows map to
+    // every S-th group of weight rows. The first view reuses the matmul's segment, later ones add segments.
+    val & split_view(const ggml_tensor * t, val & rv, const char * what) {
+        const int64_t g = t->ne[0], H = t->ne[1];
+        const int64_t S = (int64_t) (t->nb[1] / 4), first = (int64_t) (t->view_offs / 4);
+        instruction & in = p.instrs[rv.instr];
+        const bool ok = in.kind == instr_kind::matvec && !rv.stored && t->type == GGML_TYPE_F32 && t->nb[0] == 4 &&
+                        t->nb[1] % 4 == 0 && t->view_offs % 4 == 0 && t->ne[2] == 1 && t->ne[3] == 1 &&
+                        S * H == rv.n && first + g <= S && g < S;
+        // the matmul's segment as it was before any view took it
+        const segment base = rv.split ? split_bases[root_of(t)] : in.seg[rv.seg];
+        if (!ok || base.n_epi != 0 || base.rows != rv.n || base.row_group != 0 ||
+            (!rv.split && version(rv.instr, rv.seg) != rv.version)) {
+            fail("unsupported-pattern", std::string(what) + ": strided view " + tname(t) + " of a value it cannot split");
+        }
+        int seg = rv.seg;
+        if (rv.split) {  // the matmul's segment already serves another view: a new one
+            if (in.n_segments == k_max_segments) {
+                fail("unsupported-pattern", "too many views of " + tname(root_of(t)));
+            }
+            seg = in.n_segments++;
+            in.seg[seg] = base;
+        } else {
+            split_bases[root_of(t)] = base;
+        }
+        segment & sg = in.seg[seg];
+        sg.rows = (int32_t) (g * H);
+        sg.row_group = (int32_t) g;
+        sg.group_stride = (int32_t) S;
+        sg.row_first = (int32_t) first;
+        rv.split = true;
+        val nv;
+        nv.form = val::open;
+        nv.n = g * H;
+        nv.instr = rv.instr;
+        nv.seg = seg;
+        nv.version = ++version(rv.instr, seg);
+        vals[t] = nv;
+        return vals[t];
     }
 
     // Make a value exist in memory as contiguous F32; returns its address (and records the producer).
@@ -257,6 +339,8 @@ struct compiler {
                 x.src  = v.norm_src;
                 x.w    = v.norm_w;
                 x.eps  = v.eps;
+                x.norm_row = v.norm_row;
+                x.gate = v.gate;
                 break;
             case val::attn_out: {
                 const attention & at = p.attns[v.attn];
@@ -265,8 +349,12 @@ struct compiler {
                 x.n_head = at.n_head;
                 x.head_dim = at.head_dim_v;
                 x.n_split = at.n_split;
+                x.gate = v.gate;
                 break;
             }
+            case val::state_row:
+            case val::conv_window:
+                fail("unsupported-pattern", "recurrent state read other than by ssm_conv or gated_delta_net");
             case val::open:
                 if (!v.stored) {
                     fail("internal-error", "input read from registers of another instruction");
@@ -284,6 +372,7 @@ struct compiler {
         vec_in x = describe(v);
         note_input(v.ext, instr);
         add_dep(instr, v.form == val::norm ? v.norm_src_producer : v.producer);
+        add_dep(instr, v.gate_producer);
         return x;
     }
 
@@ -297,6 +386,7 @@ struct compiler {
         p.instrs[i].in = describe(v);
         note_input(v.ext, i);
         add_dep(i, v.form == val::norm ? v.norm_src_producer : v.producer);
+        add_dep(i, v.gate_producer);
         p.instrs[i].n_segments = 1;
         p.instrs[i].seg[0].rows = (int32_t) v.n;
         return i;
@@ -329,8 +419,8 @@ struct compiler {
     // Continue the chain of the open value `src` with a new op producing `dst`. Returns the val of dst, open,
     // in the same instruction. A direct/norm/attn source first becomes the input of a new vec instruction.
     val & extend(const ggml_tensor * src, const ggml_tensor * dst) {
-        const ggml_tensor * r = root_of(src);
         val & v = whole(src, ggml_op_desc(dst));
+        const ggml_tensor * r = key_of(src);
         if (v.form == val::open && (uses[r] > 1 || version(v.instr, v.seg) != v.version)) {
             ensure_direct(r, v);  // other consumers still need the value as it is now
         }
@@ -371,15 +461,16 @@ struct compiler {
         if (xv.form == val::open) {
             ensure_direct(xr, xv);
         }
-        // Join the previous instruction if it is a matvec over the same input (Q/K/V, gate/up).
+        // Join a matvec over the same input (Q/K/V, gate/up; Gated DeltaNet's qkv, alpha, beta and z, which the
+        // graph computes around the recurrence).
         int i = -1;
-        if (!p.instrs.empty()) {
-            int last = (int) p.instrs.size() - 1;
-            instruction & li = p.instrs[last];
-            vec_in cand = describe(xv);
+        const vec_in cand = describe(xv);
+        for (int j = (int) p.instrs.size() - 1; j >= 0 && i < 0; j--) {
+            const instruction & li = p.instrs[j];
             if (li.kind == instr_kind::matvec && li.n_segments < k_max_segments && li.in.kind == cand.kind &&
-                same(li.in.src, cand.src) && same(li.in.w, cand.w) && li.in.n == cand.n && li.in.eps == cand.eps) {
-                i = last;
+                same(li.in.src, cand.src) && same(li.in.w, cand.w) && li.in.n == cand.n && li.in.eps == cand.eps &&
+                li.in.norm_row == cand.norm_row && same(li.in.gate, cand.gate)) {
+                i = j;
             }
         }
         if (i < 0) {
@@ -427,6 +518,21 @@ struct compiler {
             vals[t] = nv;
             return;
         }
+        const bool in_registers = sv.form == val::open && !sv.stored;
+        if (!in_registers && sv.form != val::norm && sv.form != val::attn_out && dense(src) &&
+            sv.n % src->ne[0] == 0 && (sv.form == val::direct || sv.stored)) {
+            // per group of a value in memory (the delta net's output per head): fold into the consumer as well
+            val nv;
+            nv.form = val::norm;
+            nv.n = sv.n;
+            nv.norm_src = sv.a;
+            nv.norm_src_producer = sv.producer;
+            nv.ext = sv.ext;
+            nv.eps = eps;
+            nv.norm_row = (int32_t) src->ne[0];
+            vals[t] = nv;
+            return;
+        }
         // per head (Q/K norms): a row-wise op in the producer's epilogue
         val & nv = extend(src, t);
         epi_op & e = push_epi(nv.instr, nv.seg, epi_kind::rms_norm);
@@ -440,13 +546,17 @@ struct compiler {
         if (computed(b) && !computed(a)) {
             std::swap(a, b);
         }
+        if (computed(a) && computed(b) && op_gate(t, a, b)) {
+            return;
+        }
         if (computed(b) || !ggml_is_contiguous(b) || b->type != GGML_TYPE_F32 || ggml_nelements(b) != b->ne[0] ||
             a->ne[0] % b->ne[0] != 0 || !ggml_are_same_shape(a, t)) {
             fail("unsupported-pattern", "mul of two activations or with a broadcast it cannot fold: " + tname(t));
         }
         const ggml_tensor * ar = root_of(a);
         val & av = whole(a, "mul");
-        if (av.form == val::norm && !av.norm_weighted && uses[ar] == 1 && b->ne[0] == av.n) {
+        if (av.form == val::norm && !av.norm_weighted && av.gate.null() && uses[ar] == 1 &&
+            b->ne[0] == (av.norm_row ? av.norm_row : av.n)) {
             val nv = av;
             nv.norm_w = abs_addr(b->data);
             nv.norm_weighted = true;
@@ -457,6 +567,37 @@ struct compiler {
         epi_op & e = push_epi(nv.instr, nv.seg, epi_kind::mul);
         e.a = abs_addr(b->data);
         e.row_len = (int32_t) b->ne[0];
+    }
+
+    // x * gate where x is a norm or an attention output not formed yet: the consumer multiplies as it forms x
+    // (Gated DeltaNet's silu(z) gate, the gated attention's sigmoid gate).
+    bool op_gate(const ggml_tensor * t, const ggml_tensor * a, const ggml_tensor * b) {
+        auto foldable = [&](const ggml_tensor * x) {
+            const val & v = whole(x, "mul");
+            return (v.form == val::norm || v.form == val::attn_out) && v.gate.null() && uses[key_of(x)] == 1 &&
+                   ggml_nelements(x) == v.n && ggml_are_same_shape(x, t);
+        };
+        if (!foldable(a)) {
+            std::swap(a, b);
+        }
+        if (!foldable(a) || ggml_nelements(b) != ggml_nelements(a) || b->type != GGML_TYPE_F32) {
+            return false;
+        }
+        val nv = whole(a, "mul");
+        val & gv = whole(b, "mul gate");
+        nv.gate = ensure_direct(key_of(b), gv);
+        nv.gate_producer = gv.producer;
+        vals[t] = nv;
+        return true;
+    }
+
+    void op_unary(const ggml_tensor * t) {
+        const int32_t op = ggml_get_unary_op(t);
+        if (!unary_supported(op)) {
+            fail("unsupported-op", std::string(ggml_op_desc(t)) + " (" + t->name + ")");
+        }
+        val & nv = extend(t->src[0], t);
+        push_epi(nv.instr, nv.seg, epi_kind::unary).unary = op;
     }
 
     void op_add(const ggml_tensor * t) {
@@ -512,10 +653,12 @@ struct compiler {
         memcpy(&attn_factor, ip + 8, 4);
         memcpy(&beta_fast, ip + 9, 4);
         memcpy(&beta_slow, ip + 10, 4);
-        if (mode != GGML_ROPE_TYPE_NORMAL && mode != GGML_ROPE_TYPE_NEOX) {
+        const bool multi = mode == GGML_ROPE_TYPE_MROPE || mode == GGML_ROPE_TYPE_IMROPE;
+        if (mode != GGML_ROPE_TYPE_NORMAL && mode != GGML_ROPE_TYPE_NEOX && !multi) {
             fail("unsupported-op", "rope mode " + std::to_string(mode) + " (" + t->name + ")");
         }
         if (src->ne[2] != 1 || src->ne[3] != 1 || t->src[1]->type != GGML_TYPE_I32 ||
+            ggml_nelements(t->src[1]) != (multi ? 4 : 1) ||
             (t->src[2] && t->src[2]->type != GGML_TYPE_F32)) {
             fail("unsupported-pattern", "rope shape " + tname(t));
         }
@@ -523,6 +666,9 @@ struct compiler {
         rp.n_dims = n_dims;
         rp.mode = mode;
         rp.n_offs = n_offs;
+        if (multi) {  // one token: the 4 position streams are pos[0..3]
+            memcpy(rp.sections, ip + 11, sizeof(rp.sections));
+        }
         rp.freq_scale = freq_scale;
         rp.ext_factor = ext_factor;
         rp.attn_factor = attn_factor;
@@ -585,6 +731,245 @@ struct compiler {
         cache_writers[root_of(dst)].insert(instr);
         if (idx->ne[0] == 1) {
             row_writes[root_of(dst)].push_back({dst->data, dst->nb[1], e.idx, e.idx_type});
+        }
+    }
+
+    // --- Gated DeltaNet (Qwen3.5) ---------------------------------------------------------------------------------
+
+    // get_rows of one row of a recurrent-state cache (conv or delta state), by a graph input: the readers (ssm_conv,
+    // gated_delta_net) read the row in place.
+    void op_state_row(const ggml_tensor * t) {
+        const ggml_tensor * src = t->src[0];
+        const ggml_tensor * idx = t->src[1];
+        if (src->type != GGML_TYPE_F32 || src->nb[0] != 4 || idx->type != GGML_TYPE_I32 || ggml_nelements(idx) != 1 ||
+            t->ne[1] != 1 || ggml_nelements(t) != t->ne[0] || src->ne[0] != t->ne[0]) {
+            fail("unsupported-pattern", "get_rows of a recurrent state: " + tname(t));
+        }
+        val v;
+        v.form = val::state_row;
+        v.n = t->ne[0];
+        v.state = abs_addr(src->data);
+        v.state_nb = src->nb[1];
+        v.state_idx = abs_addr(idx->data);
+        v.state_idx_t = idx;
+        vals[t] = v;
+    }
+
+    const val & state_of(const ggml_tensor * t, int64_t n, const char * what) {
+        auto it = vals.find(root_of(t));
+        if (it == vals.end() || it->second.form != val::state_row || it->second.n != n || ggml_nelements(t) != n) {
+            fail("unsupported-pattern", std::string(what) + " of something other than a recurrent state row: " + tname(t));
+        }
+        return it->second;
+    }
+
+    // concat(state [d-1, C], x^T [1, C]) along dim 0: the conv window of each channel; x is still in registers.
+    void op_concat(const ggml_tensor * t) {
+        const ggml_tensor * a = t->src[0];
+        const ggml_tensor * b = t->src[1];
+        const int64_t C = t->ne[1], d = t->ne[0];
+        if (ggml_get_op_params_i32(t, 0) != 0 || b->ne[0] != 1 || a->ne[1] != C || b->ne[1] != C || d > k_max_conv ||
+            t->ne[2] != 1 || t->ne[3] != 1 || !computed(b)) {
+            fail("unsupported-op", "concat other than a conv window (" + std::string(t->name) + ")");
+        }
+        const val & st = state_of(a, (d - 1) * C, "conv window");
+        const ggml_tensor * xr = root_of(b);
+        val & xv = vals[xr];
+        if (xv.form != val::open || xv.stored || version(xv.instr, xv.seg) != xv.version || xv.n != C || uses[xr] != 1) {
+            fail("unsupported-pattern", "conv window over a value not in registers: " + tname(t));
+        }
+        val w = st;
+        w.form = val::conv_window;
+        w.n = d * C;
+        w.instr = xv.instr;
+        w.seg = xv.seg;
+        w.version = xv.version;
+        w.conv_len = (int) d;
+        vals[t] = w;
+    }
+
+    void op_ssm_conv(const ggml_tensor * t) {
+        const ggml_tensor * win = t->src[0];
+        const ggml_tensor * k = t->src[1];
+        auto it = vals.find(root_of(win));
+        if (it == vals.end() || it->second.form != val::conv_window || win != root_of(win)) {
+            fail("unsupported-pattern", "ssm_conv of something other than a conv window: " + tname(t));
+        }
+        val & w = it->second;
+        if (k->type != GGML_TYPE_F32 || !ggml_is_contiguous(k) || k->ne[0] != w.conv_len ||
+            k->ne[1] != win->ne[1] || ggml_nelements(t) != win->ne[1] || computed(k)) {
+            fail("unsupported-pattern", "ssm_conv kernel " + tname(k));
+        }
+        if (version(w.instr, w.seg) != w.version) {
+            fail("unsupported-pattern", "conv input changed before the conv: " + tname(t));
+        }
+        epi_op & e = push_epi(w.instr, w.seg, epi_kind::ssm_conv);
+        e.a = abs_addr(k->data);
+        e.b = w.state;
+        e.nb1 = w.state_nb;
+        e.idx = w.state_idx;
+        e.idx_type = GGML_TYPE_I32;
+        e.c = w.conv_out;
+        e.row_len = w.conv_len;
+        w.conv_epi = p.instrs[w.instr].seg[w.seg].n_epi - 1;
+        note_input(w.state_idx_t, w.instr);
+        val nv;
+        nv.form = val::open;
+        nv.n = ggml_nelements(t);
+        nv.instr = w.instr;
+        nv.seg = w.seg;
+        nv.version = ++version(w.instr, w.seg);
+        vals[t] = nv;
+    }
+
+    // cpy into a cache: the conv window's newest inputs (the next step's conv state) or a delta net's new state
+    void op_cpy(const ggml_tensor * t) {
+        const ggml_tensor * src = t->src[0];
+        const ggml_tensor * dst = t->src[1];
+        auto it = vals.find(root_of(src));
+        if (it == vals.end() || computed(dst) || !ggml_is_contiguous(dst) || dst->type != GGML_TYPE_F32 ||
+            ggml_nelements(dst) != ggml_nelements(src)) {
+            fail("unsupported-op", "copy " + tname(t));
+        }
+        val & v = it->second;
+        if (v.form == val::conv_window) {
+            // the window without its oldest input: [d-1, C] at element 1 of each channel's row
+            const int64_t d = v.conv_len, C = v.n / d;
+            if (src->view_offs != 4 || src->ne[0] != d - 1 || src->ne[1] != C || src->nb[1] != (size_t) d * 4) {
+                fail("unsupported-pattern", "conv state update " + tname(t));
+            }
+            v.conv_out = abs_addr(dst->data);
+            if (v.conv_epi >= 0) {
+                p.instrs[v.instr].seg[v.seg].epi[v.conv_epi].c = v.conv_out;
+            }
+            return;
+        }
+        auto dl = delta_of.find(root_of(src));
+        if (dl != delta_of.end()) {
+            delta_net & dn = p.deltas[dl->second];
+            const int64_t n_state = (int64_t) dn.head_dim * dn.head_dim * dn.n_head;
+            if (src->view_offs != (size_t) dn.head_dim * dn.n_head * 4 || ggml_nelements(src) != n_state ||
+                !ggml_is_contiguous(src) || !dn.state_out.null()) {
+                fail("unsupported-pattern", "delta net state update " + tname(t));
+            }
+            dn.state_out = abs_addr(dst->data);
+            return;
+        }
+        fail("unsupported-op", "copy " + tname(t));
+    }
+
+    // q or k of a delta net: where its values are (a view of a value in memory) and the norm folded into it
+    addr delta_input(const ggml_tensor * t, int instr, int64_t S, int64_t H, float * eps, float * scale) {
+        auto dq = delta_qk.find(t);
+        if (dq != delta_qk.end()) {
+            *eps = dq->second.eps;
+            *scale = dq->second.scale;
+            t = dq->second.src;
+        }
+        if (t->type != GGML_TYPE_F32 || t->ne[0] != S || t->ne[1] != H || t->ne[2] != 1 || t->ne[3] != 1 ||
+            t->nb[0] != 4 || t->nb[1] != (size_t) S * 4) {
+            fail("unsupported-pattern", "delta net input " + tname(t));
+        }
+        const ggml_tensor * r = root_of(t);
+        auto it = vals.find(r);
+        if (it == vals.end()) {
+            fail("unsupported-pattern", "delta net input from outside the graph: " + tname(t));
+        }
+        val & v = it->second;
+        const uint64_t off = t != r ? t->view_offs : 0;
+        if (off % 4 || off / 4 + S * H > (uint64_t) v.n) {
+            fail("unsupported-pattern", "delta net input " + tname(t));
+        }
+        addr a = ensure_direct(r, v);
+        add_dep(instr, v.producer);
+        return offset(a, off);
+    }
+
+    void op_delta_net(const ggml_tensor * t) {
+        const ggml_tensor * q = t->src[0], * k = t->src[1], * v = t->src[2], * g = t->src[3], * beta = t->src[4],
+                          * state = t->src[5];
+        const int64_t S = v->ne[0], H = v->ne[1];
+        auto src_of = [&](const ggml_tensor * x) {
+            auto dq = delta_qk.find(x);
+            return dq != delta_qk.end() ? dq->second.src : x;
+        };
+        const int64_t Hqk = src_of(q)->ne[1];
+        if (ggml_get_op_params_i32(t, 0) != 1 || v->ne[2] != 1 || v->ne[3] != 1 || g->ne[0] != 1 ||
+            ggml_nelements(g) != H || ggml_nelements(beta) != H || Hqk <= 0 || H % Hqk != 0 ||
+            src_of(k)->ne[1] != Hqk || state->ne[0] != S || state->ne[1] != S || state->ne[2] != H ||
+            ggml_nelements(state) != S * S * H) {
+            fail("unsupported-pattern", "gated_delta_net shape " + tname(t));
+        }
+        const val & st = state_of(state, S * S * H, "gated_delta_net state");
+        delta_net dn;
+        const int i = new_instr(instr_kind::delta, t);
+        dn.q = delta_input(q, i, S, Hqk, &dn.q_eps, &dn.q_scale);
+        dn.k = delta_input(k, i, S, Hqk, &dn.k_eps, &dn.k_scale);
+        float v_eps = -1, v_scale = 1;
+        dn.v = delta_input(v, i, S, H, &v_eps, &v_scale);
+        if (v_eps >= 0 || v_scale != 1) {
+            fail("unsupported-pattern", "gated_delta_net with a norm on v: " + tname(t));
+        }
+        dn.scale = 1.0f / sqrtf((float) S);
+        dn.g = operand(g, H, i, "gated_delta_net gate");
+        dn.beta = operand(beta, H, i, "gated_delta_net beta");
+        dn.state_in = st.state;
+        dn.state_nb = st.state_nb;
+        dn.state_idx = st.state_idx;
+        note_input(st.state_idx_t, i);
+        dn.n_head = (int32_t) H;
+        dn.n_head_qk = (int32_t) Hqk;
+        dn.head_dim = (int32_t) S;
+        dn.out = scratch_alloc((uint64_t) S * H * 4);
+        // rows of a head per tile: about one tile per multiprocessor
+        int rpt = (int) S;
+        while (rpt % 2 == 0 && rpt > 1 && H * S / rpt < tgt.n_sm) {
+            rpt /= 2;
+        }
+        dn.rows_per_tile = rpt;
+        p.deltas.push_back(dn);
+        p.instrs[i].attn = (int32_t) p.deltas.size() - 1;
+        delta_of[t] = p.instrs[i].attn;
+        val nv;
+        nv.form = val::direct;
+        nv.n = S * H;  // the output; the new state after it is only copied into the cache
+        nv.a = dn.out;
+        nv.producer = i;
+        vals[t] = nv;
+    }
+
+    // Before the pass: a delta net's q and k are rms_norm (and scale) of views of the conv output, which the delta
+    // instruction applies itself per head; those nodes are consumed here.
+    void find_delta_norms() {
+        for (int i = 0; i < g->n_nodes; i++) {
+            const ggml_tensor * t = g->nodes[i];
+            if (t->op != GGML_OP_GATED_DELTA_NET) {
+                continue;
+            }
+            for (int s = 0; s < 2; s++) {
+                qk_norm qn;
+                const ggml_tensor * x = t->src[s];
+                std::vector<const ggml_tensor *> chain;
+                if (x->op == GGML_OP_SCALE && only_consumer(x) == t) {
+                    float sc, bias;
+                    memcpy(&sc, (const float *) x->op_params + 0, 4);
+                    memcpy(&bias, (const float *) x->op_params + 1, 4);
+                    if (bias != 0.0f) {
+                        continue;
+                    }
+                    qn.scale = sc;
+                    chain.push_back(x);
+                    x = x->src[0];
+                }
+                if (x->op != GGML_OP_RMS_NORM || only_consumer(x) != (chain.empty() ? t : chain.back())) {
+                    continue;
+                }
+                memcpy(&qn.eps, x->op_params, 4);
+                chain.push_back(x);
+                qn.src = x->src[0];
+                delta_qk[t->src[s]] = qn;
+                done.insert(chain.begin(), chain.end());
+            }
         }
     }
 
@@ -780,8 +1165,8 @@ struct compiler {
     void op_alias(const ggml_tensor * t) {
         // get_rows of the only row, cont/cpy of something already dense: the same values
         const ggml_tensor * src = t->src[0];
-        const ggml_tensor * r = root_of(src);
         val & v = whole(src, ggml_op_desc(t));
+        const ggml_tensor * r = key_of(src);
         if (v.form == val::open && uses[r] > 1) {
             ensure_direct(r, v);
         }
@@ -789,8 +1174,8 @@ struct compiler {
     }
 
     void node(const ggml_tensor * t) {
-        if (done.count(t)) {
-            return;
+        if (done.count(t) || ggml_nelements(t) == 0) {
+            return;  // consumed by a pattern, or empty (the recurrent cache's copies of other sequences' states)
         }
         if (is_view_op(t)) {
             return;  // aliases are resolved through root_of() by their consumers
@@ -811,12 +1196,21 @@ struct compiler {
             case GGML_OP_SET_ROWS: op_set_rows(t); return;
             case GGML_OP_GLU:      op_glu(t); return;
             case GGML_OP_FLASH_ATTN_EXT: op_flash_attn(t); return;
+            case GGML_OP_UNARY:    op_unary(t); return;
+            case GGML_OP_CONCAT:   op_concat(t); return;
+            case GGML_OP_SSM_CONV: op_ssm_conv(t); return;
+            case GGML_OP_CPY:      op_cpy(t); return;
+            case GGML_OP_GATED_DELTA_NET: op_delta_net(t); return;
             case GGML_OP_GET_ROWS: {
                 const ggml_tensor * src = t->src[0];
                 const ggml_tensor * idx = t->src[1];
                 if (computed(idx) || idx->type != GGML_TYPE_I32 || ggml_nelements(idx) != 1 || t->ne[1] != 1 ||
                     ggml_nelements(t) != t->ne[0]) {
                     fail("unsupported-pattern", "get_rows of more than one row: " + tname(t));
+                }
+                if (!computed(src) && !is_weight(src)) {
+                    op_state_row(t);
+                    return;
                 }
                 if (!computed(src)) {  // token embedding: a vec instruction that dequantizes the row
                     if (info_of(src->type).block == 0 || src->nb[0] != ggml_type_size(src->type) ||
@@ -849,7 +1243,7 @@ struct compiler {
                 return;
             }
             case GGML_OP_CONT:
-                if (!dense(t->src[0])) {
+                if (!dense(t->src[0]) && !(computed(t->src[0]) && vals[root_of(t->src[0])].form == val::open)) {
                     fail("unsupported-pattern", "copy with a layout change: " + tname(t));
                 }
                 op_alias(t);
@@ -892,7 +1286,7 @@ struct compiler {
         for (int i = 0; i < g->n_nodes; i++) {
             const ggml_tensor * t = g->nodes[i];
             if (is_view_op(t) || uses.count(t) || (t->flags & GGML_TENSOR_FLAG_OUTPUT) ||
-                t->op == GGML_OP_SET_ROWS || done.count(t)) {
+                t->op == GGML_OP_SET_ROWS || t->op == GGML_OP_CPY || done.count(t) || ggml_nelements(t) == 0) {
                 continue;
             }
             fail("partial-graph", "result " + tname(t) + " is read outside this graph");
@@ -912,7 +1306,8 @@ struct compiler {
         }
         const size_t n_before = p.instrs.size();
         for (size_t i = 0; i < n_before; i++) {
-            for (int s = 0; s < (p.instrs[i].kind == instr_kind::attn ? 0 : std::max<int>(1, p.instrs[i].n_segments)); s++) {
+            const bool no_epi = p.instrs[i].kind == instr_kind::attn || p.instrs[i].kind == instr_kind::delta;
+            for (int s = 0; s < (no_epi ? 0 : std::max<int>(1, p.instrs[i].n_segments)); s++) {
                 for (int e = 0; e < p.instrs[i].seg[s].n_epi; e++) {
                     epi_op & op = p.instrs[i].seg[s].epi[e];
                     if (op.kind != epi_kind::store || op.a.scratch) {
@@ -988,6 +1383,11 @@ struct compiler {
                 in.n_tiles = at.n_head_kv * at.n_split;
                 continue;
             }
+            if (in.kind == instr_kind::delta) {
+                const delta_net & dn = p.deltas[in.attn];
+                in.n_tiles = dn.n_head * dn.head_dim / dn.rows_per_tile;
+                continue;
+            }
             if (in.kind == instr_kind::vec) {
                 in.seg[0].rows_per_tile = in.seg[0].rows;
                 in.n_tiles = 1;
@@ -1018,6 +1418,12 @@ struct compiler {
                 }
                 int64_t rpt = (base + align - 1) / align * align;
                 rpt = std::min<int64_t>(rpt, (sg.rows + align - 1) / align * align);
+                if (sg.row_group > 0) {  // one group of consecutive weight rows per tile
+                    if (sg.row_group % align != 0) {
+                        fail("unsupported-pattern", std::string("row-wise ops across the groups of a view in ") + in.name);
+                    }
+                    rpt = sg.row_group;
+                }
                 sg.rows_per_tile = (int32_t) rpt;
                 sg.tile_begin = tiles;
                 tiles += (int) ((sg.rows + rpt - 1) / rpt);
@@ -1046,6 +1452,11 @@ struct compiler {
             case in_kind::attn_reduce: b += (uint64_t) in.in.n_head * in.in.n_split * (in.in.head_dim + 2) * 4; break;
             default: b += (uint64_t) in.in.n * 4; break;
         }
+        if (in.kind == instr_kind::delta) {  // the state read and written, q, k, v
+            const delta_net & dn = p.deltas[in.attn];
+            return (uint64_t) dn.n_head * dn.head_dim * dn.head_dim * 4 * 2 +
+                   (uint64_t) (2 * dn.n_head_qk + dn.n_head) * dn.head_dim * 4;
+        }
         if (in.kind == instr_kind::attn) {
             const attention & at = p.attns[in.attn];
             const uint64_t kb = ggml_row_size((ggml_type) at.k_type, at.head_dim_k);
@@ -1068,6 +1479,9 @@ struct compiler {
             for (int s = 0; s < GGML_MAX_SRC; s++) {
                 if (t->src[s]) {
                     uses[root_of(t->src[s])]++;
+                    if (t->src[s] != root_of(t->src[s])) {
+                        uses[t->src[s]]++;  // for views that become values of their own (split_view)
+                    }
                 }
             }
         }
@@ -1077,6 +1491,7 @@ struct compiler {
                 uses[t]++;
             }
         }
+        find_delta_norms();
         for (int i = 0; i < g->n_nodes; i++) {
             const ggml_tensor * t = g->nodes[i];
             if (!is_view_op(t) && t->type != GGML_TYPE_F32 && t->op != GGML_OP_SET_ROWS) {
@@ -1124,6 +1539,7 @@ static const char * kind_name(instr_kind k) {
         case instr_kind::matvec: return "matvec";
         case instr_kind::glu: return "glu";
         case instr_kind::attn: return "attn";
+        case instr_kind::delta: return "delta";
     }
     return "?";
 }
@@ -1147,6 +1563,8 @@ static const char * epi_name(epi_kind k) {
         case epi_kind::rope: return "rope";
         case epi_kind::store: return "store";
         case epi_kind::set_rows: return "set_rows";
+        case epi_kind::unary: return "unary";
+        case epi_kind::ssm_conv: return "ssm_conv";
     }
     return "?";
 }

@@ -26,6 +26,7 @@ struct program {
     std::vector<instruction> instrs;
     std::vector<attention>   attns;
     std::vector<rope_params> ropes;
+    std::vector<delta_net>   deltas;
     uint64_t scratch_bytes = 0;
     int      n_layers = 0;
     target   tgt;

@@ -35,15 +35,19 @@ void form_input(const tile_ctx & c, const vec_in & in, std::vector<float> & x) {
         }
         case in_kind::rms_norm: {
             const float * s = c.ptr(in.src);
-            double sum = 0.0;
-            for (int i = 0; i < in.n; i++) {
-                sum += (double) (s[i] * s[i]);
-            }
-            const float mean = (float) (sum / in.n);
-            const float scale = 1.0f / sqrtf(mean + in.eps);
+            const int row = in.norm_row ? in.norm_row : in.n;
             const float * w = in.w.null() ? nullptr : c.ptr(in.w);
-            for (int i = 0; i < in.n; i++) {
-                x[i] = s[i] * scale * (w ? w[i] : 1.0f);
+            const float * gate = in.gate.null() ? nullptr : c.ptr(in.gate);
+            for (int r0 = 0; r0 < in.n; r0 += row) {
+                double sum = 0.0;
+                for (int i = r0; i < r0 + row; i++) {
+                    sum += (double) (s[i] * s[i]);
+                }
+                const float mean = (float) (sum / row);
+                const float scale = 1.0f / sqrtf(mean + in.eps);
+                for (int i = r0; i < r0 + row; i++) {
+                    x[i] = s[i] * scale * (w ? w[i - r0] : 1.0f) * (gate ? gate[i] : 1.0f);
+                }
             }
             return;
         }
@@ -72,6 +76,12 @@ void form_input(const tile_ctx & c, const vec_in & in, std::vector<float> & x) {
                     x[h * in.head_dim + d] = den > 0 ? (float) (num[d] / den) : 0.0f;
                 }
             }
+            if (!in.gate.null()) {
+                const float * gate = c.ptr(in.gate);
+                for (int i = 0; i < in.n; i++) {
+                    x[i] *= gate[i];
+                }
+            }
             return;
         }
         case in_kind::embed_row: {
@@ -82,11 +92,17 @@ void form_input(const tile_ctx & c, const vec_in & in, std::vector<float> & x) {
     }
 }
 
-void rope_row(const rope_params & rp, int32_t pos, float * y) {
-    float theta = (float) pos;
+// pos: the position streams (one for the plain modes, four for the multi-section ones)
+void rope_row(const rope_params & rp, const int32_t * pos, float * y) {
+    const bool multi = rp.mode == 8 || rp.mode == 40;
+    float thetas[4];  // iterated separately, as ggml does, for the same rounding
+    for (int k = 0; k < 4; k++) {
+        thetas[k] = (float) pos[multi ? k : 0];
+    }
     const float * ff = rp.freq_factors.null() ? nullptr : (const float *) (uintptr_t) rp.freq_factors.off;
     float * v = y + rp.n_offs;
     for (int i0 = 0; i0 < rp.n_dims; i0 += 2) {
+        const float theta = thetas[rope_stream(rp, i0 / 2)];
         const float theta_extrap = theta / (ff ? ff[i0 / 2] : 1.0f);
         const float theta_interp = rp.freq_scale * theta_extrap;
         float th = theta_interp, mscale = rp.attn_factor;
@@ -97,12 +113,14 @@ void rope_row(const rope_params & rp, int32_t pos, float * y) {
             mscale *= 1.0f + 0.1f * logf(1.0f / rp.freq_scale);
         }
         const float cs = cosf(th) * mscale, sn = sinf(th) * mscale;
-        const int a = rp.mode == 0 ? i0 : i0 / 2;           // normal: adjacent pairs; neox: first and second half
+        const int a = rp.mode == 0 ? i0 : i0 / 2;           // normal: adjacent pairs; others: first and second half
         const int b = rp.mode == 0 ? i0 + 1 : i0 / 2 + rp.n_dims / 2;
         const float x0 = v[a], x1 = v[b];
         v[a] = x0 * cs - x1 * sn;
         v[b] = x0 * sn + x1 * cs;
-        theta *= rp.theta_scale;
+        for (float & t : thetas) {
+            t *= rp.theta_scale;
+        }
     }
 }
 
@@ -144,7 +162,7 @@ void epilogue(const tile_ctx & c, const segment & sg, float * y, int r0, int r1)
                 break;
             case epi_kind::rope: {
                 const rope_params & rp = c.p.ropes[op.rope];
-                const int32_t pos = *c.ptr<const int32_t>(rp.pos);
+                const int32_t * pos = c.ptr<const int32_t>(rp.pos);
                 for (int j = r0; j < r1; j += op.row_len) {
                     rope_row(rp, pos, y + (j - r0));
                 }
@@ -153,6 +171,23 @@ void epilogue(const tile_ctx & c, const segment & sg, float * y, int r0, int r1)
             case epi_kind::store: {
                 float * o = c.ptr(op.a);
                 std::copy(y, y + (r1 - r0), o + r0);
+                break;
+            }
+            case epi_kind::unary:
+                for (int j = r0; j < r1; j++) {
+                    y[j - r0] = unary_apply(op.unary, y[j - r0]);
+                }
+                break;
+            case epi_kind::ssm_conv: {  // row j is channel j
+                const int d = op.row_len;
+                const int32_t cell = *c.ptr<const int32_t>(op.idx);
+                const float * old = (const float *) (c.ptr<const uint8_t>(op.b) + (uint64_t) cell * op.nb1);
+                const float * kern = c.ptr(op.a);
+                float * next = op.c.null() ? nullptr : c.ptr(op.c);
+                for (int j = r0; j < r1; j++) {
+                    y[j - r0] = conv_step(old + (size_t) j * (d - 1), kern + (size_t) j * d, d, y[j - r0],
+                                          next ? next + (size_t) j * (d - 1) : nullptr);
+                }
                 break;
             }
             case epi_kind::set_rows: {
@@ -190,7 +225,7 @@ const std::vector<float> & act_for(const segment & sg, const std::vector<float> 
 double dot_row(const segment & sg, const tile_ctx & c, int row, const std::vector<float> & x, const act_vec & a,
                std::vector<float> & w) {
     w.resize(x.size());
-    const uint8_t * wr = c.ptr<const uint8_t>(sg.w) + (uint64_t) row * sg.row_bytes;
+    const uint8_t * wr = c.ptr<const uint8_t>(sg.w) + (uint64_t) weight_row(sg, row) * sg.row_bytes;
     dequant_row(sg.type, wr, w.data(), (int64_t) x.size());
     double acc = 0.0;
     for (size_t i = 0; i < x.size(); i++) {
@@ -274,9 +309,66 @@ void run_attn_tile(const tile_ctx & c, const attention & at, int a_index, int ti
     }
 }
 
+// q or k of one head, with its rms_norm and scale (the L2 norm) applied as ggml does.
+std::vector<float> delta_head(const float * src, int S, float eps, float scale) {
+    std::vector<float> x(src, src + S);
+    if (eps >= 0) {
+        double sum = 0.0;
+        for (float v : x) {
+            sum += (double) (v * v);
+        }
+        const float f = 1.0f / sqrtf((float) (sum / S) + eps);
+        for (float & v : x) {
+            v *= f;
+        }
+    }
+    for (float & v : x) {
+        v *= scale;
+    }
+    return x;
+}
+
+void run_delta_tile(const tile_ctx & c, const delta_net & dn, int tile) {
+    const int S = dn.head_dim, per_head = S / dn.rows_per_tile;
+    const int h = tile / per_head, j0 = (tile % per_head) * dn.rows_per_tile;
+    const int hqk = h % dn.n_head_qk;  // ggml: q/k head iv1 % neq1
+    const std::vector<float> q = delta_head(c.ptr(dn.q) + (size_t) hqk * S, S, dn.q_eps, dn.q_scale);
+    const std::vector<float> k = delta_head(c.ptr(dn.k) + (size_t) hqk * S, S, dn.k_eps, dn.k_scale);
+    const float decay = expf(c.ptr(dn.g)[h]), beta = c.ptr(dn.beta)[h];
+    const float * v = c.ptr(dn.v) + (size_t) h * S;
+    const int32_t cell = *c.ptr<const int32_t>(dn.state_idx);
+    const float * in = (const float *) (c.ptr<const uint8_t>(dn.state_in) + (uint64_t) cell * dn.state_nb) + (size_t) h * S * S;
+    float * out_state = dn.state_out.null() ? nullptr : c.ptr(dn.state_out) + (size_t) h * S * S;
+    float * out = c.ptr(dn.out) + (size_t) h * S;
+    std::vector<double> r(S);
+    for (int j = j0; j < j0 + dn.rows_per_tile; j++) {
+        double kr = 0.0;
+        for (int i = 0; i < S; i++) {
+            r[i] = (double) (in[(size_t) j * S + i] * decay);
+            kr += r[i] * k[i];
+        }
+        const double d = ((double) v[j] - kr) * beta;
+        double qr = 0.0;
+        for (int i = 0; i < S; i++) {
+            r[i] += d * k[i];
+            qr += r[i] * q[i];
+        }
+        out[j] = (float) qr * dn.scale;
+        if (out_state) {
+            for (int i = 0; i < S; i++) {
+                out_state[(size_t) j * S + i] = (float) r[i];
+            }
+        }
+    }
+}
+
 void run_tile(const tile_ctx & c, const instruction & in, int tile) {
     if (in.kind == instr_kind::attn) {
         run_attn_tile(c, c.p.attns[in.attn], in.attn, tile);
+        return;
+    }
+    if (in.kind == instr_kind::delta) {
+        run_delta_tile(c, c.p.deltas[in.attn], tile);
         return;
     }
     std::vector<float> x, w;

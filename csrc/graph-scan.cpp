@@ -7,6 +7,7 @@
 #include "ggml.h"
 
 #include <algorithm>
+#include <cstring>
 #include <set>
 
 namespace mk {
@@ -32,9 +33,14 @@ static bool op_supported(const ggml_tensor * t) {
         case GGML_OP_ROPE:
         case GGML_OP_SOFT_MAX:
         case GGML_OP_FLASH_ATTN_EXT:
+        case GGML_OP_CONCAT:          // Gated DeltaNet: the conv window
+        case GGML_OP_SSM_CONV:
+        case GGML_OP_GATED_DELTA_NET:
             return true;
         case GGML_OP_GLU:
             return glu_supported(ggml_get_glu_op(t));
+        case GGML_OP_UNARY:
+            return unary_supported(ggml_get_unary_op(t));
         default:
             return false;
     }
@@ -116,7 +122,7 @@ graph_scan scan_graph(const ggml_cgraph * g) {
     return s;
 }
 
-static const char * const k_architectures[] = {"llama", "qwen2", "qwen3", "gemma3"};
+static const char * const k_architectures[] = {"llama", "qwen2", "qwen3", "gemma3", "qwen35"};
 
 bool architecture_supported(const std::string & arch) {
     for (const char * a : k_architectures) {
@@ -128,14 +134,14 @@ bool architecture_supported(const std::string & arch) {
 }
 
 std::string supported_json() {
-    std::string archs, ops, glus, types;
+    std::string archs, ops, glus, unaries, types;
     for (const char * a : k_architectures) {
         archs += (archs.empty() ? "" : ",") + json_str(a);
     }
     ggml_tensor t = {};
     for (int op = 0; op < GGML_OP_COUNT; op++) {
         t.op = (ggml_op) op;
-        if (op != GGML_OP_NONE && op != GGML_OP_GLU && op_supported(&t)) {
+        if (op != GGML_OP_NONE && op != GGML_OP_GLU && op != GGML_OP_UNARY && op_supported(&t)) {
             ops += (ops.empty() ? "" : ",") + json_str(ggml_op_name((ggml_op) op));
         }
     }
@@ -144,13 +150,67 @@ std::string supported_json() {
             glus += (glus.empty() ? "" : ",") + json_str(ggml_glu_op_name((ggml_glu_op) g));
         }
     }
+    for (int u = 0; u < GGML_UNARY_OP_COUNT; u++) {
+        if (unary_supported(u)) {
+            unaries += (unaries.empty() ? "" : ",") + json_str(ggml_unary_op_name((ggml_unary_op) u));
+        }
+    }
     for (int ty = 0; ty < GGML_TYPE_COUNT; ty++) {
         if (ggml_get_type_traits((ggml_type) ty)->type_name && weight_type_supported((ggml_type) ty)) {
             types += (types.empty() ? "" : ",") + json_str(ggml_type_name((ggml_type) ty));
         }
     }
-    return "{\"architectures\":[" + archs + "],\"ops\":[" + ops + "],\"glu_ops\":[" + glus +
+    return "{\"architectures\":[" + archs + "],\"ops\":[" + ops + "],\"glu_ops\":[" + glus + "],\"unary_ops\":[" + unaries +
            "],\"weight_types\":[" + types + "]}";
+}
+
+std::string dump_graph(const ggml_cgraph * g) {
+    std::map<const ggml_tensor *, int> index;
+    std::string o;
+    char buf[512];
+    auto shape = [](const int64_t * v, char sep) {
+        std::string r;
+        for (int d = 0; d < GGML_MAX_DIMS; d++) {
+            r += (d ? std::string(1, sep) : "") + std::to_string(v[d]);
+        }
+        return r;
+    };
+    for (int i = 0; i < g->n_nodes; i++) {
+        const ggml_tensor * t = g->nodes[i];
+        index[t] = i;
+        int64_t nb[GGML_MAX_DIMS];
+        for (int d = 0; d < GGML_MAX_DIMS; d++) {
+            nb[d] = (int64_t) t->nb[d];
+        }
+        snprintf(buf, sizeof(buf), "%4d %-14s %-28s %-5s ne=%s nb=%s", i, ggml_op_desc(t), t->name,
+                 ggml_type_name(t->type), shape(t->ne, ',').c_str(), shape(nb, ',').c_str());
+        o += buf;
+        if (t->view_src) {
+            o += " view_offs=" + std::to_string(t->view_offs);
+        }
+        for (int s = 0; s < GGML_MAX_SRC && t->src[s]; s++) {
+            auto it = index.find(t->src[s]);
+            o += s ? "," : " src=";
+            o += it != index.end() ? "#" + std::to_string(it->second)
+                                   : std::string(t->src[s]->name) + "[" + ggml_type_name(t->src[s]->type) + " " +
+                                         shape(t->src[s]->ne, 'x') + (is_weight(t->src[s]) ? " w" : "") + "]";
+        }
+        std::string params;
+        for (int k = 0; k < 8; k++) {
+            if (t->op_params[k]) {
+                float f;
+                memcpy(&f, &t->op_params[k], 4);
+                snprintf(buf, sizeof(buf), " p%d=%d/%g", k, t->op_params[k], f);
+                params += buf;
+            }
+        }
+        o += params;
+        if (t->flags & GGML_TENSOR_FLAG_OUTPUT) {
+            o += " OUTPUT";
+        }
+        o += "\n";
+    }
+    return o;
 }
 
 std::string to_json(const graph_scan & s) {

@@ -28,6 +28,10 @@ struct graph_scan {
 
 graph_scan scan_graph(const ggml_cgraph * graph);
 
+// One line per node (op, name, type, shape, strides, view offset, sources, op params): what a new op's compiler
+// pattern has to match. The plugin writes it for each new decode graph when LLAMA_MEGAKERNEL_DUMP_GRAPH names a file.
+std::string dump_graph(const ggml_cgraph * graph);
+
 // JSON object of a scan (for status() and `llama-megakernel doctor`).
 std::string to_json(const graph_scan & s);
 

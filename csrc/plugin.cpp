@@ -156,6 +156,13 @@ void prepare(state & s, wrapped_backend & wb, ggml_cgraph * graph) {
         wb.last_scan.detail = e.what();
     }
     wb.last_uid = graph->uid;
+    if (const char * path = getenv("LLAMA_MEGAKERNEL_DUMP_GRAPH"); path && wb.last_scan.decode) {
+        if (FILE * f = fopen(path, "a")) {
+            fprintf(f, "# %s graph uid %llu, %d nodes\n%s", wb.device.c_str(), (unsigned long long) graph->uid,
+                    graph->n_nodes, mk::dump_graph(graph).c_str());
+            fclose(f);
+        }
+    }
     if (wb.last_scan.supported) {
         try {
             wb.prog.reset(new mk::program(mk::compile(graph, target_for(wb))));

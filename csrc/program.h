@@ -35,7 +35,7 @@ struct addr {
 // them; the vectors are a few KiB) removes a serial edge per norm and per attention.
 enum class in_kind : uint8_t {
     plain,        // x = src (F32)
-    rms_norm,     // x = src / sqrt(mean(src^2) + eps) [* w]
+    rms_norm,     // x = src / sqrt(mean(src^2) + eps) [* w], per group of norm_row values (0: the whole vector)
     attn_reduce,  // x = merge of an attention instruction's partial results (src), n = n_head * head_dim
     embed_row,    // x = row idx[0] of a weight matrix (src), dequantized
 };
@@ -44,8 +44,10 @@ struct vec_in {
     in_kind  kind = in_kind::plain;
     int32_t  n    = 0;
     addr     src;
-    addr     w;               // rms_norm: optional F32 weight of n
+    addr     w;               // rms_norm: optional F32 weight, of norm_row values (or n when norm_row is 0)
     float    eps = 0.0f;
+    int32_t  norm_row = 0;    // rms_norm: length of the groups normalised separately (Gated DeltaNet's per head)
+    addr     gate;            // rms_norm, attn_reduce: optional F32 [n] the result is multiplied by (an output gate)
     int32_t  n_head = 0;      // attn_reduce
     int32_t  head_dim = 0;    // attn_reduce
     int32_t  n_split = 0;     // attn_reduce
@@ -64,26 +66,94 @@ enum class epi_kind : uint8_t {
     rope,      // per row (head) of row_len: rotate
     store,     // write v (F32) to a, contiguous
     set_rows,  // write v into rows of a (KV cache): row r = element / row_len goes to a + idx[r] * nb1
+    unary,     // v = unary_apply(unary, v)
+    ssm_conv,  // causal depthwise conv over the channel's last row_len inputs; v is the newest (see conv_step)
 };
 
+// Elementwise activations an epilogue applies, numbered as ggml_unary_op.
+enum unary_op_t : int32_t { unary_relu = 6, unary_sigmoid = 7, unary_silu = 10, unary_softplus = 15 };
+
+MK_PROGRAM_HD inline bool unary_supported(int32_t op) {
+    return op == unary_relu || op == unary_sigmoid || op == unary_silu || op == unary_softplus;
+}
+
+MK_PROGRAM_HD inline float unary_apply(int32_t op, float x) {  // as ggml-cpu's unary-ops.cpp
+    switch (op) {
+        case unary_relu:
+            return x > 0.0f ? x : 0.0f;
+        case unary_sigmoid:
+            return 1.0f / (1.0f + expf(-x));
+        case unary_softplus:
+            return x > 20.0f ? x : logf(1.0f + expf(x));
+        default:  // unary_silu
+            return x / (1.0f + expf(-x));
+    }
+}
+
 struct rope_params {
-    int32_t n_dims = 0, mode = 0, n_offs = 0;  // mode: 0 normal (adjacent pairs), 2 neox (halves)
+    int32_t n_dims = 0, mode = 0, n_offs = 0;  // mode: 0 normal (adjacent pairs), 2 neox (halves), 8/40 multi (halves)
     float   freq_scale = 1, ext_factor = 0, attn_factor = 1, theta_scale = 1;
     float   corr_dims[2] = {0, 0};
     addr    pos;           // I32, one per token
     addr    freq_factors;  // optional F32 [n_dims/2]
+    int32_t sections[4] = {0, 0, 0, 0};  // multi-section modes: pairs per position stream (pos holds 4 streams)
 };
+
+// Multi-section rope (ggml_rope_multi, Qwen3.5's rope): which of the 4 position streams pair i0/2 turns by.
+MK_PROGRAM_HD inline int rope_stream(const rope_params & rp, int pair) {
+    const int32_t * s = rp.sections;
+    if (rp.mode != 8 && rp.mode != 40) {
+        return 0;
+    }
+    const int n = s[0] + s[1] + s[2] + s[3];
+    const int sector = n > 0 ? pair % n : 0;
+    if (rp.mode == 40) {  // interleaved
+        if (sector % 3 == 1 && sector < 3 * s[1]) return 1;
+        if (sector % 3 == 2 && sector < 3 * s[2]) return 2;
+        if (sector % 3 == 0 && sector < 3 * s[0]) return 0;
+        return 3;
+    }
+    if (sector < s[0]) return 0;
+    if (sector < s[0] + s[1]) return 1;
+    if (sector < s[0] + s[1] + s[2]) return 2;
+    return 3;
+}
+
+// One step of a causal depthwise conv1d (ggml_ssm_conv) for one channel: the window is the channel's d - 1 stored
+// inputs then x; returns sum(window * kernel) and, when `next` is given, stores the window's last d - 1 values (the
+// state of the next step). `old` and `next` may be the same memory.
+constexpr int k_max_conv = 8;
+
+MK_PROGRAM_HD inline float conv_step(const float * old, const float * kern, int d, float x, float * next) {
+    float win[k_max_conv];
+    for (int k = 0; k + 1 < d; k++) {
+        win[k] = old[k];
+    }
+    win[d - 1] = x;
+    float acc = 0.0f;
+    for (int k = 0; k < d; k++) {
+        acc += win[k] * kern[k];
+    }
+    if (next) {
+        for (int k = 0; k + 1 < d; k++) {
+            next[k] = win[k + 1];
+        }
+    }
+    return acc;
+}
 
 struct epi_op {
     epi_kind kind = epi_kind::store;
     int32_t  row_len = 0;
-    addr     a;             // add/mul operand, store/set_rows destination
+    addr     a;             // add/mul operand, store/set_rows destination; ssm_conv: the F32 kernel [row_len, rows]
+    addr     b, c;          // ssm_conv: the state row read (b + idx[0] * nb1) and the one written (c, may be null)
     float    f0 = 0, f1 = 0;
     int32_t  dst_type = 0;  // set_rows: ggml_type of the destination (F32, F16, BF16)
     uint64_t nb0 = 0, nb1 = 0;  // set_rows: destination element and row strides (bytes)
     addr     idx;           // set_rows: row indices
     int32_t  idx_type = 0;  // set_rows: GGML_TYPE_I32 or GGML_TYPE_I64
     int32_t  rope = -1;     // rope: index into program::ropes
+    int32_t  unary = 0;     // unary: the ggml_unary_op
 };
 
 constexpr int k_max_epi      = 8;
@@ -98,6 +168,10 @@ struct segment {
     uint64_t row_bytes = 0;     // stride between rows
     int32_t  rows_per_tile = 0;
     int32_t  tile_begin = 0;    // first tile of this segment within the instruction
+    // Output row r is weight row r, or, with row_group > 0, row (r / row_group) * group_stride + row_first +
+    // r % row_group: a strided view of the matmul's result (Qwen3.5's Q and output gate interleave per head). Tiles
+    // then cover one group each, so a tile's rows are consecutive in memory.
+    int32_t  row_group = 0, group_stride = 0, row_first = 0;
     uint8_t  constant = 0;      // w is a model weight (nothing in the step writes it): it may be read ahead of the
                                 // instruction's dependencies
     int32_t  n_epi = 0;
@@ -146,11 +220,30 @@ MK_PROGRAM_HD inline float glu_gate(int32_t op, float g) {
     }
 }
 
+// The Gated DeltaNet recurrence (ggml_gated_delta_net) for one token, with the L2 norms of q and k folded in.
+// The state of head h is S_v rows of S_v floats; row j (column j of the math's S) evolves on its own:
+//   r = r * exp(g[h]);  d = (v[h][j] - r . k) * beta[h];  r += d * k;  out[h][j] = (r . q) * scale
+// so tiles split heads and rows. Each tile normalises q and k of its head itself (two vectors of S_v).
+struct delta_net {
+    addr     q, k, v;         // F32 [S_v * n_head_qk] (q, k) and [S_v * n_head] (v), before q/k's norms
+    addr     g, beta;         // F32 [n_head]: the decay's log and the update's weight
+    addr     state_in;        // F32 state rows [n_head][S_v][S_v] at state_in + idx[0] * state_nb
+    addr     state_idx;       // I32: the recurrent cell this step reads
+    uint64_t state_nb = 0;
+    addr     state_out;       // where the new state goes (may equal the cell read); null: not kept
+    addr     out;             // F32 [S_v * n_head]
+    int32_t  n_head = 0, n_head_qk = 0, head_dim = 0, rows_per_tile = 0;
+    float    q_eps = -1, k_eps = -1;   // rms_norm of each head of q/k before the recurrence (< 0: none) ...
+    float    q_scale = 1, k_scale = 1; // ... then this factor (rms_norm * 1/sqrt(S_v) is the L2 norm)
+    float    scale = 1;                // of the output
+};
+
 enum class instr_kind : uint8_t {
     vec,     // x from `in`, epilogue of segment 0 (single segment, no weights): norms, embeddings, copies
     matvec,  // y = W x for each segment, then each segment's epilogue
     glu,     // g = W0 x, u = W1 x, y = act(g) * u, then segment 0's epilogue
     attn,    // partial attention over a slice of the context for one KV head (tiles: n_head_kv * n_split)
+    delta,   // the Gated DeltaNet recurrence (tiles: n_head * S_v / rows_per_tile)
 };
 
 struct dep {
@@ -167,7 +260,7 @@ struct instruction {
     vec_in     in;
     int32_t    n_segments = 0;
     segment    seg[k_max_segments];
-    int32_t    attn = -1;        // index into program::attns
+    int32_t    attn = -1;        // index into program::attns, or program::deltas for a delta instruction
     int32_t    n_deps = 0;
     dep        deps[k_max_deps];
     char       name[64] = {0};   // the main ggml tensor it produces, for explain and error messages
@@ -178,6 +271,11 @@ struct instruction {
 struct tile_rows {
     int seg, r0, r1;
 };
+
+// The weight row behind output row r of a segment.
+MK_PROGRAM_HD inline int64_t weight_row(const segment & sg, int r) {
+    return sg.row_group > 0 ? (int64_t) (r / sg.row_group) * sg.group_stride + sg.row_first + r % sg.row_group : r;
+}
 
 MK_PROGRAM_HD inline tile_rows rows_of(const instruction & in, int t) {
     int s = 0;

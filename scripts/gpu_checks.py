@@ -229,7 +229,9 @@ def main() -> int:
         plan += [("smollm2-135m-real-Q4_1", 256, 0)]
         for spec in os.environ.get("MK_ARCH_MODELS", "").split():  # arch:shape:base:types, as gpu-check.sh
             arch, shape, _, types = spec.split(":")
-            plan += [(f"{arch}-{shape}-{q}", 256, 0) for q in types.split(",")]
+            # tiny shapes: also GPU against the CPU executor on the same program, as the llama tiny models
+            plan += [(f"{arch}-{shape}-{q}", 64 if shape == "tiny" else 256, 32 if shape == "tiny" else 0)
+                     for q in types.split(",")]
         for name, steps, cpu in plan:
             if not have(name):
                 continue
@@ -325,9 +327,11 @@ def main() -> int:
                 sh(["xz", "-T8", "-f", str(out.parent / f"ncu-source-sass-{name}.csv")])  # tens of MB, a few packed
                 log(f"ncu source {name}: rc {r.returncode}")
 
-    if "sanitize" in a.stages and have("llama-tiny-Q4_0"):
+    for name in os.environ.get("MK_SANITIZE_MODELS", "llama-tiny-Q4_0").split():
+        if "sanitize" not in a.stages or not have(name):
+            continue
         for which in ("memcheck", "racecheck"):
-            res = sanitize(tool, M / "llama-tiny-Q4_0.gguf", which)
+            res = sanitize(tool, M / f"{name}.gguf", which)
             result["correctness"].append(res)
             log(f"sanitize {which}: " + json.dumps({k: res.get(k) for k in ("passed", "errors", "megakernel_ran", "rc")}))
             save()

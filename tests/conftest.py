@@ -18,7 +18,7 @@ from llama_megakernel import models, pinned
 
 ARCHS = sorted(models.SHAPES)
 # architectures besides llama whose decode graphs the plugin takes, verified end to end in test_compiler.py
-OTHER_ARCHS = ["qwen2", "qwen3", "gemma3"]
+OTHER_ARCHS = ["qwen2", "qwen3", "gemma3", "qwen35"]
 
 
 def _model_cache() -> Path:
@@ -34,15 +34,17 @@ def _model_cache() -> Path:
     return d
 
 
-def tiny_model(arch: str, quant: str) -> Path:
-    """A tiny synthetic model of `arch`; quantized files come from the cached F32 base through llama.cpp."""
+def tiny_model(arch: str, quant: str, vocab: str | None = None) -> Path:
+    """A tiny synthetic model of `arch`; quantized files come from the cached F32 base through llama.cpp.
+    `vocab` takes the tokenizer (and the vocabulary size) from another vocab file of the pinned tree."""
     d = _model_cache()
-    base = d / f"{arch}-tiny-F32.gguf"
+    tag = f"{arch}-tiny" + (f"-{vocab}" if vocab else "")
+    base = d / f"{tag}-F32.gguf"
     if not base.is_file():
-        models.make_model(arch, "tiny", "F32", base)
+        models.make_model(arch, "tiny", "F32", base, vocab=vocab)
     if quant == "F32":
         return base
-    out = d / f"{arch}-tiny-{quant}.gguf"
+    out = d / f"{tag}-{quant}.gguf"
     if not out.is_file():
         tmp = out.with_suffix(f".tmp{os.getpid()}")
         models.quantize(base, tmp, quant)

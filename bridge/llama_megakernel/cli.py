@@ -125,7 +125,8 @@ def cmd_doctor(args) -> int:
     sup = mk.supported()
     _say(f"architectures: {', '.join(sup['architectures'])}")
     _say(f"weight types: {', '.join(sup['weight_types'])}")
-    _say(f"graph ops: {', '.join(sup['ops'])}; gated activations: {', '.join(sup['glu_ops'])}")
+    _say(f"graph ops: {', '.join(sup['ops'])}; gated activations: {', '.join(sup['glu_ops'])}; "
+         f"activations: {', '.join(sup.get('unary_ops', []))}")
     _say("anything else is handed back to stock llama.cpp with its reason")
     if args.no_run:
         return 0

@@ -69,6 +69,11 @@ SHAPES: dict[str, dict[str, Shape]] = {
                               n_ctx_train=32768,
                               extra={"sliding_window": 512, "swa_pattern": 6, "rope_base_swa": 10000.0}),
     },
+    # An architecture the megakernel does not take (LayerNorm, GELU, learned positions): the tests' example of a
+    # model handed back with its architecture in the reason.
+    "starcoder": {
+        "tiny": Shape(256, 2, 4, 1, 64, 512, "gpt-2", tied=False, n_ctx_train=1024),
+    },
     "qwen35": {
         # tiny: 4 layers = 3 Gated DeltaNet + 1 full attention, as in the 3:1 pattern of the real models
         "tiny": Shape(256, 4, 4, 2, 64, 512, "qwen35", rope_base=1e7, rms_eps=1e-6, tied=False,
@@ -126,6 +131,13 @@ def _tensors(arch: str, s: Shape, n_vocab: int) -> list[tuple[str, tuple[int, ..
             t += [(b + "attn_q_norm.weight", (hd,), "norm"), (b + "attn_k_norm.weight", (hd,), "norm"),
                   (b + "post_attention_norm.weight", (E,), "norm"), (b + "ffn_norm.weight", (E,), "norm"),
                   (b + "post_ffw_norm.weight", (E,), "norm")] + ffn
+        elif arch == "starcoder":
+            t += [(b + "attn_norm.bias", (E,), "bias"), (b + "attn_qkv.weight", (E, q + 2 * kv), "mat"),
+                  (b + "attn_qkv.bias", (q + 2 * kv,), "bias"), (b + "attn_output.weight", (q, E), "mat"),
+                  (b + "attn_output.bias", (E,), "bias"), (b + "ffn_norm.weight", (E,), "norm"),
+                  (b + "ffn_norm.bias", (E,), "bias"), (b + "ffn_up.weight", (E, F), "mat"),
+                  (b + "ffn_up.bias", (F,), "bias"), (b + "ffn_down.weight", (F, E), "mat"),
+                  (b + "ffn_down.bias", (E,), "bias")]
         elif arch == "qwen35":
             x = s.extra
             t.append((b + "post_attention_norm.weight", (E,), "norm"))
@@ -145,6 +157,8 @@ def _tensors(arch: str, s: Shape, n_vocab: int) -> list[tuple[str, tuple[int, ..
             t += ffn
         else:
             raise ModelFactoryError(f"unknown architecture {arch!r}")
+    if arch == "starcoder":
+        t += [("output_norm.bias", (E,), "bias"), ("position_embd.weight", (E, s.n_ctx_train), "embd")]
     return t
 
 
@@ -255,6 +269,8 @@ def _write_base(arch: str, s: Shape, path: Path, dtype: np.dtype, seed: int, pro
         w.add_ssm_group_count(x["ssm_heads_k"])
     else:
         w.add_rope_dimension_count(s.head_dim)
+    if arch == "starcoder":
+        w.add_layer_norm_eps(s.rms_eps)
     if arch == "gemma3":
         w.add_sliding_window(x["sliding_window"])
         w.add_uint32(f"{arch}.attention.sliding_window_pattern", x["swa_pattern"])

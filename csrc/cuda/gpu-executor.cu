@@ -40,6 +40,7 @@ constexpr int k_warps   = k_threads / 32;
 struct kernel_args {
     const instruction * instrs;
     const attention *   attns;
+    const delta_net *   deltas;
     const rope_params * ropes;
     const int32_t *     offsets;   // per instruction: tile rotation
     const int32_t *     tiles;       // per instruction: n_tiles
@@ -218,7 +219,7 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
             // x and the norm's weight in one round trip; the sum of squares needs the whole vector first
             const float * s = (const float *) resolve(a, in.src);
             const float * nw = in.w.null() ? nullptr : (const float *) resolve(a, in.w);
-            const float * gw = nw ? nw : s;
+            const float * gw = nw && in.norm_row == 0 ? nw : s;
             float ss = 0.0f;
             for (int i0 = t; i0 < n; i0 += k_gather * k_threads) {
                 float r[k_gather], g[k_gather];
@@ -234,13 +235,35 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
                     if (i < n) {
                         ss += r[k] * r[k];
                         x[i] = r[k];
-                        w[i] = nw ? g[k] : 1.0f;
+                        w[i] = nw && in.norm_row == 0 ? g[k] : 1.0f;
                     }
                 }
             }
-            const float scale = rsqrtf(block_sum(ss, w + n) / n + in.eps);
+            const float * gate = in.gate.null() ? nullptr : (const float *) resolve(a, in.gate);
+            if (in.norm_row == 0) {
+                const float scale = rsqrtf(block_sum(ss, w + n) / n + in.eps);
+                for (int i = t; i < n; i += k_threads) {
+                    x[i] = x[i] * scale * w[i] * (gate ? ldcg_f(gate + i) : 1.0f);
+                }
+                break;
+            }
+            // per group (Gated DeltaNet's output per head): a warp per group, the scales after the weights
+            const int row = in.norm_row, n_groups = n / row;
+            float * scales = w + n;
+            __syncthreads();
+            for (int gi = t / 32; gi < n_groups; gi += k_warps) {
+                float gs = 0.0f;
+                for (int i = t % 32; i < row; i += 32) {
+                    gs += x[gi * row + i] * x[gi * row + i];
+                }
+                gs = warp_sum(gs);
+                if (t % 32 == 0) {
+                    scales[gi] = rsqrtf(gs / row + in.eps);
+                }
+            }
+            __syncthreads();
             for (int i = t; i < n; i += k_threads) {
-                x[i] = x[i] * scale * w[i];
+                x[i] = x[i] * scales[i / row] * (nw ? __ldg(nw + i % row) : 1.0f) * (gate ? ldcg_f(gate + i) : 1.0f);
             }
             break;
         }
@@ -310,11 +333,12 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
                         v[k] += wt[h[k] * ns + s] * r[k];
                     }
                 }
+                const float * gate = in.gate.null() ? nullptr : (const float *) resolve(a, in.gate);
 #pragma unroll
                 for (int k = 0; k < k_gather; k++) {
                     const int e = e0 + k * k_threads;
                     if (e < n) {
-                        x[e] = v[k];
+                        x[e] = gate ? v[k] * ldcg_f(gate + e) : v[k];
                     }
                 }
             }
@@ -396,14 +420,14 @@ __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, i
             }
             case epi_kind::rope: {
                 const rope_params & rp = a.ropes[op.rope];
-                const float pos = (float) __ldcg((const int32_t *) resolve(a, rp.pos));
+                const int32_t * pos_all = (const int32_t *) resolve(a, rp.pos);
                 const float * ff = rp.freq_factors.null() ? nullptr : (const float *) resolve(a, rp.freq_factors);
                 const int half = rp.n_dims / 2, rows = nv / op.row_len;
                 for (int e = threadIdx.x; e < rows * half; e += k_threads) {
                     const int r = e / half, i0 = 2 * (e % half);
                     float * v = y + r * op.row_len + rp.n_offs;
                     float cs, sn;
-                    rope_pair(rp, pos, ff, i0, cs, sn);
+                    rope_pair(rp, (float) __ldcg(pos_all + rope_stream(rp, i0 / 2)), ff, i0, cs, sn);
                     const int ia = rp.mode == 0 ? i0 : i0 / 2;
                     const int ib = rp.mode == 0 ? i0 + 1 : i0 / 2 + half;
                     const float x0 = v[ia], x1 = v[ib];
@@ -416,6 +440,28 @@ __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, i
                 float * o = (float *) resolve(a, op.a);
                 for (int j = threadIdx.x; j < nv; j += k_threads) {
                     o[r0 + j] = y[j];
+                }
+                break;
+            }
+            case epi_kind::unary:
+                for (int j = threadIdx.x; j < nv; j += k_threads) {
+                    y[j] = unary_apply(op.unary, y[j]);
+                }
+                break;
+            case epi_kind::ssm_conv: {  // row j is channel j; each thread reads its channels' state, then writes it
+                const int d = op.row_len;
+                const int32_t cell = __ldcg((const int32_t *) resolve(a, op.idx));
+                const float * old = (const float *) (resolve(a, op.b) + (uint64_t) cell * op.nb1);
+                const float * kern = (const float *) resolve(a, op.a);
+                float * next = op.c.null() ? nullptr : (float *) resolve(a, op.c);
+                for (int j = threadIdx.x; j < nv; j += k_threads) {
+                    const int ch = r0 + j;
+                    float o[k_max_conv], kk[k_max_conv];
+                    for (int k = 0; k < d; k++) {
+                        o[k] = k + 1 < d ? old[(size_t) ch * (d - 1) + k] : 0.0f;
+                        kk[k] = __ldg(kern + (size_t) ch * d + k);
+                    }
+                    y[j] = conv_step(o, kk, d, y[j], next ? next + (size_t) ch * (d - 1) : nullptr);
                 }
                 break;
             }
@@ -606,7 +652,7 @@ __device__ chunk_plan plan_chunks(const kernel_args & a, const instruction & in,
         if (k < c.n_segs) {
             const segment & sg = in.seg[glu ? k : tr.seg];
             c.rb[k] = (uint32_t) sg.row_bytes;
-            c.w[k] = resolve(a, sg.w) + (uint64_t) tr.r0 * sg.row_bytes;
+            c.w[k] = resolve(a, sg.w) + (uint64_t) weight_row(sg, tr.r0) * sg.row_bytes;
             per_row += c.rb[k];
         }
     }
@@ -1141,6 +1187,87 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
     pc.mark(2);
 }
 
+// --- Gated DeltaNet --------------------------------------------------------------------------------------------
+
+constexpr int k_delta_regs = 8;  // state values per lane of a row: head sizes up to 256
+
+// Rows [j0, j0 + rows_per_tile) of head h's state: a warp per row, the row in registers (read, decayed, updated,
+// written back), q and k of the head normalised once per tile in shared memory (smem: 2 * S floats + 2).
+__device__ void delta_tile(const kernel_args & a, const delta_net & dn, int tile, float * smem) {
+    const int S = dn.head_dim, per_head = S / dn.rows_per_tile;
+    const int h = tile / per_head, j0 = (tile % per_head) * dn.rows_per_tile, hqk = h % dn.n_head_qk;
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    float * q = smem, * k = smem + S, * f = smem + 2 * S;
+    const float * qs = (const float *) resolve(a, dn.q) + (size_t) hqk * S;
+    const float * ks = (const float *) resolve(a, dn.k) + (size_t) hqk * S;
+    for (int i = threadIdx.x; i < S; i += k_threads) {
+        q[i] = ldcg_f(qs + i);
+        k[i] = ldcg_f(ks + i);
+    }
+    __syncthreads();
+    if (w < 2) {  // the L2 norms: rms_norm then scale, as the graph had them
+        const float * x = w == 0 ? q : k;
+        const float eps = w == 0 ? dn.q_eps : dn.k_eps, sc = w == 0 ? dn.q_scale : dn.k_scale;
+        float ss = 0.0f;
+        for (int i = l; i < S; i += 32) {
+            ss += x[i] * x[i];
+        }
+        ss = warp_sum(ss);
+        if (l == 0) {
+            f[w] = (eps >= 0.0f ? rsqrtf(ss / S + eps) : 1.0f) * sc;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < S; i += k_threads) {
+        q[i] *= f[0];
+        k[i] *= f[1];
+    }
+    __syncthreads();
+    const float decay = __expf(ldcg_f((const float *) resolve(a, dn.g) + h));
+    const float beta = ldcg_f((const float *) resolve(a, dn.beta) + h);
+    const float * v = (const float *) resolve(a, dn.v) + (size_t) h * S;
+    const int32_t cell = __ldcg((const int32_t *) resolve(a, dn.state_idx));
+    const float * st_in = (const float *) (resolve(a, dn.state_in) + (uint64_t) cell * dn.state_nb) + (size_t) h * S * S;
+    float * st_out = dn.state_out.null() ? nullptr : (float *) resolve(a, dn.state_out) + (size_t) h * S * S;
+    float * out = (float *) resolve(a, dn.out) + (size_t) h * S;
+    for (int j = j0 + w; j < j0 + dn.rows_per_tile; j += k_warps) {
+        const float * row = st_in + (size_t) j * S;
+        float r[k_delta_regs];
+        float kr = 0.0f;
+#pragma unroll
+        for (int e = 0; e < k_delta_regs; e++) {
+            const int i = l + 32 * e;
+            r[e] = i < S ? row[i] * decay : 0.0f;
+            kr += i < S ? r[e] * k[i] : 0.0f;
+        }
+        kr = warp_sum(kr);
+        const float d = (ldcg_f(v + j) - kr) * beta;
+        float qr = 0.0f;
+#pragma unroll
+        for (int e = 0; e < k_delta_regs; e++) {
+            const int i = l + 32 * e;
+            if (i < S) {
+                r[e] += d * k[i];
+                qr += r[e] * q[i];
+            }
+        }
+        qr = warp_sum(qr);
+        if (st_out) {
+#pragma unroll
+            for (int e = 0; e < k_delta_regs; e++) {
+                const int i = l + 32 * e;
+                if (i < S) {
+                    st_out[(size_t) j * S + i] = r[e];
+                }
+            }
+        }
+        if (l == 0) {
+            out[j] = qr * dn.scale;
+        }
+    }
+    __syncthreads();
+}
+
 __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
     extern __shared__ __align__(128) float smem[];
     __shared__ int s_flag;
@@ -1203,7 +1330,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                     const int skip = cp.n_chunks ? min(r1 - r0, a.ring_slots * cp.rows_per_chunk) : 0;
                     for (int k = 0; k < (in.kind == instr_kind::glu ? 2 : 1); k++) {
                         const segment & ps = in.seg[in.kind == instr_kind::glu ? k : s];
-                        const uint8_t * p0 = resolve(a, ps.w) + (uint64_t) (r0 + skip) * ps.row_bytes;
+                        const uint8_t * p0 = resolve(a, ps.w) + (uint64_t) (weight_row(ps, r0) + skip) * ps.row_bytes;
                         // capped (96 KiB by default): L2 holds ~380 KiB per SM, and prefetching a whole LM-head
                         // tile (4 MB per SM in BF16) only evicted itself (BF16 step 2,610 -> 2,398 us without it)
                         const int64_t nbytes = min((int64_t) (r1 - r0 - skip) * (int64_t) ps.row_bytes, (int64_t) a.prefetch);
@@ -1237,6 +1364,9 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 attn_tile(a, s_at, t, smem, pc, prestaged);
                 prestaged = false;  // a block's later tiles of the instruction stage after the wait
                 t1 = prof ? global_ns() : 0;
+            } else if (in.kind == instr_kind::delta) {
+                delta_tile(a, a.deltas[in.attn], t, smem);
+                t1 = prof ? global_ns() : 0;
             } else {
                 form_input(a, in.in, x, w);
                 pc.mark(0);
@@ -1265,7 +1395,8 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                             }
                         }
                     } else {
-                        const uint8_t * b0 = resolve(a, in.seg[s].w) + (uint64_t) r0 * in.seg[s].row_bytes;
+                        // (a tile's rows are consecutive weight rows, also in a strided view's segment)
+                        const uint8_t * b0 = resolve(a, in.seg[s].w) + (uint64_t) weight_row(in.seg[s], r0) * in.seg[s].row_bytes;
                         const uint8_t * b1 = in.kind == instr_kind::glu ? resolve(a, in.seg[1].w) + (uint64_t) r0 * in.seg[1].row_bytes : nullptr;
                         matvec_rows(in, s, xin, b0, b1, r1 - r0, y, y2, s_part);
                     }
@@ -1429,12 +1560,31 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
             attn_f = std::max(attn_f, attn_smem_floats(at));
             continue;
         }
+        if (in.kind == instr_kind::delta) {
+            const delta_net & dn = p.deltas[in.attn];
+            if (dn.head_dim > 32 * k_delta_regs) {
+                err = "delta net head size " + std::to_string(dn.head_dim) + " (the GPU kernel takes up to " +
+                      std::to_string(32 * k_delta_regs) + ")";
+                return nullptr;
+            }
+            attn_f = std::max(attn_f, (size_t) 2 * dn.head_dim + 4);
+            continue;
+        }
         x_f = std::max(x_f, (size_t) in.in.n);
         if (in.in.kind == in_kind::attn_reduce) {  // (max, sum) and the weight of every (head, split)
             w_f = std::max(w_f, 3 * (size_t) in.in.n_head * in.in.n_split);
         }
-        if (in.in.kind == in_kind::rms_norm) {  // the norm's weight, then the block reduction
-            w_f = std::max(w_f, (size_t) in.in.n + k_warps);
+        if (in.in.kind == in_kind::rms_norm) {  // the norm's weight, then the block reduction or the group scales
+            const size_t groups = in.in.norm_row ? (size_t) in.in.n / in.in.norm_row : 0;
+            w_f = std::max(w_f, (size_t) in.in.n + std::max<size_t>(k_warps, groups));
+        }
+        for (int sg = 0; sg < in.n_segments; sg++) {
+            for (int k = 0; k < in.seg[sg].n_epi; k++) {
+                if (in.seg[sg].epi[k].kind == epi_kind::ssm_conv && in.seg[sg].epi[k].row_len > k_max_conv) {
+                    err = "conv kernel longer than " + std::to_string(k_max_conv);
+                    return nullptr;
+                }
+            }
         }
         for (int s = 0; s < in.n_segments; s++) {
             y_f = std::max(y_f, (size_t) in.seg[s].rows_per_tile);
@@ -1545,10 +1695,13 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
             add(in.in.src, "input", &in);
             add(in.in.w, "norm weight", &in);
             add(in.in.idx, "row index", &in);
+            add(in.in.gate, "gate", &in);
             for (int sg = 0; sg < in.n_segments; sg++) {
                 add(in.seg[sg].w, "weights", &in);
                 for (int k = 0; k < in.seg[sg].n_epi; k++) {
                     add(in.seg[sg].epi[k].a, "epilogue operand", &in);
+                    add(in.seg[sg].epi[k].b, "recurrent state", &in);
+                    add(in.seg[sg].epi[k].c, "recurrent state", &in);
                     add(in.seg[sg].epi[k].idx, "row indices", &in);
                 }
             }
@@ -1556,6 +1709,13 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
         for (const rope_params & r : p.ropes) {
             add(r.pos, "positions", nullptr);
             add(r.freq_factors, "rope frequency factors", nullptr);
+        }
+        for (const delta_net & dn : p.deltas) {
+            add(dn.state_in, "delta net state", nullptr);
+            add(dn.state_out, "delta net state", nullptr);
+            add(dn.state_idx, "recurrent cell index", nullptr);
+            add(dn.g, "delta net gate", nullptr);
+            add(dn.beta, "delta net beta", nullptr);
         }
         for (const attention & at : p.attns) {
             add(at.q, "attention q", nullptr);
@@ -1587,7 +1747,8 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     auto align_up = [](size_t v) { return (v + 255) / 256 * 256; };
     const size_t o_instr = 0;
     const size_t o_attn  = align_up(o_instr + p.instrs.size() * sizeof(instruction));
-    const size_t o_rope  = align_up(o_attn + p.attns.size() * sizeof(attention));
+    const size_t o_delta = align_up(o_attn + p.attns.size() * sizeof(attention));
+    const size_t o_rope  = align_up(o_delta + p.deltas.size() * sizeof(delta_net));
     const size_t o_off   = align_up(o_rope + p.ropes.size() * sizeof(rope_params));
     const size_t o_q81   = align_up(o_off + offsets.size() * sizeof(int32_t));
     const size_t o_ring  = align_up(o_q81 + p.instrs.size());
@@ -1598,6 +1759,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     std::vector<uint8_t> host(total, 0);
     memcpy(host.data() + o_instr, p.instrs.data(), p.instrs.size() * sizeof(instruction));
     if (!p.attns.empty()) memcpy(host.data() + o_attn, p.attns.data(), p.attns.size() * sizeof(attention));
+    if (!p.deltas.empty()) memcpy(host.data() + o_delta, p.deltas.data(), p.deltas.size() * sizeof(delta_net));
     if (!p.ropes.empty()) memcpy(host.data() + o_rope, p.ropes.data(), p.ropes.size() * sizeof(rope_params));
     memcpy(host.data() + o_off, offsets.data(), offsets.size() * sizeof(int32_t));
     for (size_t i = 0; i < p.instrs.size(); i++) {
@@ -1627,6 +1789,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     kernel_args & a = g->args;
     a.instrs   = (const instruction *) (base + o_instr);
     a.attns    = (const attention *) (base + o_attn);
+    a.deltas   = (const delta_net *) (base + o_delta);
     a.ropes    = (const rope_params *) (base + o_rope);
     a.offsets  = (const int32_t *) (base + o_off);
     a.q8_1_input = base + o_q81;
