@@ -921,9 +921,9 @@ struct compiler {
         dn.n_head_qk = (int32_t) Hqk;
         dn.head_dim = (int32_t) S;
         dn.out = scratch_alloc((uint64_t) S * H * 4);
-        // rows of a head per tile: about one tile per multiprocessor
+        // rows of a head per tile: as few tiles as still fill one wave of the multiprocessors
         int rpt = (int) S;
-        while (rpt % 2 == 0 && rpt > 1 && H * S / rpt < tgt.n_sm) {
+        while (rpt % 2 == 0 && H * S * 2 / rpt <= tgt.n_sm) {
             rpt /= 2;
         }
         dn.rows_per_tile = rpt;

@@ -84,6 +84,12 @@ SHAPES: dict[str, dict[str, Shape]] = {
                               extra={"ssm_heads_k": 16, "ssm_heads_v": 16, "ssm_head_dim": 128, "conv_kernel": 4,
                                      "rope_dim": 64, "rope_sections": [11, 11, 10, 0],
                                      "full_attention_interval": 4}),
+        # (from memory of Qwen3.5-2B's config.json, not checked against it here: no network)
+        "qwen3.5-2b": Shape(2048, 24, 8, 2, 256, 6144, "qwen35", n_vocab=248320, rope_base=1e7, rms_eps=1e-6,
+                            n_ctx_train=262144,
+                            extra={"ssm_heads_k": 16, "ssm_heads_v": 16, "ssm_head_dim": 128, "conv_kernel": 4,
+                                   "rope_dim": 64, "rope_sections": [11, 11, 10, 0],
+                                   "full_attention_interval": 4}),
     },
 }
 
