@@ -1376,6 +1376,45 @@ struct compiler {
         input_ranges[{lo, lo + ggml_nbytes(t)}].insert(instr);
     }
 
+    // Rows per tile of each output segment of a matvec/glu instruction for a target of `base` rows, aligned to
+    // whole rows of any row-wise epilogue op (rope and norms need a whole head in one tile); returns the tiles.
+    int tile_segments(instruction & in, int n_out, int64_t base) {
+        int tiles = 0;
+        for (int s = 0; s < n_out; s++) {
+            segment & sg = in.seg[s];
+            int align = 1;
+            for (int e = 0; e < sg.n_epi; e++) {
+                if (sg.epi[e].kind == epi_kind::rope || sg.epi[e].kind == epi_kind::rms_norm) {
+                    align = std::max(align, sg.epi[e].row_len);
+                }
+            }
+            for (int e = 0; e < sg.n_epi; e++) {
+                const epi_op & op = sg.epi[e];
+                if ((op.kind == epi_kind::rope || op.kind == epi_kind::rms_norm) && align % op.row_len != 0) {
+                    fail("unsupported-pattern", std::string("row-wise ops of different lengths in ") + in.name);
+                }
+            }
+            int64_t rpt = (base + align - 1) / align * align;
+            rpt = std::min<int64_t>(rpt, (sg.rows + align - 1) / align * align);
+            if (sg.row_group > 0) {  // a strided view: a tile's rows must be consecutive weight rows, within a group
+                if (sg.row_group % align != 0) {
+                    fail("unsupported-pattern", std::string("row-wise ops across the groups of a view in ") + in.name);
+                }
+                int64_t d = sg.row_group;  // the largest divisor of the group near the target, whole heads kept
+                for (int64_t c = align; c <= sg.row_group; c += align) {
+                    if (sg.row_group % c == 0 && c <= std::max<int64_t>(rpt, align)) {
+                        d = c;
+                    }
+                }
+                rpt = d;
+            }
+            sg.rows_per_tile = (int32_t) rpt;
+            sg.tile_begin = tiles;
+            tiles += (int) ((sg.rows + rpt - 1) / rpt);
+        }
+        return tiles;
+    }
+
     void tile() {
         for (instruction & in : p.instrs) {
             if (in.kind == instr_kind::attn) {
@@ -1400,33 +1439,19 @@ struct compiler {
             for (int s = 0; s < n_out; s++) {
                 total += in.seg[s].rows;
             }
-            const int64_t base = std::max<int64_t>(8, (total + tgt.n_sm - 1) / tgt.n_sm);
+            // Every segment rounds up to whole tiles, so small segments (Gated DeltaNet's alpha and beta, 16 rows)
+            // can push the count just past one wave, and one block then runs two tiles: grow the base until the
+            // tiles fit in a wave again (or give up after a few steps: rope/norm alignment may not allow it).
+            const int64_t base0 = std::max<int64_t>(8, (total + tgt.n_sm - 1) / tgt.n_sm);
             int tiles = 0;
-            for (int s = 0; s < n_out; s++) {
-                segment & sg = in.seg[s];
-                int align = 1;
-                for (int e = 0; e < sg.n_epi; e++) {
-                    if (sg.epi[e].kind == epi_kind::rope || sg.epi[e].kind == epi_kind::rms_norm) {
-                        align = std::max(align, sg.epi[e].row_len);
-                    }
+            for (int64_t base = base0; base <= 2 * base0; base += std::max<int64_t>(1, base0 / 16)) {
+                tiles = tile_segments(in, n_out, base);
+                if (tiles <= tgt.n_sm) {
+                    break;
                 }
-                for (int e = 0; e < sg.n_epi; e++) {
-                    const epi_op & op = sg.epi[e];
-                    if ((op.kind == epi_kind::rope || op.kind == epi_kind::rms_norm) && align % op.row_len != 0) {
-                        fail("unsupported-pattern", std::string("row-wise ops of different lengths in ") + in.name);
-                    }
-                }
-                int64_t rpt = (base + align - 1) / align * align;
-                rpt = std::min<int64_t>(rpt, (sg.rows + align - 1) / align * align);
-                if (sg.row_group > 0) {  // one group of consecutive weight rows per tile
-                    if (sg.row_group % align != 0) {
-                        fail("unsupported-pattern", std::string("row-wise ops across the groups of a view in ") + in.name);
-                    }
-                    rpt = sg.row_group;
-                }
-                sg.rows_per_tile = (int32_t) rpt;
-                sg.tile_begin = tiles;
-                tiles += (int) ((sg.rows + rpt - 1) / rpt);
+            }
+            if (tiles > tgt.n_sm) {
+                tiles = tile_segments(in, n_out, base0);
             }
             if (in.kind == instr_kind::glu) {
                 in.seg[1].rows_per_tile = in.seg[0].rows_per_tile;
