@@ -151,8 +151,8 @@ struct compiler {
         float eps = -1, scale = 1;
     };
     std::map<const ggml_tensor *, qk_norm> delta_qk;    // q and k inputs of the delta nets -> their norms
-    std::map<const ggml_tensor *, int> delta_of;
-    std::map<const ggml_tensor *, segment> split_bases;  // split matmul results -> their segment before the split         // delta net node -> index into program::deltas
+    std::map<const ggml_tensor *, int> delta_of;         // delta net node -> index into program::deltas
+    std::map<const ggml_tensor *, segment> split_bases;  // split matmul results -> their segment before the split
     std::map<std::pair<uint64_t, uint64_t>, std::set<int>> input_ranges;  // graph inputs' memory -> readers
     uint64_t scratch = 0;
 
