@@ -114,24 +114,42 @@ def plugin_summary(status_file: Path) -> dict | None:
             "gpu_failures": st.get("gpu_failures"), "last_gpu_error": st.get("last_gpu_error")}
 
 
+def bench_variant() -> tuple[str, dict] | None:
+    """MK_BENCH_VARIANT="name:VAR=value,VAR=value": a third arm, the plugin with those variables (an A/B of a
+    switch in the same run, on the same binary)."""
+    spec = os.environ.get("MK_BENCH_VARIANT", "")
+    if not spec:
+        return None
+    name, _, pairs = spec.partition(":")
+    return name, dict(p.split("=", 1) for p in pairs.split(",") if p)
+
+
 def bench(bindir: Path, model: Path, test: str, args: list[str], rounds: int, tmp: Path) -> dict:
-    runs = {"stock": [], "mk": []}
+    variant = bench_variant()
+    arms = ["stock", "mk"] + ([f"mk_{variant[0]}"] if variant else [])
+    runs = {c: [] for c in arms}
     last = None
     cmd = [str(bindir / "llama-bench"), "-m", str(model), "-o", "json", "-ngl", "99"] + args
     for i in range(rounds):
-        for c in (("stock", "mk") if i % 2 == 0 else ("mk", "stock")):  # A B, B A, ...
+        for c in arms[i % len(arms):] + arms[:i % len(arms)]:  # A B, B A (A B C, B C A, C A B)
             sf = tmp / "bench-status.json"
-            r = sh(cmd, env=env_for(c == "mk", sf))
+            r = sh(cmd, env=env_for(c != "stock", sf, variant[1] if c not in ("stock", "mk") else None))
             if r.returncode != 0:
                 raise RuntimeError(f"llama-bench ({c}) failed: {r.stderr[-2000:]}")
             runs[c].append(float(json.loads(r.stdout)[0]["avg_ts"]))
             if c == "mk":
                 last = plugin_summary(sf)
     med = {c: statistics.median(v) for c, v in runs.items()}
-    return {"model": model.stem, "test": test, "reps": 5, "rounds": rounds,
-            "stock_tok_s": round(med["stock"], 1), "mk_tok_s": round(med["mk"], 1),
-            "ratio": round(med["mk"] / med["stock"], 4), "runs": runs, "plugin": last,
-            "command": " ".join(cmd) + "  (stock, then GGML_BACKEND_PATH=<plugin>; order alternated each round)"}
+    row = {"model": model.stem, "test": test, "reps": 5, "rounds": rounds,
+           "stock_tok_s": round(med["stock"], 1), "mk_tok_s": round(med["mk"], 1),
+           "ratio": round(med["mk"] / med["stock"], 4), "runs": runs, "plugin": last,
+           "command": " ".join(cmd) + "  (stock, then GGML_BACKEND_PATH=<plugin>; order alternated each round)"}
+    if variant:
+        c = arms[2]
+        row[f"{c}_tok_s"] = round(med[c], 1)
+        row[f"{c}_ratio"] = round(med[c] / med["stock"], 4)
+        row["variant"] = {"name": variant[0], "env": variant[1]}
+    return row
 
 
 def copy_bandwidth() -> float | None:
@@ -278,6 +296,8 @@ def main() -> int:
         variants += [("-noprefetch", {"LLAMA_MEGAKERNEL_PREFETCH": "0"})] if os.environ.get("MK_PROFILE_NOPREFETCH") else []
         variants += [(f"-prefetch{k}", {"LLAMA_MEGAKERNEL_PREFETCH": k})  # KiB per segment
                      for k in os.environ.get("MK_PROFILE_PREFETCH", "").split()]
+        if bench_variant():  # the bench's third arm, profiled too
+            variants += [(f"-{bench_variant()[0]}", bench_variant()[1])]
         for name in ["llama-smollm2-135m-Q4_0", "llama-llama-3.2-1b-Q4_0", "llama-llama-3.2-1b-BF16",
                      *os.environ.get("MK_EXTRA_BENCH", "").split()]:
             for variant, extra in variants:
@@ -372,7 +392,8 @@ def main() -> int:
             result["rows"].append(row)
             result["commands"].append(row.get("command", ""))
             log(f"bench {name} {test} d{depth}: " + json.dumps({k: row.get(k) for k in (
-                "stock_tok_s", "mk_tok_s", "ratio", "mk_pct_floor", "plugin", "error")}))
+                "stock_tok_s", "mk_tok_s", "ratio", "mk_pct_floor", "plugin", "error")}
+                | {k: v for k, v in row.items() if k.startswith("mk_") and k.endswith(("_tok_s", "_ratio"))}))
             save()
 
     save()
