@@ -174,6 +174,8 @@ struct segment {
     int32_t  row_group = 0, group_stride = 0, row_first = 0;
     uint8_t  constant = 0;      // w is a model weight (nothing in the step writes it): it may be read ahead of the
                                 // instruction's dependencies
+    uint8_t  gpu_rows = 0, gpu_split = 0;  // set by the GPU executor when it loads the program: rows per warp and
+                                           // warps per row of its matvec (0: its default); the compiler leaves them
     int32_t  n_epi = 0;
     epi_op   epi[k_max_epi];    // for glu instructions, segment 0's list applies to the glu result
 };

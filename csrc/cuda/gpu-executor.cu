@@ -173,10 +173,11 @@ __device__ bool wait_deps(const kernel_args & a, const instruction & in, int sel
         // block's other threads after thread 0 (data written in the step is read from L2 with ld.global.cg)
         *s_flag = ok;
     }
+    // One barrier: thread 0 writes the flag again only at the next wait, and every thread passes the barriers of a
+    // tile in between. (__syncthreads_and would hand the flag over in the same barrier, but made ptxas spill
+    // 130 more bytes.)
     __syncthreads();
-    const bool ok = *s_flag != 0;
-    __syncthreads();
-    return ok;
+    return *s_flag != 0;
 }
 
 // The barrier orders the block's writes before thread 0's; the release add publishes them at GPU scope.
@@ -268,9 +269,74 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
             break;
         }
         case in_kind::attn_reduce: {
-            // weights of each split: exp(m_s - M) / sum_s(exp(m_s - M) l_s), then one pass over the accumulators.
-            // w holds (max, sum) of every (head, split), then the weights.
             const float * part = (const float *) resolve(a, in.src);
+            const float * gate = in.gate.null() ? nullptr : (const float *) resolve(a, in.gate);
+            if (in.head_dim % 4 == 0) {
+                // Four values of one head per thread. A split's (max, sum) and its four accumulators are loaded with
+                // those of up to three more splits, all in flight at once, and merged in registers: one memory round
+                // trip per four splits and no barrier (the two-pass form below took ~6 us of the O projection's
+                // tile on the 1B shape: two round trips and three barriers).
+                const int stride = in.head_dim + 2, ns = in.n_split;
+                for (int e0 = 4 * t; e0 < n; e0 += 4 * k_threads) {
+                    const int h = e0 / in.head_dim, d = e0 % in.head_dim;
+                    const float * ph = part + (size_t) h * ns * stride;
+                    float g4[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+                    if (gate) {
+#pragma unroll
+                        for (int j = 0; j < 4; j++) {
+                            g4[j] = ldcg_f(gate + e0 + j);
+                        }
+                    }
+                    float M = -INFINITY, den = 0.0f, v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    for (int s0 = 0; s0 < ns; s0 += 4) {
+                        float m[4], l[4], r[4][4];
+#pragma unroll
+                        for (int k = 0; k < 4; k++) {
+                            const float * o = ph + (size_t) min(s0 + k, ns - 1) * stride;
+                            m[k] = ldcg_f(o);
+                            l[k] = ldcg_f(o + 1);
+#pragma unroll
+                            for (int j = 0; j < 4; j++) {
+                                r[k][j] = ldcg_f(o + 2 + d + j);
+                            }
+                        }
+                        float mb = M;
+#pragma unroll
+                        for (int k = 0; k < 4; k++) {
+                            mb = s0 + k < ns ? fmaxf(mb, m[k]) : mb;
+                        }
+                        if (mb == -INFINITY) {
+                            continue;  // every split so far saw only masked cells
+                        }
+                        const float c = M == -INFINITY ? 0.0f : __expf(M - mb);
+                        den *= c;
+#pragma unroll
+                        for (int j = 0; j < 4; j++) {
+                            v[j] *= c;
+                        }
+#pragma unroll
+                        for (int k = 0; k < 4; k++) {
+                            const float wk = s0 + k < ns && m[k] != -INFINITY ? __expf(m[k] - mb) : 0.0f;
+                            den += wk * l[k];
+#pragma unroll
+                            for (int j = 0; j < 4; j++) {
+                                v[j] += wk * r[k][j];
+                            }
+                        }
+                        M = mb;
+                    }
+                    const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        if (e0 + j < n) {
+                            x[e0 + j] = v[j] * inv * g4[j];
+                        }
+                    }
+                }
+                break;
+            }
+            // Other head sizes: the weights of each split, exp(m_s - M) / sum_s(exp(m_s - M) l_s), then one pass
+            // over the accumulators. w holds (max, sum) of every (head, split), then the weights.
             const int stride = in.head_dim + 2, ns = in.n_split, nhs = in.n_head * ns;
             for (int j0 = t; j0 < nhs; j0 += k_gather * k_threads) {
                 float m[k_gather], l[k_gather];
@@ -333,7 +399,6 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
                         v[k] += wt[h[k] * ns + s] * r[k];
                     }
                 }
-                const float * gate = in.gate.null() ? nullptr : (const float *) resolve(a, in.gate);
 #pragma unroll
                 for (int k = 0; k < k_gather; k++) {
                     const int e = e0 + k * k_threads;
@@ -484,31 +549,64 @@ __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, i
 
 // --- tiles ---------------------------------------------------------------------------------------------------------
 
-// How the warps of a block share the rows [r0, r1) of a tile: with fewer rows than warps, `wpr` warps split each
-// row's groups between them (partial sums added in shared memory); otherwise each warp takes chunks of R rows, so
-// that every lane has R independent weight loads in flight.
+// How the warps of a block share the rows [r0, r1) of a tile: each warp takes chunks of R rows, so that every lane
+// has R independent weight loads in flight and reads each x value once for R rows, and `wpr` warps split each row's
+// groups (16 values) between them (partial sums added in shared memory). With one row per warp a tile of 16 rows of
+// 8,192 values (the 1B shape's FFN down projection) had 10 loads in flight per lane (~12 GB/s per SM); the balanced
+// split gives it 8 rows on 8 warps per row group.
+constexpr int k_part = 8 * k_warps;  // partial sums per segment: rows * wpr <= k_part
+
+// The balanced split of `rows` rows of n values: the fewest groups per lane on the busiest warp, then the largest R
+// and the smallest wpr. Host side: gpu_load stores it in each segment (gpu_rows, gpu_split) for its full tiles; a
+// shorter last tile keeps it.
+inline void balanced_split(int rows, int n, int & R_out, int & wpr_out) {
+    const int ng = std::max(1, n / 16);
+    int best = 1 << 30;
+    R_out = 1;
+    wpr_out = 1;
+    for (int R = 8; R >= 1; R /= 2) {
+        const int sets = (rows + R - 1) / R;
+        for (int wpr = 1; wpr <= k_warps && (wpr == 1 || (32 * wpr <= ng && rows * wpr <= k_part)); wpr *= 2) {
+            const int nrw = k_warps / wpr;
+            const int work = (sets + nrw - 1) / nrw * R * ((ng + 32 * wpr - 1) / (32 * wpr));
+            if (work < best) {
+                best = work;
+                R_out = R;
+                wpr_out = wpr;
+            }
+        }
+    }
+}
+
 struct mv_plan {
     int wpr, slot, rw, nrw, start, step, R;
 };
 
-__device__ __forceinline__ mv_plan plan_rows(int rows) {
+// R and wpr from the segment (gpu_load's balanced split), or, where it has none (LLAMA_MEGAKERNEL_SPLIT_ROWS=0, ring
+// chunks), split rows only when there are fewer rows than warps.
+__device__ __forceinline__ mv_plan plan_rows(int rows, int R, int wpr) {
     mv_plan p;
     const int w = threadIdx.x / 32;
-    p.wpr = 1;
-    while (p.wpr * 2 <= k_warps && rows * p.wpr * 2 <= k_warps) {
-        p.wpr *= 2;
+    if (R > 0) {
+        p.R = R;
+        p.wpr = wpr;
+    } else {
+        p.wpr = 1;
+        while (p.wpr * 2 <= k_warps && rows * p.wpr * 2 <= k_warps) {
+            p.wpr *= 2;
+        }
+        const int per = (rows + k_warps / p.wpr - 1) / (k_warps / p.wpr);
+        p.R = per >= 8 ? 8 : per >= 4 ? 4 : per >= 2 ? 2 : 1;
     }
     p.slot = w % p.wpr;
     p.rw = w / p.wpr;
     p.nrw = k_warps / p.wpr;
     p.start = threadIdx.x % 32 + 32 * p.slot;
     p.step = 32 * p.wpr;
-    const int per = (rows + p.nrw - 1) / p.nrw;
-    p.R = per >= 8 ? 8 : per >= 4 ? 4 : per >= 2 ? 2 : 1;
     return p;
 }
 
-// out[r - r0] = row r of W . x for rows [r0, r1). When p.wpr > 1 (then rows * wpr <= k_warps) each warp writes
+// out[r - r0] = row r of W . x for rows [r0, r1). When p.wpr > 1 (then rows * wpr <= k_part) each warp writes
 // its partial sum to out[i * wpr + slot] instead, and finish_rows adds them up in a fixed order.
 struct mv_x {  // the input in its forms: float, and (q8 true) int8 values with a scale per 32
     const float * x;
@@ -581,20 +679,21 @@ __device__ void finish_rows(const mv_plan & p, int rows, float * part, float * o
 }
 
 // `rows` rows of segment s starting at base0 (glu: and of segment 1 at base1; combined) into y; y2 is scratch of the
-// same size and part 2 * k_warps floats. The rows may be in global memory or staged in shared memory.
+// same size and part 2 * k_part floats. The rows may be in global memory or staged in shared memory.
 __device__ void matvec_rows(const instruction & in, int s, const mv_x & x, const uint8_t * base0, const uint8_t * base1,
-                            int rows, float * y, float * y2, float * part) {
-    const mv_plan p = plan_rows(rows);
+                            int rows, float * y, float * y2, float * part, bool ring) {
+    const segment & sg = in.seg[s];
+    const mv_plan p = plan_rows(rows, ring ? 0 : sg.gpu_rows, sg.gpu_split);
     mv_segment(p, in.seg[s].type, base0, in.seg[s].row_bytes, x, rows, p.wpr > 1 ? part : y);
     if (in.kind == instr_kind::glu) {
-        mv_segment(p, in.seg[1].type, base1, in.seg[1].row_bytes, x, rows, p.wpr > 1 ? part + k_warps : y2);
+        mv_segment(p, in.seg[1].type, base1, in.seg[1].row_bytes, x, rows, p.wpr > 1 ? part + k_part : y2);
     }
     finish_rows(p, rows, part, y);
     if (in.kind == instr_kind::glu) {
         if (p.wpr > 1 && threadIdx.x < rows) {
             float v = 0.0f;
             for (int k = 0; k < p.wpr; k++) {
-                v += part[k_warps + threadIdx.x * p.wpr + k];
+                v += part[k_part + threadIdx.x * p.wpr + k];
             }
             y2[threadIdx.x] = v;
         }
@@ -1014,8 +1113,15 @@ __device__ void stage_kv(const attention & at, const attn_span & sp, const attn_
 // Before the tile's dependencies are met: its first chunk of K, V and mask. Only the cell this step appends can
 // still change (attention.kv_row); attn_tile reloads it after the wait. This takes the staging round trip off the
 // critical path (it cost ~4-6 us of the attention tile's ~12, docs/gpu-executor-notes.md runs 33-34).
-__device__ __noinline__ void attn_prestage(const kernel_args & a, const attention & at, int tile, float * smem) {
+// The appended cell's index is a graph input, so it is read here too (into *kv_row): after the wait the tile's
+// loads of Q and of that cell then go out together instead of behind the index's round trip.
+__device__ __noinline__ void attn_prestage(const kernel_args & a, const attention & at, int tile, float * smem,
+                                           long long * kv_row) {
     const attn_span sp(a, at, tile);
+    if (threadIdx.x == 0) {
+        *kv_row = at.kv_row_type == T_I64 ? *(const long long *) resolve(a, at.kv_row)
+                                          : *(const int32_t *) resolve(a, at.kv_row);
+    }
     stage_kv(at, sp, attn_layout(at, smem), sp.c0, min(k_attn_chunk, sp.c1 - sp.c0), nullptr, nullptr);
 }
 
@@ -1023,7 +1129,7 @@ __device__ __noinline__ void attn_prestage(const kernel_args & a, const attentio
 // independent loads), then scores, an online softmax per query head of the group, and the accumulators. With
 // `prestaged` the first chunk was staged by attn_prestage before the wait.
 __device__ void attn_tile(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc,
-                          bool prestaged) {
+                          bool prestaged, const long long * kv_row) {
     const attn_span sp(a, at, tile);
     const attn_layout L(at, smem);
     const int c0 = sp.c0, c1 = sp.c1, kvh = sp.kvh, split = sp.split;
@@ -1050,8 +1156,7 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
         __syncthreads();
         if (cb == c0 && prestaged) {
             // the query rows, and the appended cell's K and V rows if they fall in this chunk (one round trip)
-            const int64_t row = at.kv_row_type == T_I64 ? *(const int64_t *) resolve(a, at.kv_row)
-                                                        : *(const int32_t *) resolve(a, at.kv_row);
+            const int64_t row = *kv_row;  // read by attn_prestage, before the wait's barrier
             const bool mine = row >= cb && row < cb + nc;
             const int ci = mine ? (int) (row - cb) : 0;
             float rq0 = 0.0f, rq1 = 0.0f, rk = 0.0f, rv = 0.0f;
@@ -1270,9 +1375,8 @@ __device__ void delta_tile(const kernel_args & a, const delta_net & dn, int tile
 
 __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
     extern __shared__ __align__(128) float smem[];
-    __shared__ int s_flag;
     __shared__ float s_red[k_warps];
-    __shared__ float s_part[2 * k_warps];
+    __shared__ float s_part[2 * k_part];
     __shared__ __align__(8) uint64_t s_bars[k_max_slots];
     __shared__ ring_cursor s_rc;  // thread 0's
     float * x = smem;
@@ -1288,7 +1392,9 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
         ring_start(a, s_rc, ring, s_bars);
     }
     __shared__ instruction in;  // the current instruction, copied once: its fields are read all through a tile
+    __shared__ int s_flag;
     __shared__ attention s_at;
+    __shared__ long long s_kv_row;  // the appended KV cell of the current attention tile (attn_prestage)
     unsigned long long * prof = a.prof ? a.prof + (size_t) b * a.n_instrs * k_prof : nullptr;
     // the SM clock against the global timer, from block 0: cycles and ns at the start and the end of the step
     unsigned long long * clk = a.prof && b == 0 && threadIdx.x == 0 ? a.prof + (size_t) G * a.n_instrs * k_prof : nullptr;
@@ -1343,7 +1449,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 // 3.5% slower (546 against 566 tok/s), while at 256 cells it gained 1.5-8%
                 if (in.kind == instr_kind::attn && !s_at.kv_row.null() && a.attn_prestage &&
                     s_at.cells_per_split <= k_attn_chunk) {
-                    attn_prestage(a, s_at, t, smem);
+                    attn_prestage(a, s_at, t, smem, &s_kv_row);
                     prestaged = true;
                 }
                 if (!wait_deps(a, in, i, &s_flag)) {
@@ -1361,7 +1467,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
             unsigned long long t1 = t0;
             phase_clock pc{prof ? prof + i * k_prof + 5 : nullptr, t0};
             if (in.kind == instr_kind::attn) {
-                attn_tile(a, s_at, t, smem, pc, prestaged);
+                attn_tile(a, s_at, t, smem, pc, prestaged, &s_kv_row);
                 prestaged = false;  // a block's later tiles of the instruction stage after the wait
                 t1 = prof ? global_ns() : 0;
             } else if (in.kind == instr_kind::delta) {
@@ -1389,7 +1495,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                             const int ra = c * cp.rows_per_chunk, rb = min(cp.rows, ra + cp.rows_per_chunk);
                             const uint8_t * buf = ring + (size_t) (consumed % (unsigned) a.ring_slots) * a.slot_bytes;
                             // ends with __syncthreads: after it the slot may be refilled
-                            matvec_rows(in, s, xin, buf, buf + cp.off1, rb - ra, y + ra, y2 + ra, s_part);
+                            matvec_rows(in, s, xin, buf, buf + cp.off1, rb - ra, y + ra, y2 + ra, s_part, true);
                             if (threadIdx.x == 0) {
                                 ring_fill(a, s_rc, ring, s_bars, consumed + 1);
                             }
@@ -1398,7 +1504,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                         // (a tile's rows are consecutive weight rows, also in a strided view's segment)
                         const uint8_t * b0 = resolve(a, in.seg[s].w) + (uint64_t) weight_row(in.seg[s], r0) * in.seg[s].row_bytes;
                         const uint8_t * b1 = in.kind == instr_kind::glu ? resolve(a, in.seg[1].w) + (uint64_t) r0 * in.seg[1].row_bytes : nullptr;
-                        matvec_rows(in, s, xin, b0, b1, r1 - r0, y, y2, s_part);
+                        matvec_rows(in, s, xin, b0, b1, r1 - r0, y, y2, s_part, false);
                     }
                     if (prof) {
                         const unsigned long long t2 = global_ns();
@@ -1758,6 +1864,21 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     const size_t total   = align_up(o_abort + sizeof(int));
     std::vector<uint8_t> host(total, 0);
     memcpy(host.data() + o_instr, p.instrs.data(), p.instrs.size() * sizeof(instruction));
+    {  // the matvec split per segment (plan_rows); LLAMA_MEGAKERNEL_SPLIT_ROWS=0: the earlier one (for A/B runs)
+        const char * sr = getenv("LLAMA_MEGAKERNEL_SPLIT_ROWS");
+        instruction * hi = (instruction *) (host.data() + o_instr);
+        for (size_t i = 0; i < p.instrs.size() && !(sr && atoi(sr) == 0); i++) {
+            if (hi[i].kind != instr_kind::matvec && hi[i].kind != instr_kind::glu) {
+                continue;
+            }
+            for (int sg = 0; sg < hi[i].n_segments; sg++) {
+                int R = 1, wpr = 1;
+                balanced_split(hi[i].seg[sg].rows_per_tile, hi[i].in.n, R, wpr);
+                hi[i].seg[sg].gpu_rows = (uint8_t) R;
+                hi[i].seg[sg].gpu_split = (uint8_t) wpr;
+            }
+        }
+    }
     if (!p.attns.empty()) memcpy(host.data() + o_attn, p.attns.data(), p.attns.size() * sizeof(attention));
     if (!p.deltas.empty()) memcpy(host.data() + o_delta, p.deltas.data(), p.deltas.size() * sizeof(delta_net));
     if (!p.ropes.empty()) memcpy(host.data() + o_rope, p.ropes.data(), p.ropes.size() * sizeof(rope_params));
