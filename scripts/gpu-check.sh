@@ -10,7 +10,8 @@
 #   MK_ARCH_MODELS="qwen3:qwen3-0.6b:F16:BF16,Q8_0" ...       other architectures' models, checked like the llama
 #                                                              ones; MK_EXTRA_BENCH="qwen3-qwen3-0.6b-Q8_0" benches them
 # A build of llama.cpp takes ~5 minutes there; its binaries are packed into $OUT/llama-bin.tar.xz.* (to carry
-# back in .device/prebuilt/ so that later calls skip the build).
+# back in .device/prebuilt/ so that later calls skip the build). Give MK_COMMIT as a literal sha from here: on the
+# GPU machine `git rev-parse HEAD` answered the session's first commit, not the tree that was sent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"

@@ -176,9 +176,17 @@ def markdown(result: dict) -> str:
          + (f", copy bandwidth {r['copy_bandwidth_gbs']} GB/s (read + write, device-to-device copy)."
             if r.get("copy_bandwidth_gbs") else "."), "",
          "## llama-bench (medians; stock and megakernel alternated A B / B A each round)", ""]
+    if r.get("about"):  # (older files' "note" is not rendered: their markdown predates it)
+        o[2:2] = [r["about"], ""]
+    var = next((x["variant"] for x in r["rows"] if x.get("variant")), None)
+    vk = f"mk_{var['name']}" if var else None
+    if var:
+        o += [f"Third arm `{var['name']}`: the same plugin with "
+              + ", ".join(f"`{k}={v}`" for k, v in var["env"].items()) + ", rotated with the other two.", ""]
     if r["rows"]:
-        o += ["| model | test | depth | stock tok/s | megakernel tok/s | ratio | bytes/token | stock % of floor | mk % of floor |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        o += ["| model | test | depth | stock tok/s | megakernel tok/s | ratio | bytes/token | stock % of floor | mk % of floor |"
+              + (f" {var['name']} tok/s | {var['name']} ratio |" if var else ""),
+              "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if var else "")]
     elif r.get("bench_files"):
         o += ["This run had no bench stage; the llama-bench comparison of the same commit is in "
               + ", ".join(r["bench_files"]) + "."]
@@ -189,7 +197,8 @@ def markdown(result: dict) -> str:
         b = x.get("bytes_per_token")
         o.append(f"| {x['model']} | {x['test']} | {x.get('depth', 0)} | {x['stock_tok_s']:.1f} | {x['mk_tok_s']:.1f} | "
                  f"{x['ratio']:.3f} | {f'{b / 1e6:.1f} MB' if b else '-'} | {x.get('stock_pct_floor', '-')} | "
-                 f"{x.get('mk_pct_floor', '-')} |")
+                 f"{x.get('mk_pct_floor', '-')} |"
+                 + (f" {x.get(vk + '_tok_s', '-')} | {x.get(vk + '_ratio', '-')} |" if var else ""))
     o += ["", "## Correctness (mk-compare: one process, stock greedy vs the megakernel)", "",
           "Teacher-forced: the megakernel fed stock's tokens, logits compared per step. Free: its own greedy tokens, "
           "identical to stock's up to the step shown. GPU vs CPU executor: the same program run by the CPU executor "
