@@ -305,8 +305,8 @@ def main() -> int:
         variants += [("-noprefetch", {"LLAMA_MEGAKERNEL_PREFETCH": "0"})] if os.environ.get("MK_PROFILE_NOPREFETCH") else []
         variants += [(f"-prefetch{k}", {"LLAMA_MEGAKERNEL_PREFETCH": k})  # KiB per segment
                      for k in os.environ.get("MK_PROFILE_PREFETCH", "").split()]
-        if bench_variant():  # the bench's third arm, profiled too
-            variants += [(f"-{bench_variant()[0]}", bench_variant()[1])]
+        if (bv := bench_variant()):  # the bench's third arm, profiled too
+            variants += [(f"-{bv[0]}", bv[1])]
         for name in ["llama-smollm2-135m-Q4_0", "llama-llama-3.2-1b-Q4_0", "llama-llama-3.2-1b-BF16",
                      *os.environ.get("MK_EXTRA_BENCH", "").split()]:
             for variant, extra in variants:

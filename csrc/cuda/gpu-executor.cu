@@ -1866,10 +1866,10 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     const size_t total   = align_up(o_abort + sizeof(int));
     std::vector<uint8_t> host(total, 0);
     memcpy(host.data() + o_instr, p.instrs.data(), p.instrs.size() * sizeof(instruction));
-    {  // the matvec split per segment (plan_rows); LLAMA_MEGAKERNEL_SPLIT_ROWS=0: the earlier one (for A/B runs)
-        const char * sr = getenv("LLAMA_MEGAKERNEL_SPLIT_ROWS");
+    // the matvec split per segment (plan_rows); LLAMA_MEGAKERNEL_SPLIT_ROWS=0: the earlier one (for A/B runs)
+    if (const char * sr = getenv("LLAMA_MEGAKERNEL_SPLIT_ROWS"); !sr || atoi(sr) != 0) {
         instruction * hi = (instruction *) (host.data() + o_instr);
-        for (size_t i = 0; i < p.instrs.size() && !(sr && atoi(sr) == 0); i++) {
+        for (size_t i = 0; i < p.instrs.size(); i++) {
             if (hi[i].kind != instr_kind::matvec && hi[i].kind != instr_kind::glu) {
                 continue;
             }
