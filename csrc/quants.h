@@ -251,6 +251,66 @@ MK_HD void dequant_block(int32_t t, const uint8_t * b, float * y) {
     }
 }
 
+// Planar rows: the GPU executor's copy of a Q4_0/Q8_0/Q4_K/Q6_K matrix, repacked when it loads a program so that
+// every quant load is 16 bytes wide and a warp's loads are contiguous. The GGUF blocks (18, 34, 210 bytes) leave
+// their fields 2-byte aligned, and 2-byte loads held the quantized matvec to about half the bandwidth of the BF16
+// one (docs/gpu-executor-notes.md, session 9). A planar row of nb blocks has the same bytes, reordered, in
+// planes: the quant bytes in 16-byte pieces, piece k of lane-unit U at 16 * (k * units + U), then the scales.
+// A unit is what one lane reads: a Q4_0/Q8_0 block (32 values), a quarter of a K-quant block (64 values).
+//   Q4_0: pieces qs of block U; then d of block U at 16nb + 2U.
+//   Q8_0: pieces qs[16k..16k+15] of block U (k = 0, 1); then d at 32nb + 2U.
+//   Q4_K: unit U = 4 blk + c: pieces qs[32c + 16k ..] (k = 0, 1); then the block's 16 header bytes (d, dmin, 12
+//         scale bytes) at 128nb + 16 blk.
+//   Q6_K: unit U = 4 blk + u, half h = u / 2, l0 = 16 (u % 2) (values 128h + 32q + l0 + 0..15, q = 0..3): pieces
+//         ql[64h + l0 ..], ql[64h + 32 + l0 ..], qh[32h + l0 ..]; then the unit's four scales sc[8h + u % 2 + 2q]
+//         at 192nb + 4U; then d at 208nb + 2 blk.
+// Rows are padded to 16 bytes.
+MK_HD bool planar_type(int32_t t) {
+    return t == T_Q4_0 || t == T_Q8_0 || t == T_Q4_K || t == T_Q6_K;
+}
+
+MK_HD uint64_t planar_row_bytes(int32_t t, int64_t nb) {
+    return ((uint64_t) info_of(t).bytes * nb + 15) / 16 * 16;
+}
+
+// Block blk of a row of nb blocks, at b in GGUF layout, into (put) or out of (!put) the planar row `row`.
+MK_HD void planar_block(int32_t t, uint8_t * b, uint8_t * row, int64_t nb, int64_t blk, bool put) {
+    auto mv = [put](uint8_t * planar, uint8_t * gguf, int n) {
+        for (int i = 0; i < n; i++) {
+            if (put) planar[i] = gguf[i]; else gguf[i] = planar[i];
+        }
+    };
+    switch (t) {
+        case T_Q4_0:
+            mv(row + 16 * blk, b + 2, 16);
+            mv(row + 16 * nb + 2 * blk, b, 2);
+            return;
+        case T_Q8_0:
+            for (int k = 0; k < 2; k++) mv(row + 16 * (k * nb + blk), b + 2 + 16 * k, 16);
+            mv(row + 32 * nb + 2 * blk, b, 2);
+            return;
+        case T_Q4_K:
+            for (int c = 0; c < 4; c++) {
+                for (int k = 0; k < 2; k++) mv(row + 16 * (k * 4 * nb + 4 * blk + c), b + 16 + 32 * c + 16 * k, 16);
+            }
+            mv(row + 128 * nb + 16 * blk, b, 16);
+            return;
+        case T_Q6_K:
+            for (int u = 0; u < 4; u++) {
+                const int64_t U = 4 * blk + u;
+                const int h = u / 2, l0 = 16 * (u % 2);
+                mv(row + 16 * U, b + 64 * h + l0, 16);
+                mv(row + 16 * (4 * nb + U), b + 64 * h + 32 + l0, 16);
+                mv(row + 16 * (8 * nb + U), b + 128 + 32 * h + l0, 16);
+                for (int q = 0; q < 4; q++) mv(row + 192 * nb + 4 * U + q, b + 192 + 8 * h + u % 2 + 2 * q, 1);
+            }
+            mv(row + 208 * nb + 2 * blk, b + 208, 2);
+            return;
+        default:
+            return;
+    }
+}
+
 // Dequantize n values (a multiple of the block size) of type t.
 MK_HD void dequant_row(int32_t t, const void * src, float * y, int64_t n) {
     const type_info ti = info_of(t);

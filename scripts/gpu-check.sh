@@ -49,6 +49,11 @@ stamp "plugin and mk-compare"
 cmake -S . -B $W/plugin -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_MK_CUDA=ON "-DCMAKE_CUDA_FLAGS=${MK_CUDA_FLAGS:-}" > $W/plugin-cmake.log
 cmake --build $W/plugin > $W/plugin-build.log 2>&1 || { tail -30 $W/plugin-build.log; exit 1; }
 export LLAMA_MEGAKERNEL_PLUGIN=$W/plugin/libggml-megakernel.so
+if [ -n "${MK_PLUGIN2_FLAGS:-}" ]; then  # a second build for A/B: MK_BENCH_VARIANT="name:GGML_BACKEND_PATH=$W/plugin2/..."
+  stamp "plugin with CUDA flags $MK_PLUGIN2_FLAGS"
+  cmake -S . -B $W/plugin2 -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_MK_CUDA=ON "-DCMAKE_CUDA_FLAGS=$MK_PLUGIN2_FLAGS" > $W/plugin2-cmake.log
+  cmake --build $W/plugin2 > $W/plugin2-build.log 2>&1 || { tail -30 $W/plugin2-build.log; exit 1; }
+fi
 g++ -O2 -std=c++17 scripts/mk-compare.cpp -I$LLAMA_CPP_DIR/include -I$LLAMA_CPP_DIR/ggml/include -L$B -lllama \
     -lggml-base -lggml -Wl,-rpath,$B -o $W/mk-compare
 

@@ -307,6 +307,9 @@ def main() -> int:
                      for k in os.environ.get("MK_PROFILE_PREFETCH", "").split()]
         if (bv := bench_variant()):  # the bench's third arm, profiled too
             variants += [(f"-{bv[0]}", bv[1])]
+        for spec in filter(None, os.environ.get("MK_PROFILE_VARIANTS", "").split(";")):  # name:VAR=v,VAR=v;...
+            name, _, pairs = spec.partition(":")
+            variants += [(f"-{name}", dict(p.split("=", 1) for p in pairs.split(",") if p))]
         for name in ["llama-smollm2-135m-Q4_0", "llama-llama-3.2-1b-Q4_0", "llama-llama-3.2-1b-BF16",
                      *os.environ.get("MK_EXTRA_BENCH", "").split()]:
             for variant, extra in variants:

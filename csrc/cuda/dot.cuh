@@ -15,6 +15,8 @@
 namespace mk {
 namespace dev {
 
+constexpr int k_planar = 256;  // segment.type of a matrix the GPU executor repacked: k_planar + its ggml type
+
 __device__ __forceinline__ float h2f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 __device__ __forceinline__ float b2f(uint16_t h) { return __uint_as_float((uint32_t) h << 16); }
 // Weight loads are generic: the rows may be in global memory or staged in shared memory.
@@ -352,6 +354,127 @@ struct w_q6_k_int : w_q6_k {
     }
 };
 
+// Planar rows (quants.h: planar_block): one lane dots one unit (a Q4_0/Q8_0 block, a quarter of a K-quant block)
+// with 16-byte quant loads; `udot` takes the row, its block count and the unit index. x is q8_1 (int8 values xq,
+// a scale per 32 in xd; xd 16-byte aligned). Lanes of a warp take consecutive units, so each 16-byte load
+// instruction of a warp reads 512 contiguous bytes.
+__device__ __forceinline__ int4 ld_x16(const int8_t * p) { return *(const int4 *) p; }
+constexpr int k_ones = 0x01010101;
+
+// dp4a of the low (hi = false) or high nibbles of four words with 16 x values; `sx` gets the x values' sum
+__device__ __forceinline__ int dot_nib4(uint4 q, int4 x, bool hi, int & sx) {
+    const int sh = hi ? 4 : 0;
+    int s = __dp4a((int) ((q.x >> sh) & k_lo4), x.x, 0);
+    s = __dp4a((int) ((q.y >> sh) & k_lo4), x.y, s);
+    s = __dp4a((int) ((q.z >> sh) & k_lo4), x.z, s);
+    s = __dp4a((int) ((q.w >> sh) & k_lo4), x.w, s);
+    sx = __dp4a(k_ones, x.w, __dp4a(k_ones, x.z, __dp4a(k_ones, x.y, __dp4a(k_ones, x.x, 0))));
+    return s;
+}
+
+__device__ __forceinline__ int dot_i8x16(uint4 q, int4 x, int s) {
+    s = __dp4a((int) q.x, x.x, s);
+    s = __dp4a((int) q.y, x.y, s);
+    s = __dp4a((int) q.z, x.z, s);
+    return __dp4a((int) q.w, x.w, s);
+}
+
+struct w_q4_0_planar {
+    static constexpr bool planar = true;
+    static constexpr int block = 32, units = 1, unit_values = 32, max_rows = 8;
+    __device__ static float udot(const uint8_t * row, int nb, int U, const int8_t * xq, const float * xd) {
+        const uint4 q = ldw((const uint4 *) row + U);
+        const float d = h2f(ld16(row + 16 * nb + 2 * U));
+        const int4 xl = ld_x16(xq + 32 * U), xh = ld_x16(xq + 32 * U + 16);
+        int sl, sh;
+        const int s = dot_nib4(q, xl, false, sl) + dot_nib4(q, xh, true, sh);
+        return d * xd[U] * (float) (s - 8 * (sl + sh));
+    }
+};
+
+struct w_q8_0_planar {
+    static constexpr bool planar = true;
+    static constexpr int block = 32, units = 1, unit_values = 32, max_rows = 4;
+    __device__ static float udot(const uint8_t * row, int nb, int U, const int8_t * xq, const float * xd) {
+        const uint4 q0 = ldw((const uint4 *) row + U), q1 = ldw((const uint4 *) row + nb + U);
+        const float d = h2f(ld16(row + 32 * nb + 2 * U));
+        const int s = dot_i8x16(q1, ld_x16(xq + 32 * U + 16), dot_i8x16(q0, ld_x16(xq + 32 * U), 0));
+        return d * xd[U] * (float) s;
+    }
+};
+
+struct w_q4_k_planar {
+    static constexpr bool planar = true;
+    static constexpr int block = 256, units = 4, unit_values = 64, max_rows = 4;
+    __device__ static float udot(const uint8_t * row, int nb, int U, const int8_t * xq, const float * xd) {
+        const int blk = U >> 2, c = U & 3;
+        const uint4 hd = ldw((const uint4 *) (row + 128 * nb) + blk);
+        const uint4 q0 = ldw((const uint4 *) row + U), q1 = ldw((const uint4 *) row + 4 * nb + U);
+        const int8_t * x = xq + 64 * U;
+        int a0, a1, b0, b1;
+        const int sl = dot_nib4(q0, ld_x16(x), false, a0) + dot_nib4(q1, ld_x16(x + 16), false, a1);
+        const int sh = dot_nib4(q0, ld_x16(x + 32), true, b0) + dot_nib4(q1, ld_x16(x + 48), true, b1);
+        const uint32_t sw[3] = {hd.y, hd.z, hd.w};
+        float s0, m0, s1, m1;
+        k_sm(2 * c, sw, s0, m0);
+        k_sm(2 * c + 1, sw, s1, m1);
+        const float2 dd = *(const float2 *) (xd + 2 * U);
+        return h2f(hd.x & 0xffff) * (s0 * dd.x * (float) sl + s1 * dd.y * (float) sh) -
+               h2f(hd.x >> 16) * (m0 * dd.x * (float) (a0 + a1) + m1 * dd.y * (float) (b0 + b1));
+    }
+};
+
+struct w_q6_k_planar {
+    static constexpr bool planar = true;
+    static constexpr int block = 256, units = 4, unit_values = 64, max_rows = 4;
+    __device__ static float udot(const uint8_t * row, int nb, int U, const int8_t * xq, const float * xd) {
+        const int blk = U >> 2, h = (U >> 1) & 1;
+        const uint4 a = ldw((const uint4 *) row + U);               // values l (low nibble), l + 64 (high)
+        const uint4 c = ldw((const uint4 *) row + 4 * nb + U);      // values l + 32, l + 96
+        const uint4 hb = ldw((const uint4 *) row + 8 * nb + U);     // their two high bits
+        const uint32_t sc = ld32(row + 192 * nb + 4 * U);
+        const float d = h2f(ld16(row + 208 * nb + 2 * blk));
+        const int8_t * x = xq + 256 * blk + 128 * h + 16 * (U & 1);
+        const uint32_t aw[4] = {a.x, a.y, a.z, a.w}, cw[4] = {c.x, c.y, c.z, c.w}, hw[4] = {hb.x, hb.y, hb.z, hb.w};
+        const int4 x0 = ld_x16(x), x1 = ld_x16(x + 32), x2 = ld_x16(x + 64), x3 = ld_x16(x + 96);
+        const int xw[4][4] = {{x0.x, x0.y, x0.z, x0.w}, {x1.x, x1.y, x1.z, x1.w}, {x2.x, x2.y, x2.z, x2.w},
+                              {x3.x, x3.y, x3.z, x3.w}};
+        const uint32_t m2 = 0x03030303u;
+        int s[4] = {0, 0, 0, 0}, sx[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            s[0] = __dp4a((int) ((aw[w] & k_lo4) | ((hw[w] & m2) << 4)), xw[0][w], s[0]);
+            s[1] = __dp4a((int) ((cw[w] & k_lo4) | (((hw[w] >> 2) & m2) << 4)), xw[1][w], s[1]);
+            s[2] = __dp4a((int) (((aw[w] >> 4) & k_lo4) | (((hw[w] >> 4) & m2) << 4)), xw[2][w], s[2]);
+            s[3] = __dp4a((int) (((cw[w] >> 4) & k_lo4) | (((hw[w] >> 6) & m2) << 4)), xw[3][w], s[3]);
+#pragma unroll
+            for (int q = 0; q < 4; q++) sx[q] = __dp4a(k_ones, xw[q][w], sx[q]);
+        }
+        const float4 dq = *(const float4 *) (xd + 8 * blk + 4 * h);
+        const float dv[4] = {dq.x, dq.y, dq.z, dq.w};
+        float r = 0.0f;
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            r += (float) (int8_t) (sc >> (8 * q)) * dv[q] * (float) (s[q] - 32 * sx[q]);
+        }
+        return d * r;
+    }
+};
+
+// As dot_rows_q8, over the units of planar rows of nb blocks.
+template <typename W, int R>
+__device__ __forceinline__ void dot_units(const uint8_t * row0, uint64_t stride, const int8_t * xq, const float * xd, int nb,
+                                          int start, int step, float (&s)[R]) {
+    const int nu = nb * W::units;
+#pragma unroll 2
+    for (int u = start; u < nu; u += step) {
+#pragma unroll
+        for (int k = 0; k < R; k++) {
+            s[k] += W::udot(row0 + k * stride, nb, u, xq, xd);
+        }
+    }
+}
+
 // Call f.template operator()<W>() with the struct of weight type t; false if the type has none.
 template <typename F> __device__ __forceinline__ bool dispatch_type(int t, F f) {
     switch (t) {
@@ -366,9 +489,16 @@ template <typename F> __device__ __forceinline__ bool dispatch_type(int t, F f) 
         case 12: f(w_q4_k_int{}); return true;
         case 13: f(w_q5_k{}); return true;
         case 14: f(w_q6_k_int{}); return true;
+        case k_planar + 2:  f(w_q4_0_planar{}); return true;
+        case k_planar + 8:  f(w_q8_0_planar{}); return true;
+        case k_planar + 12: f(w_q4_k_planar{}); return true;
+        case k_planar + 14: f(w_q6_k_planar{}); return true;
         default: return false;
     }
 }
+
+template <typename W, typename = void> struct is_planar { static constexpr bool value = false; };
+template <typename W> struct is_planar<W, decltype((void) W::planar)> { static constexpr bool value = W::planar; };
 
 template <typename W, typename = void> struct has_int_path { static constexpr bool value = false; };
 template <typename W> struct has_int_path<W, decltype((void) W::has_int)> { static constexpr bool value = W::has_int; };
@@ -386,7 +516,31 @@ inline int weight_align(int t) {
         case 12: return w_q4_k::align;
         case 13: return w_q5_k::align;
         case 14: return w_q6_k::align;
+        case k_planar + 2: case k_planar + 8: case k_planar + 12: case k_planar + 14: return 16;
         default: return 0;
+    }
+}
+
+template <typename W> __host__ __device__ constexpr int max_rows_of() {
+    if constexpr (is_planar<W>::value) return W::max_rows; else return 8;
+}
+
+// Host side: the values one lane dots at a time (a group of 16, or a planar unit), and the most rows a warp takes
+// at once (planar units hold 5-14 registers of loads per row).
+inline int lane_values(int t) {
+    switch (t) {
+        case k_planar + 2: case k_planar + 8: return 32;
+        case k_planar + 12: case k_planar + 14: return 64;
+        default: return 16;
+    }
+}
+inline int max_rows(int t) {
+    switch (t) {
+        case k_planar + 2: return w_q4_0_planar::max_rows;
+        case k_planar + 8: return w_q8_0_planar::max_rows;
+        case k_planar + 12: return w_q4_k_planar::max_rows;
+        case k_planar + 14: return w_q6_k_planar::max_rows;
+        default: return 8;
     }
 }
 

@@ -556,17 +556,17 @@ __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, i
 // split gives it 8 rows on 8 warps per row group.
 constexpr int k_part = 8 * k_warps;  // partial sums per segment: rows * wpr <= k_part
 
-// The balanced split of `rows` rows of n values: the fewest groups per lane on the busiest warp, where a smaller R
+// The balanced split of `rows` rows of n values: the fewest groups (lane units) per lane on the busiest warp, where a smaller R
 // or a larger wpr has to save an eighth of that work to be taken (R also buys x reuse and loads in flight: an LM-head
 // tile of 972 rows went from R = 8 to 1 for 5% less work by this count, and took 50% longer). A lane may be left
 // without a group of a row (32 * wpr up to twice the groups), as the earlier split did for short rows.
 // Host side: gpu_load stores it in each segment (gpu_rows, gpu_split) for its full tiles; a shorter last tile keeps it.
-inline void balanced_split(int rows, int n, int & R_out, int & wpr_out) {
-    const int ng = std::max(1, n / 16);
+inline void balanced_split(int rows, int n, int type, int & R_out, int & wpr_out) {
+    const int ng = std::max(1, n / dev::lane_values(type));
     double best = 1e30;
     R_out = 1;
     wpr_out = 1;
-    for (int R = 8; R >= 1; R /= 2) {
+    for (int R = dev::max_rows(type); R >= 1; R /= 2) {
         const int sets = (rows + R - 1) / R;
         for (int wpr = 1; wpr <= k_warps && (wpr == 1 || (32 * wpr <= 2 * ng && rows * wpr <= k_part)); wpr *= 2) {
             const int nrw = k_warps / wpr;
@@ -620,13 +620,17 @@ struct mv_x {  // the input in its forms: float, and (q8 true) int8 values with 
 
 template <typename W, int R>
 __device__ __forceinline__ void dot_any(const mv_x in, const uint8_t * row0, uint64_t stride, const mv_plan p, float (&s)[R]) {
-    if constexpr (dev::has_int_path<W>::value) {
-        if (in.q8) {
-            dev::dot_rows_q8<W, R>(row0, stride, in.xq, in.xd, in.n, p.start, p.step, s);
-            return;
+    if constexpr (dev::is_planar<W>::value) {  // gpu_load repacks only matrices whose input is q8_1
+        dev::dot_units<W, R>(row0, stride, in.xq, in.xd, in.n / W::block, p.start, p.step, s);
+    } else {
+        if constexpr (dev::has_int_path<W>::value) {
+            if (in.q8) {
+                dev::dot_rows_q8<W, R>(row0, stride, in.xq, in.xd, in.n, p.start, p.step, s);
+                return;
+            }
         }
+        dev::dot_rows<W, R>(row0, stride, in.x, in.n, p.start, p.step, s);
     }
-    dev::dot_rows<W, R>(row0, stride, in.x, in.n, p.start, p.step, s);
 }
 
 template <typename W, int R>
@@ -654,17 +658,41 @@ __device__ void mv_rows(const mv_plan p, const uint8_t * base, uint64_t stride, 
     }
 }
 
+// The planar types' row loops are functions of their own: inlined, they changed the register allocation of the
+// whole kernel (ptxas: stack frame 128 -> 240 bytes, spills 42 -> 54 bytes), and the matvecs of the other types
+// measured 10-25% slower.
+template <typename W, int R>
+__device__ __noinline__ void mv_rows_planar(const mv_plan p, const uint8_t * base, uint64_t stride, const mv_x x, int rows,
+                                            float * out) {
+    mv_rows<W, R>(p, base, stride, x, 0, rows, out);
+}
+
+template <typename W, int R>
+__device__ __forceinline__ void mv_rows_any(const mv_plan p, const uint8_t * base, uint64_t stride, const mv_x x, int rows,
+                                            float * out) {
+#ifndef MK_PLANAR_INLINE  // for A/B builds (scripts/gpu-check.sh MK_PLUGIN2_FLAGS)
+    if constexpr (dev::is_planar<W>::value) {
+#else
+    if constexpr (false) {
+#endif
+        mv_rows_planar<W, R>(p, base, stride, x, rows, out);
+    } else {
+        mv_rows<W, R>(p, base, stride, x, 0, rows, out);
+    }
+}
+
 // Plans and inputs go by value, and the lambda captures by value: taken by reference, they ended up in local
 // memory (a round trip to L2 for every row's result, as the L1 is mostly carved out for shared memory).
 __device__ void mv_segment(const mv_plan p, int type, const uint8_t * base, uint64_t stride, const mv_x x, int rows,
                            float * out) {
     dev::dispatch_type(type, [=](auto Wt) {
         using W = decltype(Wt);
+        constexpr int M = dev::max_rows_of<W>();  // the host's split keeps p.R <= M; R = 8 is not compiled above it
         switch (p.R) {
-            case 8:  mv_rows<W, 8>(p, base, stride, x, 0, rows, out); break;
-            case 4:  mv_rows<W, 4>(p, base, stride, x, 0, rows, out); break;
-            case 2:  mv_rows<W, 2>(p, base, stride, x, 0, rows, out); break;
-            default: mv_rows<W, 1>(p, base, stride, x, 0, rows, out); break;
+            case 8:  mv_rows_any<W, (M < 8 ? M : 8)>(p, base, stride, x, rows, out); break;
+            case 4:  mv_rows_any<W, (M < 4 ? M : 4)>(p, base, stride, x, rows, out); break;
+            case 2:  mv_rows_any<W, 2>(p, base, stride, x, rows, out); break;
+            default: mv_rows_any<W, 1>(p, base, stride, x, rows, out); break;
         }
     });
 }
@@ -1542,6 +1570,8 @@ std::string cuda_err(const char * what, cudaError_t e) {
 
 struct gpu_program {
     int device = 0;
+    uint8_t * d_planar = nullptr;  // the repacked (planar) copies of this program's quantized matrices
+    uint64_t planar_bytes = 0;
     int grid = 0;
     size_t smem = 0;
     kernel_args args{};
@@ -1634,6 +1664,59 @@ void profile_step(gpu_program * g) {
     }
 }
 
+// One thread per block of a matrix: its GGUF bytes into the planar row (quants.h, planar_block).
+__global__ void planar_repack(int t, const uint8_t * src, uint64_t src_stride, uint8_t * dst, uint64_t dst_stride,
+                              int64_t rows, int64_t nb) {
+    const int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * nb) {
+        return;
+    }
+    const int64_t r = i / nb, blk = i % nb;
+    const int bytes = info_of(t).bytes;
+    uint8_t b[256];
+    const uint8_t * sb = src + (uint64_t) r * src_stride + (uint64_t) blk * bytes;
+    for (int j = 0; j < bytes; j++) {
+        b[j] = sb[j];
+    }
+    planar_block(t, b, dst + (uint64_t) r * dst_stride, nb, blk, true);
+}
+
+// The matrices of a program that get planar copies: constant Q4_0/Q8_0/Q4_K/Q6_K matvec weights whose instruction
+// rounds its input to q8_1 (the planar dots have no float path) and whose rows are plain (no strided row groups).
+struct planar_job {
+    size_t instr;
+    int seg;
+    uint64_t dst_off, dst_stride;
+    int64_t nb;
+};
+
+std::vector<planar_job> plan_planar(const program & p, uint64_t & total) {
+    std::vector<planar_job> jobs;
+    total = 0;
+    for (size_t i = 0; i < p.instrs.size(); i++) {
+        const instruction & in = p.instrs[i];
+        if (in.kind != instr_kind::matvec && in.kind != instr_kind::glu) {
+            continue;
+        }
+        bool q8 = in.in.n % 32 == 0;
+        for (int sg = 0; sg < in.n_segments; sg++) {
+            q8 = q8 && dev::uses_q8_1(in.seg[sg].type);
+        }
+        for (int sg = 0; sg < in.n_segments && q8; sg++) {
+            const segment & g = in.seg[sg];
+            const int block = info_of(g.type).block;
+            if (!planar_type(g.type) || !g.constant || g.row_group != 0 || block == 0 || in.in.n % block != 0) {
+                continue;
+            }
+            const int64_t nb = in.in.n / block;
+            const uint64_t stride = planar_row_bytes(g.type, nb);
+            jobs.push_back({i, sg, total, stride, nb});
+            total += ((uint64_t) g.rows * stride + 255) / 256 * 256;
+        }
+    }
+    return jobs;
+}
+
 }  // namespace
 
 bool gpu_target(int device, target & t, std::string & err) {
@@ -1713,7 +1796,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
             return nullptr;
         }
     }
-    x_f = (x_f + 3) / 4 * 4;
+    x_f = (x_f + 15) / 16 * 16;  // xd (after x_f bytes of xq) 16-byte aligned: planar units read it as float4
     y_f = (y_f + 3) / 4 * 4;
     w_f = (w_f + 3) / 4 * 4;
     const size_t base_f = x_f + 2 * y_f + w_f + x_f / 4 + x_f / 32 + 4;
@@ -1866,6 +1949,47 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     const size_t total   = align_up(o_abort + sizeof(int));
     std::vector<uint8_t> host(total, 0);
     memcpy(host.data() + o_instr, p.instrs.data(), p.instrs.size() * sizeof(instruction));
+    // Planar copies of the quantized matrices (quants.h: planar_block), made here from the weights as they are now
+    // and freed with the program, so they can never be older than it. They need as much GPU memory again as those
+    // weights: without room for that and a margin (a twentieth of the GPU, at least 256 MiB, for llama.cpp's own
+    // later allocations) the program reads the GGUF layout. LLAMA_MEGAKERNEL_PLANAR=0 turns them off (A/B runs).
+    {
+        uint64_t total = 0;
+        std::vector<planar_job> jobs = plan_planar(p, total);
+        size_t free_b = 0, total_b = 0;
+        const char * pe = getenv("LLAMA_MEGAKERNEL_PLANAR");
+        const bool want = (!pe || atoi(pe) != 0) && !jobs.empty();
+        if (want && cudaMemGetInfo(&free_b, &total_b) == cudaSuccess &&
+            total + std::max<uint64_t>(total_b / 20, 256ull << 20) < free_b &&
+            cudaMalloc(&g->d_planar, total) == cudaSuccess) {
+            g->planar_bytes = total;
+            cudaStream_t rs = nullptr;
+            e = cudaDeviceSynchronize();  // the weights were uploaded before any decode graph; this orders them anyway
+            if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&rs, cudaStreamNonBlocking);
+            if (e == cudaSuccess) e = cudaMemsetAsync(g->d_planar, 0, total, rs);
+            instruction * hi = (instruction *) (host.data() + o_instr);
+            for (size_t j = 0; j < jobs.size() && e == cudaSuccess; j++) {
+                segment & sg = hi[jobs[j].instr].seg[jobs[j].seg];
+                const int64_t n = (int64_t) sg.rows * jobs[j].nb;
+                planar_repack<<<(unsigned) ((n + 255) / 256), 256, 0, rs>>>(sg.type, (const uint8_t *) (uintptr_t) sg.w.off,
+                    sg.row_bytes, g->d_planar + jobs[j].dst_off, jobs[j].dst_stride, sg.rows, jobs[j].nb);
+                e = cudaGetLastError();
+                sg.w.off = (uint64_t) (uintptr_t) (g->d_planar + jobs[j].dst_off);
+                sg.type = dev::k_planar + sg.type;
+                sg.row_bytes = jobs[j].dst_stride;
+                ring_ok[jobs[j].instr] = 0;
+            }
+            if (e == cudaSuccess) e = cudaStreamSynchronize(rs);
+            if (rs) cudaStreamDestroy(rs);
+            if (e != cudaSuccess) {
+                cudaGetLastError();
+                err = cuda_err("repacking the weights", e);
+                gpu_free(g);
+                return nullptr;
+            }
+        }
+        cudaGetLastError();
+    }
     // the matvec split per segment (plan_rows); LLAMA_MEGAKERNEL_SPLIT_ROWS=0: the earlier one (for A/B runs)
     if (const char * sr = getenv("LLAMA_MEGAKERNEL_SPLIT_ROWS"); !sr || atoi(sr) != 0) {
         instruction * hi = (instruction *) (host.data() + o_instr);
@@ -1875,7 +1999,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
             }
             for (int sg = 0; sg < hi[i].n_segments; sg++) {
                 int R = 1, wpr = 1;
-                balanced_split(hi[i].seg[sg].rows_per_tile, hi[i].in.n, R, wpr);
+                balanced_split(hi[i].seg[sg].rows_per_tile, hi[i].in.n, hi[i].seg[sg].type, R, wpr);
                 hi[i].seg[sg].gpu_rows = (uint8_t) R;
                 hi[i].seg[sg].gpu_split = (uint8_t) wpr;
             }
@@ -2006,6 +2130,7 @@ void gpu_free(gpu_program * g) {
     if (g->d_scratch) cudaFree(g->d_scratch);
     if (g->h_error) cudaFreeHost(g->h_error);
     if (g->d_prof) cudaFree(g->d_prof);
+    if (g->d_planar) cudaFree(g->d_planar);
     cudaGetLastError();
     delete g;
 }
