@@ -25,4 +25,7 @@ bool gpu_run(gpu_program * g, void * stream, std::string & err);
 
 void gpu_free(gpu_program * g);
 
+// Bytes of GPU memory the program's planar weight copies take (0: it reads the GGUF layout).
+uint64_t gpu_planar_bytes(const gpu_program * g);
+
 }  // namespace mk

@@ -25,6 +25,7 @@
 #include "ggml-impl.h"
 
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -90,6 +91,8 @@ struct state {
     std::atomic<bool> gpu_executor{false};
     void * (*cuda_get_stream)(ggml_backend_t) = nullptr;  // patched ggml-cuda's stream getter, if any
     uint64_t gpu_steps = 0, gpu_failures = 0;
+    uint64_t gpu_loads = 0, planar_bytes = 0;  // programs put on a GPU; planar weight bytes of the last one
+    double gpu_load_ms = 0;                    // their total time (planar copies included)
     std::string last_gpu_error;
     long long shuffle_seed = -1;            // CPU executor: canonical tile order (-1) or a random valid one
     std::string last_explain = "null";      // explain_json of the last program compiled
@@ -226,7 +229,11 @@ bool take_graph(state & s, wrapped_backend & wb, ggml_backend_t backend, ggml_cg
     } else if (wb.prog && wb.cuda_device >= 0) {
         std::string err;
         if (!wb.gpu) {
+            const auto t0 = std::chrono::steady_clock::now();
             wb.gpu.reset(mk::gpu_load(*wb.prog, wb.cuda_device, err));
+            s.gpu_loads++;
+            s.gpu_load_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+            s.planar_bytes = mk::gpu_planar_bytes(wb.gpu.get());
             if (!wb.gpu) {
                 sc.reason = "gpu-refused";
                 sc.detail = err;
@@ -529,6 +536,9 @@ size_t llama_mk_status_json(char * buf, size_t size) {
             ",\"gpu_steps\":" + std::to_string(s.gpu_steps) +
             ",\"gpu_failures\":" + std::to_string(s.gpu_failures) +
             ",\"last_gpu_error\":" + mk::json_str(s.last_gpu_error) +
+            ",\"gpu_loads\":" + std::to_string(s.gpu_loads) +
+            ",\"gpu_load_ms\":" + std::to_string(s.gpu_load_ms) +
+            ",\"planar_bytes\":" + std::to_string(s.planar_bytes) +
             ",\"shuffle_seed\":" + std::to_string(s.shuffle_seed) +
             ",\"reasons\":" + mk::json_counts(s.reasons) +
             ",\"last_graphs\":" + last + "}";
@@ -541,7 +551,8 @@ void llama_mk_reset_counters(void) {
     std::lock_guard<std::mutex> lock(s.mu);
     s.graphs_seen = s.graphs_handled = s.graphs_handed_back = s.decode_graphs_seen = s.graphs_while_disabled = 0;
     s.programs_compiled = 0;
-    s.gpu_steps = s.gpu_failures = 0;
+    s.gpu_steps = s.gpu_failures = s.gpu_loads = 0;
+    s.gpu_load_ms = 0;
     s.reasons.clear();
     s.last_graphs.clear();
     for (auto & b : s.backends) {

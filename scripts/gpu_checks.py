@@ -111,7 +111,8 @@ def plugin_summary(status_file: Path) -> dict | None:
         return None
     st = json.loads(status_file.read_text())
     return {"routes": st["routes"], "reasons": st["reasons"], "gpu_steps": st.get("gpu_steps"),
-            "gpu_failures": st.get("gpu_failures"), "last_gpu_error": st.get("last_gpu_error")}
+            "gpu_failures": st.get("gpu_failures"), "last_gpu_error": st.get("last_gpu_error"),
+            "gpu_loads": st.get("gpu_loads"), "gpu_load_ms": st.get("gpu_load_ms"), "planar_bytes": st.get("planar_bytes")}
 
 
 def bench_variant() -> tuple[str, dict] | None:

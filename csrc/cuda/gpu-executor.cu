@@ -1965,8 +1965,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
             g->planar_bytes = total;
             cudaStream_t rs = nullptr;
             e = cudaDeviceSynchronize();  // the weights were uploaded before any decode graph; this orders them anyway
-            if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&rs, cudaStreamNonBlocking);
-            if (e == cudaSuccess) e = cudaMemsetAsync(g->d_planar, 0, total, rs);
+            if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&rs, cudaStreamNonBlocking);  // (row padding is never read)
             instruction * hi = (instruction *) (host.data() + o_instr);
             for (size_t j = 0; j < jobs.size() && e == cudaSuccess; j++) {
                 segment & sg = hi[jobs[j].instr].seg[jobs[j].seg];
@@ -2117,6 +2116,10 @@ bool gpu_run(gpu_program * g, void * stream_, std::string & err) {
         profile_step(g);
     }
     return true;
+}
+
+uint64_t gpu_planar_bytes(const gpu_program * g) {
+    return g ? g->planar_bytes : 0;
 }
 
 void gpu_free(gpu_program * g) {
