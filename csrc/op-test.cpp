@@ -11,6 +11,7 @@
 #include "cpu-executor.h"
 #include "json.h"
 #include "llama-megakernel.h"
+#include "quants.h"
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -76,6 +77,81 @@ std::vector<float> f16_row(const std::vector<uint8_t> & bytes, size_t off_elems,
     return v;
 }
 
+// Value i of a planar row (quants.h: planar_block), read from the layout as its comment documents it; written apart
+// from planar_block, so the check below compares the code with the documented layout.
+float planar_value(int t, const uint8_t * row, int64_t nb, int64_t i) {
+    const int64_t blk = i / mk::info_of(t).block, j = i % mk::info_of(t).block;
+    switch (t) {
+        case mk::T_Q4_0: {
+            const uint8_t q = row[16 * blk + j % 16];
+            return mk::half_to_float(mk::rd16(row + 16 * nb + 2 * blk)) * ((j < 16 ? q & 0xf : q >> 4) - 8);
+        }
+        case mk::T_Q8_0:
+            return mk::half_to_float(mk::rd16(row + 32 * nb + 2 * blk)) * (float) (int8_t) row[16 * ((j / 16) * nb + blk) + j % 16];
+        case mk::T_Q4_K: {
+            const int c = (int) j / 64, hi = (int) (j % 64) / 32, l = (int) j % 32;  // byte 32c + l of the quants
+            const int64_t U = 4 * blk + c;
+            const uint8_t q = row[16 * ((l / 16) * 4 * nb + U) + l % 16];
+            const uint8_t * hd = row + 128 * nb + 16 * blk;
+            int sc, m;
+            mk::k_scale_min(2 * c + hi, hd + 4, sc, m);
+            return mk::half_to_float(mk::rd16(hd)) * sc * (hi ? q >> 4 : q & 0xf) - mk::half_to_float(mk::rd16(hd + 2)) * m;
+        }
+        case mk::T_Q6_K: {
+            const int h = (int) j / 128, qq = (int) (j % 128) / 32, l = (int) j % 32;  // quarter qq, index l of half h
+            const int64_t U = 4 * blk + 2 * h + l / 16;
+            const uint8_t lo = row[16 * ((qq % 2) * 4 * nb + U) + l % 16];
+            const uint8_t hb = row[16 * (8 * nb + U) + l % 16];
+            const int v = ((qq < 2 ? lo & 0xf : lo >> 4) | (((hb >> (2 * qq)) & 3) << 4)) - 32;
+            const int8_t sc = (int8_t) row[192 * nb + 4 * U + qq];
+            return mk::half_to_float(mk::rd16(row + 208 * nb + 2 * blk)) * sc * v;
+        }
+        default:
+            return NAN;
+    }
+}
+
+// Planar copies of `rows` random rows of nb blocks (ggml's quantization of random values): every byte of the GGUF
+// blocks is moved exactly once (the planar rows hold a permutation of them), back again unchanged, and the values
+// read from the documented layout are the GGUF blocks' values.
+std::string planar_test(int t, int64_t nb, int seed) {
+    const mk::type_info ti = mk::info_of(t);
+    if (!mk::planar_type(t)) throw std::runtime_error("not a planar type");
+    const int rows = 3;
+    rnd r(seed);
+    const std::vector<float> v = r.normal((size_t) rows * nb * ti.block, 1.0f);
+    std::vector<uint8_t> q((size_t) rows * nb * ti.bytes);
+    ggml_quantize_chunk((ggml_type) t, v.data(), q.data(), 0, rows, nb * ti.block, nullptr);
+    const uint64_t stride = mk::planar_row_bytes(t, nb);
+    std::vector<uint8_t> planar((size_t) rows * stride, 0), back(q.size(), 0);
+    std::vector<int> writes((size_t) rows * stride, 0);
+    long long misplaced = 0, changed = 0, value_mismatch = 0;
+    for (int row = 0; row < rows; row++) {
+        for (int64_t b = 0; b < nb; b++) {
+            std::vector<uint8_t> blk(q.begin() + (row * nb + b) * ti.bytes, q.begin() + (row * nb + b + 1) * ti.bytes);
+            std::vector<uint8_t> mark(ti.bytes, 0xA5), probe((size_t) stride, 0);
+            mk::planar_block(t, mark.data(), probe.data(), nb, b, true);  // which planar bytes this block owns
+            for (uint64_t i = 0; i < stride; i++) writes[row * stride + i] += probe[i] == 0xA5;
+            mk::planar_block(t, blk.data(), planar.data() + row * stride, nb, b, true);
+        }
+        for (int64_t b = 0; b < nb; b++) {
+            mk::planar_block(t, back.data() + (row * nb + b) * ti.bytes, planar.data() + row * stride, nb, b, false);
+        }
+        std::vector<float> ref((size_t) nb * ti.block);
+        mk::dequant_row(t, q.data() + row * nb * ti.bytes, ref.data(), nb * ti.block);
+        for (int64_t i = 0; i < nb * ti.block; i++) {
+            value_mismatch += planar_value(t, planar.data() + row * stride, nb, i) != ref[i];
+        }
+    }
+    for (uint64_t i = 0; i < writes.size(); i++) {
+        const bool data = i % stride < (uint64_t) nb * ti.bytes;  // bytes past nb * bytes are the row's padding
+        misplaced += data ? writes[i] != 1 : writes[i] != 0;
+    }
+    for (size_t i = 0; i < q.size(); i++) changed += back[i] != q[i];
+    return "{\"row_bytes\":" + std::to_string(stride) + ",\"bytes_not_written_once\":" + std::to_string(misplaced) +
+           ",\"roundtrip_changed\":" + std::to_string(changed) + ",\"value_mismatch\":" + std::to_string(value_mismatch) + "}";
+}
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) size_t llama_mk_op_test(const char * what, int wtype, int flash_attn, int n_kv, int seed, char * out,
@@ -93,6 +169,9 @@ extern "C" __attribute__((visibility("default"))) size_t llama_mk_op_test(const 
         const bool wide = std::string(what) == "layer-hd256";
         const bool layer = wide || std::string(what) == "layer";
         const bool glu = std::string(what) == "glu";
+        if (std::string(what) == "planar") {  // n_kv: blocks per row
+            return mk::copy_out(planar_test(wtype, n_kv, seed), out, size);
+        }
         if (!layer && !glu && std::string(what) != "matvec") {
             throw std::runtime_error(std::string("unknown op test ") + what);
         }

@@ -70,6 +70,19 @@ print(json.dumps([n.op_test(*c) for c in {cases!r}]))
     return _json_from(code)
 
 
+def test_planar_layout_is_a_permutation_of_the_gguf_blocks():
+    """The GPU executor's planar copies (quants.h planar_block) of ggml-quantized random rows: every GGUF byte lands
+    in exactly one planar byte, comes back unchanged, and the values read as the layout's comment documents them
+    equal the GGUF dequantization exactly. Odd and even block counts (the rows are padded to 16 bytes)."""
+    seed = random.randrange(1 << 30)
+    cases = [("planar", GGML_TYPES[t], False, nb, seed + i)
+             for i, (t, nb) in enumerate((t, nb) for t in ("Q4_0", "Q8_0", "Q4_K", "Q6_K") for nb in (1, 3, 8))]
+    for c, r in zip(cases, _op_tests(cases)):
+        assert "error" not in r, (c, r)
+        assert r["bytes_not_written_once"] == 0 and r["roundtrip_changed"] == 0 and r["value_mismatch"] == 0, (c, r)
+        assert r["row_bytes"] % 16 == 0, (c, r)
+
+
 def test_matvec_each_weight_type_matches_ggml_cpu():
     seed = random.randrange(1 << 30)
     results = _op_tests([("matvec", t, False, 64, seed + i) for i, t in enumerate(GGML_TYPES.values())])

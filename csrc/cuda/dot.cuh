@@ -5,6 +5,10 @@
 // A group is 16 values whose bytes are contiguous or nearly so in the block (low and high nibbles of the same bytes
 // count as one group), so that the lanes of a warp read neighbouring bytes. Loads are as wide as the block layout's
 // alignment allows (gpu_load checks row alignment against `align`).
+//
+// Q4_0, Q8_0, Q4_K and Q6_K matrices are normally read in the planar layout instead (quants.h: planar_block; the
+// w_*_planar structs below): gpu_load repacks them, and the GGUF-layout structs of those types remain for when it
+// does not (no room for the copies, LLAMA_MEGAKERNEL_PLANAR=0, a float input).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -659,8 +659,8 @@ __device__ void mv_rows(const mv_plan p, const uint8_t * base, uint64_t stride, 
 }
 
 // The planar types' row loops are functions of their own: inlined, they changed the register allocation of the
-// whole kernel (ptxas: stack frame 128 -> 240 bytes, spills 42 -> 54 bytes), and the matvecs of the other types
-// measured 10-25% slower.
+// whole kernel (ptxas: stack frame 128 -> 240 bytes) and every other matvec got slower: 1B BF16 step 1,363 -> 1,451
+// us, 1B Q4_0 917 -> 975 us (bench/results/2026-12-01-h200-gpu-executor-23d7a18-inline).
 template <typename W, int R>
 __device__ __noinline__ void mv_rows_planar(const mv_plan p, const uint8_t * base, uint64_t stride, const mv_x x, int rows,
                                             float * out) {
@@ -670,11 +670,7 @@ __device__ __noinline__ void mv_rows_planar(const mv_plan p, const uint8_t * bas
 template <typename W, int R>
 __device__ __forceinline__ void mv_rows_any(const mv_plan p, const uint8_t * base, uint64_t stride, const mv_x x, int rows,
                                             float * out) {
-#ifndef MK_PLANAR_INLINE  // for A/B builds (scripts/gpu-check.sh MK_PLUGIN2_FLAGS)
     if constexpr (dev::is_planar<W>::value) {
-#else
-    if constexpr (false) {
-#endif
         mv_rows_planar<W, R>(p, base, stride, x, rows, out);
     } else {
         mv_rows<W, R>(p, base, stride, x, 0, rows, out);
