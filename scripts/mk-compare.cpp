@@ -155,6 +155,7 @@ void quiet_log(ggml_log_level level, const char * text, void *) {
 int main(int argc, char ** argv) {
     std::string model_path, with_path;
     int steps = 256, fa = 0, n_prompt = 8, seed = 1, cpu_steps = 0, n_ctx = 0;
+    llama_split_mode split_mode = LLAMA_SPLIT_MODE_LAYER;  // llama.cpp's default
     for (int i = 1; i < argc; i++) {
         std::string a = argv[i];
         auto next = [&]() -> const char * {
@@ -168,12 +169,18 @@ int main(int argc, char ** argv) {
         else if (a == "--cpu-steps") cpu_steps = atoi(next());
         else if (a == "--ctx") n_ctx = atoi(next());
         else if (a == "--with") with_path = next();
+        else if (a == "--split-mode") {
+            const std::string v = next();
+            split_mode = v == "none" ? LLAMA_SPLIT_MODE_NONE : v == "layer" ? LLAMA_SPLIT_MODE_LAYER
+                       : v == "row" ? LLAMA_SPLIT_MODE_ROW : v == "tensor" ? LLAMA_SPLIT_MODE_TENSOR
+                       : (die("--split-mode: none, layer, row or tensor"), LLAMA_SPLIT_MODE_LAYER);
+        }
         else if (a[0] != '-') model_path = a;
         else die("unknown option " + a);
     }
     if (model_path.empty()) {
         die("usage: mk-compare MODEL [--steps N] [--fa 0|1] [--prompt N] [--seed S] [--cpu-steps K] [--ctx N] "
-            "[--with MODEL2]");
+            "[--with MODEL2] [--split-mode none|layer|row|tensor]");
     }
     llama_log_set(quiet_log, nullptr);
     llama_backend_init();
@@ -198,6 +205,7 @@ int main(int argc, char ** argv) {
     auto load = [&](int ngl, const std::string & path) {
         llama_model_params mp = llama_model_default_params();
         mp.n_gpu_layers = ngl;
+        if (ngl > 0) mp.split_mode = split_mode;
         llama_model * m = llama_model_load_from_file(path.c_str(), mp);
         if (m == nullptr) die("cannot load " + path);
         return m;
