@@ -9,6 +9,10 @@
 #   MK_STAGES="correct bench" ...                             some stages (build and models are always made)
 #   MK_ARCH_MODELS="qwen3:qwen3-0.6b:F16:BF16,Q8_0" ...       other architectures' models, checked like the llama
 #                                                              ones; MK_EXTRA_BENCH="qwen3-qwen3-0.6b-Q8_0" benches them
+#   MK_BENCH_VARIANT="name:VAR=v,..."                         a third llama-bench arm (and profile): the plugin with VARs
+#   MK_PROFILE_VARIANTS="a:VAR=v;b:VAR=v"                     more profiled variants
+#   MK_PLUGIN2_FLAGS="-DX"                                     a second plugin build in /tmp/mk/plugin2, for A/B of a
+#                                                              compile flag (MK_BENCH_VARIANT="x:GGML_BACKEND_PATH=...")
 # A build of llama.cpp takes ~5 minutes there; its binaries are packed into $OUT/llama-bin.tar.xz.* (to carry
 # back in .device/prebuilt/ so that later calls skip the build). Give MK_COMMIT as a literal sha from here: on the
 # GPU machine `git rev-parse HEAD` answered the session's first commit, not the tree that was sent.

@@ -1686,9 +1686,10 @@ struct planar_job {
     int64_t nb;
 };
 
-std::vector<planar_job> plan_planar(const program & p, uint64_t & total) {
+std::vector<planar_job> plan_planar(const program & p, uint64_t & total, uint64_t & largest_f16) {
     std::vector<planar_job> jobs;
     total = 0;
+    largest_f16 = 0;
     for (size_t i = 0; i < p.instrs.size(); i++) {
         const instruction & in = p.instrs[i];
         if (in.kind != instr_kind::matvec && in.kind != instr_kind::glu) {
@@ -1708,6 +1709,7 @@ std::vector<planar_job> plan_planar(const program & p, uint64_t & total) {
             const uint64_t stride = planar_row_bytes(g.type, nb);
             jobs.push_back({i, sg, total, stride, nb});
             total += ((uint64_t) g.rows * stride + 255) / 256 * 256;
+            largest_f16 = std::max<uint64_t>(largest_f16, (uint64_t) g.rows * in.in.n * 2);
         }
     }
     return jobs;
@@ -1947,16 +1949,17 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     memcpy(host.data() + o_instr, p.instrs.data(), p.instrs.size() * sizeof(instruction));
     // Planar copies of the quantized matrices (quants.h: planar_block), made here from the weights as they are now
     // and freed with the program, so they can never be older than it. They need as much GPU memory again as those
-    // weights: without room for that and a margin (a twentieth of the GPU, at least 256 MiB, for llama.cpp's own
-    // later allocations) the program reads the GGUF layout. LLAMA_MEGAKERNEL_PLANAR=0 turns them off (A/B runs).
+    // weights. Without room for that and a margin for llama.cpp's own later allocations, the program reads the GGUF
+    // layout: a twentieth of the GPU, and at least an F16 copy of the largest of these matrices, which ggml-cuda's
+    // pool may need for a prefill matmul (256 MiB at the least). LLAMA_MEGAKERNEL_PLANAR=0 turns them off (A/B runs).
     {
-        uint64_t total = 0;
-        std::vector<planar_job> jobs = plan_planar(p, total);
+        uint64_t total = 0, largest_f16 = 0;
+        std::vector<planar_job> jobs = plan_planar(p, total, largest_f16);
         size_t free_b = 0, total_b = 0;
         const char * pe = getenv("LLAMA_MEGAKERNEL_PLANAR");
         const bool want = (!pe || atoi(pe) != 0) && !jobs.empty();
         if (want && cudaMemGetInfo(&free_b, &total_b) == cudaSuccess &&
-            total + std::max<uint64_t>(total_b / 20, 256ull << 20) < free_b &&
+            total + std::max<uint64_t>({total_b / 20, largest_f16, 256ull << 20}) < free_b &&
             cudaMalloc(&g->d_planar, total) == cudaSuccess) {
             g->planar_bytes = total;
             cudaStream_t rs = nullptr;
