@@ -556,10 +556,11 @@ __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, i
 // split gives it 8 rows on 8 warps per row group.
 constexpr int k_part = 8 * k_warps;  // partial sums per segment: rows * wpr <= k_part
 
-// The balanced split of `rows` rows of n values: the fewest groups (lane units) per lane on the busiest warp, where a smaller R
-// or a larger wpr has to save an eighth of that work to be taken (R also buys x reuse and loads in flight: an LM-head
-// tile of 972 rows went from R = 8 to 1 for 5% less work by this count, and took 50% longer). A lane may be left
-// without a group of a row (32 * wpr up to twice the groups), as the earlier split did for short rows.
+// The balanced split of `rows` rows of n values: the fewest groups (or planar units) per lane on the busiest warp,
+// where a smaller R or a larger wpr has to save an eighth of that work to be taken (R also buys x reuse and loads in
+// flight: an LM-head tile of 972 rows went from R = 8 to 1 for 5% less work by this count, and took 50% longer). A
+// lane may be left without a group of a row (32 * wpr up to twice the groups), as the earlier split did for short
+// rows. R is at most the type's max_rows (planar units hold more registers per row).
 // Host side: gpu_load stores it in each segment (gpu_rows, gpu_split) for its full tiles; a shorter last tile keeps it.
 inline void balanced_split(int rows, int n, int type, int & R_out, int & wpr_out) {
     const int ng = std::max(1, n / dev::lane_values(type));
@@ -1960,11 +1961,11 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
         const bool want = (!pe || atoi(pe) != 0) && !jobs.empty();
         if (want && cudaMemGetInfo(&free_b, &total_b) == cudaSuccess &&
             total + std::max<uint64_t>({total_b / 20, largest_f16, 256ull << 20}) < free_b &&
-            cudaMalloc(&g->d_planar, total) == cudaSuccess) {
+            cudaMalloc(&g->d_planar, total) == cudaSuccess) {  // not cleared: the rows' padding is never read
             g->planar_bytes = total;
             cudaStream_t rs = nullptr;
             e = cudaDeviceSynchronize();  // the weights were uploaded before any decode graph; this orders them anyway
-            if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&rs, cudaStreamNonBlocking);  // (row padding is never read)
+            if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&rs, cudaStreamNonBlocking);
             instruction * hi = (instruction *) (host.data() + o_instr);
             for (size_t j = 0; j < jobs.size() && e == cudaSuccess; j++) {
                 segment & sg = hi[jobs[j].instr].seg[jobs[j].seg];
