@@ -533,8 +533,10 @@ template <typename W> __host__ __device__ constexpr int max_rows_of() {
 // at once (planar units hold 5-14 registers of loads per row).
 inline int lane_values(int t) {
     switch (t) {
-        case k_planar + 2: case k_planar + 8: return 32;
-        case k_planar + 12: case k_planar + 14: return 64;
+        case k_planar + 2: return w_q4_0_planar::unit_values;
+        case k_planar + 8: return w_q8_0_planar::unit_values;
+        case k_planar + 12: return w_q4_k_planar::unit_values;
+        case k_planar + 14: return w_q6_k_planar::unit_values;
         default: return 16;
     }
 }
