@@ -95,10 +95,10 @@ __global__ void __launch_bounds__(k_threads, 1) mv(const uint8_t * w, uint64_t s
 
 // The megakernel's split (gpu-executor.cu balanced_split), over lane units.
 void split(int rows, int n, int type, int & R_out, int & wpr_out) {
-    const int ng = std::max(1, n / dev::lane_values(type));
+    const int ng = std::max(1, n / dev::lane_shape_of(type).values);
     double best = 1e30;
     R_out = 1; wpr_out = 1;
-    for (int R = dev::max_rows(type); R >= 1; R /= 2) {
+    for (int R = dev::lane_shape_of(type).max_rows; R >= 1; R /= 2) {
         const int sets = (rows + R - 1) / R;
         for (int wpr = 1; wpr <= k_warps && (wpr == 1 || (32 * wpr <= 2 * ng && rows * wpr <= 8 * k_warps)); wpr *= 2) {
             const int nrw = k_warps / wpr;
@@ -213,7 +213,7 @@ int main(int argc, char ** argv) {
                 int Rb, wb;
                 split(sh.tile, sh.n, dtype, Rb, wb);
                 std::vector<std::pair<int, int>> cfgs = {{Rb, wb}};
-                for (int R : {1, 2, 4, 8}) if (R <= dev::max_rows(dtype) && R != Rb) cfgs.push_back({R, wb});
+                for (int R : {1, 2, 4, 8}) if (R <= dev::lane_shape_of(dtype).max_rows && R != Rb) cfgs.push_back({R, wb});
                 for (auto [R, wpr] : cfgs) {
                     const size_t smem = (sh.n + 15) / 16 * 16 + ((sh.n / 32 + 3) / 4 * 4) * 4 + (size_t) sh.tile * wpr * 4;
                     cudaMemset(dy, 0, sh.rows * 4);

@@ -531,22 +531,17 @@ template <typename W> __host__ __device__ constexpr int max_rows_of() {
 
 // Host side: the values one lane dots at a time (a group of 16, or a planar unit), and the most rows a warp takes
 // at once (planar units hold 5-14 registers of loads per row).
-inline int lane_values(int t) {
+struct lane_shape {
+    int values, max_rows;
+};
+template <typename W> constexpr lane_shape lane_shape_of() { return {W::unit_values, W::max_rows}; }
+inline lane_shape lane_shape_of(int t) {
     switch (t) {
-        case k_planar + 2: return w_q4_0_planar::unit_values;
-        case k_planar + 8: return w_q8_0_planar::unit_values;
-        case k_planar + 12: return w_q4_k_planar::unit_values;
-        case k_planar + 14: return w_q6_k_planar::unit_values;
-        default: return 16;
-    }
-}
-inline int max_rows(int t) {
-    switch (t) {
-        case k_planar + 2: return w_q4_0_planar::max_rows;
-        case k_planar + 8: return w_q8_0_planar::max_rows;
-        case k_planar + 12: return w_q4_k_planar::max_rows;
-        case k_planar + 14: return w_q6_k_planar::max_rows;
-        default: return 8;
+        case k_planar + 2: return lane_shape_of<w_q4_0_planar>();
+        case k_planar + 8: return lane_shape_of<w_q8_0_planar>();
+        case k_planar + 12: return lane_shape_of<w_q4_k_planar>();
+        case k_planar + 14: return lane_shape_of<w_q6_k_planar>();
+        default: return {16, 8};
     }
 }
 

@@ -563,11 +563,11 @@ constexpr int k_part = 8 * k_warps;  // partial sums per segment: rows * wpr <= 
 // rows. R is at most the type's max_rows (planar units hold more registers per row).
 // Host side: gpu_load stores it in each segment (gpu_rows, gpu_split) for its full tiles; a shorter last tile keeps it.
 inline void balanced_split(int rows, int n, int type, int & R_out, int & wpr_out) {
-    const int ng = std::max(1, n / dev::lane_values(type));
+    const int ng = std::max(1, n / dev::lane_shape_of(type).values);
     double best = 1e30;
     R_out = 1;
     wpr_out = 1;
-    for (int R = dev::max_rows(type); R >= 1; R /= 2) {
+    for (int R = dev::lane_shape_of(type).max_rows; R >= 1; R /= 2) {
         const int sets = (rows + R - 1) / R;
         for (int wpr = 1; wpr <= k_warps && (wpr == 1 || (32 * wpr <= 2 * ng && rows * wpr <= k_part)); wpr *= 2) {
             const int nrw = k_warps / wpr;
