@@ -21,7 +21,7 @@ gpu_program * gpu_load(const program &, int, std::string & err) {
     return nullptr;
 }
 
-bool gpu_run(gpu_program *, void *, std::string & err) {
+bool gpu_run(gpu_program *, void *, std::string & err, float *) {
     err = "no CUDA executor";
     return false;
 }

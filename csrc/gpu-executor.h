@@ -20,8 +20,8 @@ gpu_program * gpu_load(const program & p, int device, std::string & err);
 // One decode step, ordered on `stream` (a cudaStream_t; nullptr: the device is synchronised first and the step
 // runs on the executor's own stream). Waits for the step to end and checks its error word: false (and err) if a
 // dependency wait timed out or the launch failed; the caller then recomputes the step on the stock path and must
-// not run this program again.
-bool gpu_run(gpu_program * g, void * stream, std::string & err);
+// not run this program again. With `kernel_ms` the launch is timed with events and its time stored there.
+bool gpu_run(gpu_program * g, void * stream, std::string & err, float * kernel_ms = nullptr);
 
 void gpu_free(gpu_program * g);
 

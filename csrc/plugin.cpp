@@ -93,6 +93,12 @@ struct state {
     uint64_t gpu_steps = 0, gpu_failures = 0;
     uint64_t gpu_loads = 0, planar_bytes = 0;  // programs put on a GPU; planar weight bytes of the last one
     double gpu_load_ms = 0;                    // their total time (planar copies included)
+    // Host wall time per executed GPU step: in the plugin's hook (scan of a new graph included), and in gpu_run
+    // (launch and the wait for the step's end). LLAMA_MEGAKERNEL_TIMING=1 also times the kernel with CUDA events,
+    // so that what a token spends outside the kernel can be told from the tools' tokens per second.
+    bool gpu_timing = false;
+    double gpu_hook_ms = 0, gpu_run_ms = 0, gpu_kernel_ms = 0;
+    uint64_t gpu_timed_steps = 0;
     std::string last_gpu_error;
     long long shuffle_seed = -1;            // CPU executor: canonical tile order (-1) or a random valid one
     std::string last_explain = "null";      // explain_json of the last program compiled
@@ -192,6 +198,7 @@ void prepare(state & s, wrapped_backend & wb, ggml_cgraph * graph) {
 
 // Decide for one graph; true if the plugin computed it. Called with s.mu held.
 bool take_graph(state & s, wrapped_backend & wb, ggml_backend_t backend, ggml_cgraph * graph, void * stream_) {
+    const auto t_hook = std::chrono::steady_clock::now();
     if (!s.enabled.load()) {
         s.graphs_while_disabled++;
         return false;
@@ -242,8 +249,18 @@ bool take_graph(state & s, wrapped_backend & wb, ggml_backend_t backend, ggml_cg
         }
         if (wb.gpu) {
             void * stream = stream_ != nullptr ? stream_ : (s.cuda_get_stream ? s.cuda_get_stream(backend) : nullptr);
-            if (mk::gpu_run(wb.gpu.get(), stream, err)) {
+            float kernel_ms = -1.0f;
+            const auto t_run = std::chrono::steady_clock::now();
+            const bool ran = mk::gpu_run(wb.gpu.get(), stream, err, s.gpu_timing ? &kernel_ms : nullptr);
+            const auto t_end = std::chrono::steady_clock::now();
+            if (ran) {
                 s.gpu_steps++;
+                s.gpu_run_ms += std::chrono::duration<double, std::milli>(t_end - t_run).count();
+                s.gpu_hook_ms += std::chrono::duration<double, std::milli>(t_end - t_hook).count();
+                if (kernel_ms >= 0.0f) {
+                    s.gpu_kernel_ms += kernel_ms;
+                    s.gpu_timed_steps++;
+                }
                 sc.reason = "executed";
                 sc.detail = "compiled to " + std::to_string(wb.prog->instrs.size()) + " instructions; one launch on " + wb.device;
                 record(wb.device, sc, new_graph, true);
@@ -384,6 +401,9 @@ int install() {
     if (const char * e = getenv("LLAMA_MEGAKERNEL_GPU")) {
         s.gpu_executor.store(atoi(e) != 0);
     }
+    if (const char * e = getenv("LLAMA_MEGAKERNEL_TIMING")) {
+        s.gpu_timing = atoi(e) != 0;
+    }
     if (const char * e = getenv("LLAMA_MEGAKERNEL_SHUFFLE")) {
         s.shuffle_seed = atoll(e);
     }
@@ -450,6 +470,16 @@ ggml_backend_reg g_reg = {
     /* .iface       = */ {reg_get_name, reg_get_device_count, reg_get_device, reg_get_proc_address},
     /* .context     = */ nullptr,
 };
+
+// A mean in microseconds from a total in milliseconds, or null when nothing was counted.
+std::string per_step(double total_ms, uint64_t n) {
+    if (n == 0) {
+        return "null";
+    }
+    char b[32];
+    snprintf(b, sizeof b, "%.1f", 1e3 * total_ms / (double) n);
+    return b;
+}
 
 }  // namespace
 
@@ -539,6 +569,9 @@ size_t llama_mk_status_json(char * buf, size_t size) {
             ",\"gpu_loads\":" + std::to_string(s.gpu_loads) +
             ",\"gpu_load_ms\":" + std::to_string(s.gpu_load_ms) +
             ",\"planar_bytes\":" + std::to_string(s.planar_bytes) +
+            ",\"gpu_hook_us_per_step\":" + per_step(s.gpu_hook_ms, s.gpu_steps) +
+            ",\"gpu_run_us_per_step\":" + per_step(s.gpu_run_ms, s.gpu_steps) +
+            ",\"gpu_kernel_us_per_step\":" + per_step(s.gpu_kernel_ms, s.gpu_timed_steps) +
             ",\"shuffle_seed\":" + std::to_string(s.shuffle_seed) +
             ",\"reasons\":" + mk::json_counts(s.reasons) +
             ",\"last_graphs\":" + last + "}";
@@ -552,7 +585,8 @@ void llama_mk_reset_counters(void) {
     s.graphs_seen = s.graphs_handled = s.graphs_handed_back = s.decode_graphs_seen = s.graphs_while_disabled = 0;
     s.programs_compiled = 0;
     s.gpu_steps = s.gpu_failures = s.gpu_loads = 0;
-    s.gpu_load_ms = 0;
+    s.gpu_load_ms = s.gpu_hook_ms = s.gpu_run_ms = s.gpu_kernel_ms = 0;
+    s.gpu_timed_steps = 0;
     s.reasons.clear();
     s.last_graphs.clear();
     for (auto & b : s.backends) {

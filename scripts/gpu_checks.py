@@ -110,46 +110,51 @@ def plugin_summary(status_file: Path) -> dict | None:
     if not status_file.is_file():
         return None
     st = json.loads(status_file.read_text())
-    return {"routes": st["routes"], "reasons": st["reasons"], "gpu_steps": st.get("gpu_steps"),
-            "gpu_failures": st.get("gpu_failures"), "last_gpu_error": st.get("last_gpu_error"),
-            "gpu_loads": st.get("gpu_loads"), "gpu_load_ms": st.get("gpu_load_ms"), "planar_bytes": st.get("planar_bytes")}
+    keys = ("gpu_steps", "gpu_failures", "last_gpu_error", "gpu_loads", "gpu_load_ms", "planar_bytes",
+            "gpu_hook_us_per_step", "gpu_run_us_per_step", "gpu_kernel_us_per_step")
+    return {"routes": st["routes"], "reasons": st["reasons"], **{k: st.get(k) for k in keys}}
 
 
-def bench_variant() -> tuple[str, dict] | None:
-    """MK_BENCH_VARIANT="name:VAR=value,VAR=value": a third arm, the plugin with those variables (an A/B of a
+def bench_variants() -> list[tuple[str, dict]]:
+    """MK_BENCH_VARIANT="name:VAR=value,VAR=value;name2:...": more arms, the plugin with those variables (A/B of a
     switch in the same run, on the same binary)."""
-    spec = os.environ.get("MK_BENCH_VARIANT", "")
-    if not spec:
-        return None
-    name, _, pairs = spec.partition(":")
-    return name, dict(p.split("=", 1) for p in pairs.split(",") if p)
+    out = []
+    for spec in filter(None, os.environ.get("MK_BENCH_VARIANT", "").split(";")):
+        name, _, pairs = spec.partition(":")
+        out.append((name, dict(p.split("=", 1) for p in pairs.split(",") if p)))
+    return out
 
 
 def bench(bindir: Path, model: Path, test: str, args: list[str], rounds: int, tmp: Path) -> dict:
-    variant = bench_variant()
-    arms = ["stock", "mk"] + ([f"mk_{variant[0]}"] if variant else [])
+    variants = bench_variants()
+    env_of = {f"mk_{n}": e for n, e in variants}
+    arms = ["stock", "mk"] + list(env_of)
     runs = {c: [] for c in arms}
-    last = None
+    summaries = {}
     cmd = [str(bindir / "llama-bench"), "-m", str(model), "-o", "json", "-ngl", "99"] + args
     for i in range(rounds):
         for c in arms[i % len(arms):] + arms[:i % len(arms)]:  # A B, B A (A B C, B C A, C A B)
             sf = tmp / "bench-status.json"
-            r = sh(cmd, env=env_for(c != "stock", sf, variant[1] if c not in ("stock", "mk") else None))
+            sf.unlink(missing_ok=True)
+            r = sh(cmd, env=env_for(c != "stock", sf, env_of.get(c)))
             if r.returncode != 0:
                 raise RuntimeError(f"llama-bench ({c}) failed: {r.stderr[-2000:]}")
             runs[c].append(float(json.loads(r.stdout)[0]["avg_ts"]))
-            if c == "mk":
-                last = plugin_summary(sf)
+            if c != "stock":
+                summaries[c] = plugin_summary(sf)
     med = {c: statistics.median(v) for c, v in runs.items()}
     row = {"model": model.stem, "test": test, "reps": 5, "rounds": rounds,
            "stock_tok_s": round(med["stock"], 1), "mk_tok_s": round(med["mk"], 1),
-           "ratio": round(med["mk"] / med["stock"], 4), "runs": runs, "plugin": last,
+           "ratio": round(med["mk"] / med["stock"], 4), "runs": runs, "plugin": summaries.get("mk"),
            "command": " ".join(cmd) + "  (stock, then GGML_BACKEND_PATH=<plugin>; order alternated each round)"}
-    if variant:
-        c = arms[2]
+    for c in env_of:
         row[f"{c}_tok_s"] = round(med[c], 1)
         row[f"{c}_ratio"] = round(med[c] / med["stock"], 4)
-        row["variant"] = {"name": variant[0], "env": variant[1]}
+        row[f"{c}_plugin"] = summaries.get(c)
+    if len(variants) == 1:  # the shape of the files from before several arms
+        row["variant"] = {"name": variants[0][0], "env": variants[0][1]}
+    elif variants:
+        row["variants"] = [{"name": n, "env": e} for n, e in variants]
     return row
 
 
@@ -179,15 +184,19 @@ def markdown(result: dict) -> str:
          "## llama-bench (medians; stock and megakernel alternated A B / B A each round)", ""]
     if r.get("about"):  # (older files' "note" is not rendered: their markdown predates it)
         o[2:2] = [r["about"], ""]
-    var = next((x["variant"] for x in r["rows"] if x.get("variant")), None)
-    vk = f"mk_{var['name']}" if var else None
-    if var:
-        o += [f"Third arm `{var['name']}`: the same plugin with "
-              + ", ".join(f"`{k}={v}`" for k, v in var["env"].items()) + ", rotated with the other two.", ""]
+    vs = next(([x["variant"]] if x.get("variant") else x["variants"] for x in r["rows"]
+               if x.get("variant") or x.get("variants")), [])
+    if len(vs) == 1:
+        o += [f"Third arm `{vs[0]['name']}`: the same plugin with "
+              + ", ".join(f"`{k}={v}`" for k, v in vs[0]["env"].items()) + ", rotated with the other two.", ""]
+    elif vs:
+        o += ["More arms, the same plugin with: " + "; ".join(
+            f"`{v['name']}`: " + ", ".join(f"`{k}={e}`" for k, e in v["env"].items()) for v in vs)
+            + "; all rotated together.", ""]
     if r["rows"]:
         o += ["| model | test | depth | stock tok/s | megakernel tok/s | ratio | bytes/token | stock % of floor | mk % of floor |"
-              + (f" {var['name']} tok/s | {var['name']} ratio |" if var else ""),
-              "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if var else "")]
+              + "".join(f" {v['name']} tok/s | {v['name']} ratio |" for v in vs),
+              "|---|---|---|---|---|---|---|---|---|" + "---|---|" * len(vs)]
     elif r.get("bench_files"):
         o += ["This run had no bench stage; the llama-bench comparison of the same commit is in "
               + ", ".join(r["bench_files"]) + "."]
@@ -199,7 +208,19 @@ def markdown(result: dict) -> str:
         o.append(f"| {x['model']} | {x['test']} | {x.get('depth', 0)} | {x['stock_tok_s']:.1f} | {x['mk_tok_s']:.1f} | "
                  f"{x['ratio']:.3f} | {f'{b / 1e6:.1f} MB' if b else '-'} | {x.get('stock_pct_floor', '-')} | "
                  f"{x.get('mk_pct_floor', '-')} |"
-                 + (f" {x.get(vk + '_tok_s', '-')} | {x.get(vk + '_ratio', '-')} |" if var else ""))
+                 + "".join(f" {x.get('mk_' + v['name'] + '_tok_s', '-')} | {x.get('mk_' + v['name'] + '_ratio', '-')} |"
+                           for v in vs))
+    timed = [(x, c, p) for x in r["rows"] for c, p in [("mk", x.get("plugin"))] + [
+        (k[:-len("_plugin")], v) for k, v in x.items() if k.startswith("mk_") and k.endswith("_plugin")]
+        if p and p.get("gpu_kernel_us_per_step") and x.get(f"{c}_tok_s")]
+    if timed:
+        o += ["", "Where a token's time goes, from the arms whose plugin timed its kernel with CUDA events "
+              "(`LLAMA_MEGAKERNEL_TIMING=1`): 1/tok/s is one llama_decode call of llama-bench's generation loop.", ""]
+        for x, c, p in timed:
+            tok_us = 1e6 / x[f"{c}_tok_s"]
+            o.append(f"- {x['model']} {x['test']} ({c}): {tok_us:.0f} us per token, kernel "
+                     f"{p['gpu_kernel_us_per_step']} us, in the plugin's hook {p['gpu_hook_us_per_step']} us, "
+                     f"outside the kernel {tok_us - p['gpu_kernel_us_per_step']:.0f} us")
     o += ["", "## Correctness (mk-compare: one process, stock greedy vs the megakernel)", "",
           "Teacher-forced: the megakernel fed stock's tokens, logits compared per step. Free: its own greedy tokens, "
           "identical to stock's up to the step shown. GPU vs CPU executor: the same program run by the CPU executor "
@@ -306,8 +327,7 @@ def main() -> int:
         variants += [("-noprefetch", {"LLAMA_MEGAKERNEL_PREFETCH": "0"})] if os.environ.get("MK_PROFILE_NOPREFETCH") else []
         variants += [(f"-prefetch{k}", {"LLAMA_MEGAKERNEL_PREFETCH": k})  # KiB per segment
                      for k in os.environ.get("MK_PROFILE_PREFETCH", "").split()]
-        if (bv := bench_variant()):  # the bench's third arm, profiled too
-            variants += [(f"-{bv[0]}", bv[1])]
+        variants += [(f"-{n}", e) for n, e in bench_variants()]  # the bench's other arms, profiled too
         for spec in filter(None, os.environ.get("MK_PROFILE_VARIANTS", "").split(";")):  # name:VAR=v,VAR=v;...
             name, _, pairs = spec.partition(":")
             variants += [(f"-{name}", dict(p.split("=", 1) for p in pairs.split(",") if p))]
@@ -383,8 +403,9 @@ def main() -> int:
                 ("llama-llama-3.2-1b-Q4_0", "tg128", 4096, ["-p", "0", "-n", "128", "-r", "5", "-d", "4096"]),
                 ("llama-llama-3.2-1b-Q4_0", "pp512", 0, ["-p", "512", "-n", "0", "-r", "5"])]
         rows += [(n, "tg128", 0, ["-p", "0", "-n", "128", "-r", "5"]) for n in os.environ.get("MK_EXTRA_BENCH", "").split()]
+        only = re.compile(os.environ.get("MK_BENCH_ONLY", ""))  # e.g. "tg128-0$": the rows whose name-test-depth match
         for name, test, depth, args in rows:
-            if not have(name):
+            if not have(name) or not only.search(f"{name}-{test}-{depth}"):
                 continue
             try:
                 row = bench(bindir, M / f"{name}.gguf", test, args, a.rounds, tmp)

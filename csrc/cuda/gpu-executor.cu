@@ -61,8 +61,9 @@ struct kernel_args {
     int32_t slot_bytes;
     int32_t ring_off;
     int32_t prefetch;         // bytes per segment of a tile's weights to L2-prefetch before its dependency wait
-    int32_t attn_prestage;    // attention tiles stage their first chunk before the wait (attn_prestage)
                               // (LLAMA_MEGAKERNEL_PREFETCH=KiB; 0: none)
+    int32_t attn_prestage;    // attention tiles stage their first chunk before the wait (attn_prestage)
+    int32_t preload_norm;     // an RMS norm's weight goes into shared memory before the wait (preload_norm_weight)
 };
 
 // Profile entries per (block, instruction): arrival, dependencies met (first tile), summed input-forming and
@@ -85,7 +86,9 @@ __device__ __forceinline__ unsigned long long global_ns() {
     return t;
 }
 
-// Thread 0's clock for the sub-phases of a tile (does nothing unless profiling).
+// Thread 0's clock for the sub-phases of a tile (does nothing unless profiling). `acc` is in shared memory: a
+// read-modify-write of global memory here put an L2 round trip on thread 0's path at every mark, which the whole
+// block then waited for at its next barrier (each sub-phase of the earlier profiles includes one).
 struct phase_clock {
     unsigned long long * acc;
     unsigned long long t;
@@ -194,7 +197,34 @@ __device__ void tile_done(const kernel_args & a, int i) {
 // k_gather * k_threads values costs one memory round trip instead of one per value.
 constexpr int k_gather = 8;
 
-__device__ void form_input(const kernel_args & a, const vec_in & in, float * x, float * w) {
+// Before the dependency wait: an RMS norm's weight (a constant of the model) into w, where form_input then finds
+// it. After the wait only x is still to load; the weight's load had been the forming's slowest, from HBM (the
+// weight streaming of the step before evicts it from L2). True if it did.
+__device__ bool preload_norm_weight(const kernel_args & a, const vec_in & in, float * w) {
+    if (in.kind != in_kind::rms_norm || in.w.null() || in.norm_row != 0) {
+        return false;
+    }
+    const float * nw = (const float *) resolve(a, in.w);
+    const int n = in.n, nt = k_threads - 32;  // not warp 0: its thread 0 polls the dependencies meanwhile
+    for (int i0 = (int) threadIdx.x - 32; i0 >= 0 && i0 < n; i0 += k_gather * nt) {
+        float g[k_gather];
+#pragma unroll
+        for (int k = 0; k < k_gather; k++) {
+            g[k] = __ldg(nw + min(i0 + k * nt, n - 1));
+        }
+#pragma unroll
+        for (int k = 0; k < k_gather; k++) {
+            if (i0 + k * nt < n) {
+                w[i0 + k * nt] = g[k];
+            }
+        }
+    }
+    return true;
+}
+
+// x as the instruction's input defines it. With `w_ready` preload_norm_weight has put the norm's weight in w (the
+// barrier of the wait lies between).
+__device__ void form_input(const kernel_args & a, const vec_in & in, float * x, float * w, bool w_ready) {
     const int n = in.n, t = threadIdx.x;
     switch (in.kind) {
         case in_kind::plain: {
@@ -220,7 +250,8 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
             // x and the norm's weight in one round trip; the sum of squares needs the whole vector first
             const float * s = (const float *) resolve(a, in.src);
             const float * nw = in.w.null() ? nullptr : (const float *) resolve(a, in.w);
-            const float * gw = nw && in.norm_row == 0 ? nw : s;
+            const bool load_w = !w_ready && nw && in.norm_row == 0;
+            const float * gw = load_w ? nw : s;
             float ss = 0.0f;
             for (int i0 = t; i0 < n; i0 += k_gather * k_threads) {
                 float r[k_gather], g[k_gather];
@@ -228,7 +259,7 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
                 for (int k = 0; k < k_gather; k++) {
                     const int i = i0 + k * k_threads;
                     r[k] = ldcg_f(s + min(i, n - 1));
-                    g[k] = __ldg(gw + min(i, n - 1));
+                    g[k] = load_w ? __ldg(gw + min(i, n - 1)) : 1.0f;
                 }
 #pragma unroll
                 for (int k = 0; k < k_gather; k++) {
@@ -236,7 +267,9 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
                     if (i < n) {
                         ss += r[k] * r[k];
                         x[i] = r[k];
-                        w[i] = nw && in.norm_row == 0 ? g[k] : 1.0f;
+                        if (!w_ready) {
+                            w[i] = g[k];
+                        }
                     }
                 }
             }
@@ -442,7 +475,45 @@ __device__ void rope_pair(const rope_params & rp, float pos, const float * ff, i
 }
 
 // y holds the tile's outputs [r0, r1) of its segment, in shared memory.
-__device__ void epilogue(const kernel_args & a, const segment & sg, float * y, int r0, int r1, float * red) {
+// The graph inputs an epilogue reads, loaded before the tile's dependency wait (they are written by the host
+// before the launch and never in the step): per op, the rope's position streams or the KV row that a set_rows of
+// whole rows writes. Each was a round trip of its own after the matvec (~0.5 us each in the QKV epilogue). The rope's
+// frequency factors, a model constant, are pulled into L2. The barrier of the wait (or of form_input) orders the
+// writes before epilogue's reads.
+struct epi_inputs {
+    long long v[k_max_epi][4];
+};
+
+__device__ void preload_epi_inputs(const kernel_args & a, const segment & sg, int r0, int r1, epi_inputs * pre) {
+    const int k = (int) threadIdx.x - 32;  // not warp 0, as preload_norm_weight
+    if (k < 0 || k >= sg.n_epi) {
+        return;
+    }
+    const epi_op & op = sg.epi[k];
+    if (op.kind == epi_kind::rope) {
+        const rope_params & rp = a.ropes[op.rope];
+        const int32_t * pos_all = (const int32_t *) resolve(a, rp.pos);
+        const int streams = rp.mode == 8 || rp.mode == 40 ? 4 : 1;
+        for (int j = 0; j < 4; j++) {
+            pre->v[k][j] = j < streams ? __ldcg(pos_all + j) : 0;
+        }
+        if (!rp.freq_factors.null()) {
+            const uint8_t * ff = resolve(a, rp.freq_factors);
+            for (int o = 0; o < rp.n_dims / 2 * 4; o += 128) {
+                prefetch_l2(ff + o);
+            }
+        }
+    } else if (op.kind == epi_kind::set_rows && r0 / op.row_len == (r1 - 1) / op.row_len) {
+        const uint8_t * idx = resolve(a, op.idx);
+        const int r = r0 / op.row_len;
+        pre->v[k][0] = op.idx_type == T_I64 ? (long long) __ldcg((const long long *) idx + r)
+                                            : (long long) __ldcg((const int32_t *) idx + r);
+    }
+}
+
+// `pre`: preload_epi_inputs ran for these rows (nullptr: the inputs are loaded here).
+__device__ void epilogue(const kernel_args & a, const segment & sg, float * y, int r0, int r1, float * red,
+                         const epi_inputs * pre) {
     const int nv = r1 - r0;
     for (int k = 0; k < sg.n_epi; k++) {
         const epi_op & op = sg.epi[k];
@@ -492,7 +563,8 @@ __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, i
                     const int r = e / half, i0 = 2 * (e % half);
                     float * v = y + r * op.row_len + rp.n_offs;
                     float cs, sn;
-                    rope_pair(rp, (float) __ldcg(pos_all + rope_stream(rp, i0 / 2)), ff, i0, cs, sn);
+                    const int stream = rope_stream(rp, i0 / 2);
+                    rope_pair(rp, (float) (pre ? pre->v[k][stream] : __ldcg(pos_all + stream)), ff, i0, cs, sn);
                     const int ia = rp.mode == 0 ? i0 : i0 / 2;
                     const int ib = rp.mode == 0 ? i0 + 1 : i0 / 2 + half;
                     const float x0 = v[ia], x1 = v[ib];
@@ -533,9 +605,11 @@ __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, i
             case epi_kind::set_rows: {
                 uint8_t * dst = resolve(a, op.a);
                 const uint8_t * idx = resolve(a, op.idx);
+                const bool one_row = pre && r0 / op.row_len == (r1 - 1) / op.row_len;  // as preload_epi_inputs
                 for (int j = threadIdx.x; j < nv; j += k_threads) {
                     const int g = r0 + j, r = g / op.row_len, col = g % op.row_len;
-                    const int64_t row = op.idx_type == T_I64 ? (int64_t) __ldcg((const long long *) idx + r)
+                    const int64_t row = one_row ? (int64_t) pre->v[k][0]
+                                      : op.idx_type == T_I64 ? (int64_t) __ldcg((const long long *) idx + r)
                                                              : (int64_t) __ldcg((const int32_t *) idx + r);
                     store_scalar(op.dst_type, dst, (uint64_t) row * op.nb1 + (uint64_t) col * op.nb0, y[j]);
                 }
@@ -1422,6 +1496,8 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
     __shared__ int s_flag;
     __shared__ attention s_at;
     __shared__ long long s_kv_row;  // the appended KV cell of the current attention tile (attn_prestage)
+    __shared__ epi_inputs s_epi;  // the current tile's (preload_epi_inputs)
+    __shared__ unsigned long long s_sub[3];  // thread 0's sub-phase sums over the instruction's tiles (profiling)
     unsigned long long * prof = a.prof ? a.prof + (size_t) b * a.n_instrs * k_prof : nullptr;
     // the SM clock against the global timer, from block 0: cycles and ns at the start and the end of the step
     unsigned long long * clk = a.prof && b == 0 && threadIdx.x == 0 ? a.prof + (size_t) G * a.n_instrs * k_prof : nullptr;
@@ -1446,13 +1522,19 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
             __syncthreads();  // attn_prestage reads it before the wait's barriers
         }
         const bool mv = in.kind == instr_kind::matvec || in.kind == instr_kind::glu;
-        bool waited = false, prestaged = false;
+        bool waited = false, prestaged = false, w_ready = false;
+        if (prof && threadIdx.x == 0) {
+            s_sub[0] = s_sub[1] = s_sub[2] = 0;
+        }
         unsigned long long t_in = 0, t_mv = 0;
         for (int t = first; t < in.n_tiles; t += G) {
             const tile_rows tr = rows_of(in, t);
             const int s = tr.seg, r0 = tr.r0, r1 = tr.r1;
             const segment & sg = in.seg[s];
             const chunk_plan cp = mv ? plan_chunks(a, in, i, t) : chunk_plan{};
+            if (mv && a.preload_norm) {  // the first tile's before the wait; a later tile's before its form_input
+                preload_epi_inputs(a, sg, r0, r1, &s_epi);
+            }
             if (!waited) {
                 if (prof && threadIdx.x == 0) {
                     prof[i * k_prof] = global_ns();
@@ -1479,6 +1561,9 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                     attn_prestage(a, s_at, t, smem, &s_kv_row);
                     prestaged = true;
                 }
+                if (in.kind != instr_kind::attn && in.kind != instr_kind::delta && a.preload_norm) {
+                    w_ready = preload_norm_weight(a, in.in, w);  // w stays untouched through the instruction's tiles
+                }
                 if (!wait_deps(a, in, i, &s_flag)) {
                     if (threadIdx.x == 0) {
                         ring_drain(a, s_rc, s_bars, consumed);
@@ -1492,7 +1577,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
             }
             const unsigned long long t0 = prof ? global_ns() : 0;
             unsigned long long t1 = t0;
-            phase_clock pc{prof ? prof + i * k_prof + 5 : nullptr, t0};
+            phase_clock pc{prof ? s_sub : nullptr, t0};
             if (in.kind == instr_kind::attn) {
                 attn_tile(a, s_at, t, smem, pc, prestaged, &s_kv_row);
                 prestaged = false;  // a block's later tiles of the instruction stage after the wait
@@ -1501,11 +1586,11 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 delta_tile(a, a.deltas[in.attn], t, smem);
                 t1 = prof ? global_ns() : 0;
             } else {
-                form_input(a, in.in, x, w);
+                form_input(a, in.in, x, w, w_ready);
                 pc.mark(0);
                 if (in.kind == instr_kind::vec) {
                     t1 = prof ? global_ns() : 0;
-                    epilogue(a, in.seg[0], x, 0, in.in.n, s_red);
+                    epilogue(a, in.seg[0], x, 0, in.in.n, s_red, nullptr);
                 } else {
                     const bool q8 = a.q8_1_input[i] != 0;
                     if (q8) {
@@ -1538,7 +1623,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                         t_mv += t2 - t1;
                     }
                     pc.t = prof ? global_ns() : 0;
-                    epilogue(a, sg, y, r0, r1, s_red);
+                    epilogue(a, sg, y, r0, r1, s_red, a.preload_norm ? &s_epi : nullptr);
                     pc.mark(2);
                 }
             }
@@ -1548,6 +1633,11 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 prof[i * k_prof + 2] = t_in;
                 prof[i * k_prof + 3] = t_mv;
                 prof[i * k_prof + 4] = global_ns();
+            }
+        }
+        if (prof && threadIdx.x == 0 && waited) {
+            for (int k = 0; k < 3; k++) {
+                prof[i * k_prof + 5 + k] = s_sub[k];
             }
         }
     }
@@ -1576,6 +1666,7 @@ struct gpu_program {
     uint8_t * d_scratch = nullptr;
     int * h_error = nullptr;    // mapped pinned memory: the kernel's error word
     cudaStream_t own = nullptr;
+    cudaEvent_t ev[2] = {nullptr, nullptr};  // around the launch, when the caller asks for the kernel's time
     std::vector<std::string> names;
     // profiling (LLAMA_MEGAKERNEL_PROFILE=file): sums over steps of each instruction's first start and last end
     // (relative to the step's first block) and of the per-block means of wait, input and weight-compute times
@@ -2058,6 +2149,10 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     if (const char * ps = getenv("LLAMA_MEGAKERNEL_ATTN_PRESTAGE")) {  // 0: stage after the wait (for A/B runs)
         a.attn_prestage = atoi(ps) != 0;
     }
+    a.preload_norm = 1;
+    if (const char * pn = getenv("LLAMA_MEGAKERNEL_PRELOAD_NORM")) {  // 0: the norm's weight loads after the wait (A/B)
+        a.preload_norm = atoi(pn) != 0;
+    }
     a.prefetch = 96 * 1024;
     if (const char * pf = getenv("LLAMA_MEGAKERNEL_PREFETCH")) {
         a.prefetch = std::max(0, atoi(pf)) * 1024;
@@ -2081,7 +2176,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     return g;
 }
 
-bool gpu_run(gpu_program * g, void * stream_, std::string & err) {
+bool gpu_run(gpu_program * g, void * stream_, std::string & err, float * kernel_ms) {
     const device_guard guard;
     cudaError_t e = cudaSetDevice(g->device);
     cudaStream_t stream = (cudaStream_t) stream_;
@@ -2093,12 +2188,29 @@ bool gpu_run(gpu_program * g, void * stream_, std::string & err) {
         }
         stream = g->own;
     }
+    const bool timed = kernel_ms != nullptr && e == cudaSuccess;
+    if (timed && g->ev[0] == nullptr) {
+        for (auto & ev : g->ev) {
+            if (e == cudaSuccess) {
+                e = cudaEventCreate(&ev);
+            }
+        }
+    }
+    if (timed && e == cudaSuccess) {
+        e = cudaEventRecord(g->ev[0], stream);
+    }
     if (e == cudaSuccess) {
         void * params[] = {&g->args};
         e = cudaLaunchCooperativeKernel((const void *) megakernel, dim3(g->grid), dim3(k_threads), params, g->smem, stream);
     }
+    if (timed && e == cudaSuccess) {
+        e = cudaEventRecord(g->ev[1], stream);
+    }
     if (e == cudaSuccess) {
         e = cudaStreamSynchronize(stream);
+    }
+    if (timed && e == cudaSuccess) {
+        e = cudaEventElapsedTime(kernel_ms, g->ev[0], g->ev[1]);
     }
     if (e != cudaSuccess) {
         cudaGetLastError();
@@ -2129,6 +2241,9 @@ void gpu_free(gpu_program * g) {
     const device_guard guard;
     cudaSetDevice(g->device);
     if (g->own) cudaStreamDestroy(g->own);
+    for (auto ev : g->ev) {
+        if (ev) cudaEventDestroy(ev);
+    }
     if (g->d_mem) cudaFree(g->d_mem);
     if (g->d_scratch) cudaFree(g->d_scratch);
     if (g->h_error) cudaFreeHost(g->h_error);
