@@ -64,6 +64,7 @@ struct kernel_args {
                               // (LLAMA_MEGAKERNEL_PREFETCH=KiB; 0: none)
     int32_t attn_prestage;    // attention tiles stage their first chunk before the wait (attn_prestage)
     int32_t preload_norm;     // an RMS norm's weight goes into shared memory before the wait (preload_norm_weight)
+    int32_t fuse_round;       // form_round_q8_1 where it applies
 };
 
 // Profile entries per (block, instruction): arrival, dependencies met (first tile), summed input-forming and
@@ -92,6 +93,12 @@ __device__ __forceinline__ unsigned long long global_ns() {
 struct phase_clock {
     unsigned long long * acc;
     unsigned long long t;
+    __device__ void mark_at(int k, unsigned long long n) {  // a mark taken earlier, at n
+        if (acc && threadIdx.x == 0) {
+            acc[k] += n - t;
+            t = n;
+        }
+    }
     __device__ void mark(int k) {
         if (acc && threadIdx.x == 0) {
             const unsigned long long n = global_ns();
@@ -999,39 +1006,120 @@ __device__ __forceinline__ float div_approx(float a, float b) {
     return r;
 }
 
+// One group of eight values v (of group g of x) rounded to q8_1 as ggml-cuda's quantize_q8_1 does it: the four lanes
+// l..l+3 (l % 4 == 0) of a warp hold one block of 32, so two shuffles give its largest magnitude. Every lane of the
+// warp must call it; only those with `live` write: the rounded values to x, the int8 values to xq, the block's scale
+// (F16-rounded, as ggml keeps it) to xd.
+__device__ __forceinline__ void round_group_q8_1(const float (&v)[8], int g, bool live, float * x, int8_t * xq,
+                                                 float * xd) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        amax = fmaxf(amax, fabsf(v[k]));
+    }
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    const float d = div_approx(amax, 127.0f);
+    const float dh = __half2float(__float2half_rn(d));
+    float r[8];
+    uint32_t packed[2] = {0, 0};
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        const float q = amax == 0.0f ? 0.0f : roundf(div_approx(v[k], d));
+        r[k] = q * dh;
+        packed[k / 4] |= ((uint32_t) (int8_t) q & 0xffu) << (8 * (k % 4));
+    }
+    if (live) {
+        float4 * p = (float4 *) (x + 8 * g);
+        p[0] = make_float4(r[0], r[1], r[2], r[3]);
+        p[1] = make_float4(r[4], r[5], r[6], r[7]);
+        *(uint2 *) (xq + 8 * g) = make_uint2(packed[0], packed[1]);
+        if (g % 4 == 0) {
+            xd[g / 4] = dh;
+        }
+    }
+}
+
 __device__ void round_q8_1(float * x, int8_t * xq, float * xd, int n) {
     // eight values per thread, four threads per block of 32: two shuffles per block instead of a warp reduction
     // per block (a warp walking the blocks one after another took 4 us for the 8,192 values of an FFN input)
     const int l = threadIdx.x % 32, ng = n / 8;
     for (int g0 = threadIdx.x - l; g0 < ng; g0 += k_threads) {  // warp-uniform loop: the shuffles need every lane
         const int g = min(g0 + l, ng - 1);
-        float4 * p = (float4 *) (x + 8 * g);
-        const float4 u = p[0], v = p[1];
-        float amax = fmaxf(fmaxf(fmaxf(fabsf(u.x), fabsf(u.y)), fmaxf(fabsf(u.z), fabsf(u.w))),
-                           fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-        const float d = div_approx(amax, 127.0f);
-        const float dh = __half2float(__float2half_rn(d));
-        const float e[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
-        float r[8];
-        uint32_t packed[2] = {0, 0};
-#pragma unroll
-        for (int k = 0; k < 8; k++) {
-            const float q = amax == 0.0f ? 0.0f : roundf(div_approx(e[k], d));
-            r[k] = q * dh;
-            packed[k / 4] |= ((uint32_t) (int8_t) q & 0xffu) << (8 * (k % 4));
-        }
-        if (g0 + l < ng) {
-            p[0] = make_float4(r[0], r[1], r[2], r[3]);
-            p[1] = make_float4(r[4], r[5], r[6], r[7]);
-            *(uint2 *) (xq + 8 * g) = make_uint2(packed[0], packed[1]);
-            if (g % 4 == 0) {
-                xd[g / 4] = dh;
+        const float4 u = ((const float4 *) (x + 8 * g))[0], t = ((const float4 *) (x + 8 * g))[1];
+        const float v[8] = {u.x, u.y, u.z, u.w, t.x, t.y, t.z, t.w};
+        round_group_q8_1(v, g, g0 + l < ng, x, xq, xd);
+    }
+    __syncthreads();
+}
+
+// form_input (plain, or an RMS norm over the whole vector) and round_q8_1 in fewer passes: each thread loads its
+// groups of eight with two 16-byte loads (a quarter of form_input's load instructions) and, for a plain input,
+// rounds them in registers; an RMS norm keeps one pass over shared memory after its sum of squares, which scales and
+// rounds at once. Saves a pass and a barrier (form_input took 0.9-2.3 us and round_q8_1 0.7-1.9 us per tile on the
+// 1B shape, profile of 92fea15). The arithmetic is the two functions', value for value, except the order of the
+// norm's sum of squares. False (nothing done) where it does not apply: a gate, per-group norms, an unaligned source.
+__device__ __forceinline__ bool form_round_q8_1(const kernel_args & a, const vec_in & in, float * x, int8_t * xq,
+                                                float * xd, float * w, bool w_ready) {
+    const int n = in.n, ng = n / 8, l = threadIdx.x % 32;
+    const bool rms = in.kind == in_kind::rms_norm;
+    const float * s = (const float *) resolve(a, in.src);
+    if ((in.kind != in_kind::plain && !(rms && in.norm_row == 0 && in.gate.null())) || n % 32 != 0 ||
+        ((uintptr_t) s & 15) != 0) {
+        return false;
+    }
+    float ss = 0.0f;
+    for (int g0 = threadIdx.x - l; g0 < ng; g0 += k_threads) {  // warp-uniform, as round_q8_1
+        const int g = min(g0 + l, ng - 1);
+        const float4 u = __ldcg((const float4 *) (s + 8 * g)), t = __ldcg((const float4 *) (s + 8 * g + 4));
+        if (rms) {
+            if (g0 + l < ng) {
+                ((float4 *) (x + 8 * g))[0] = u;
+                ((float4 *) (x + 8 * g))[1] = t;
+                ss += u.x * u.x + u.y * u.y + u.z * u.z + u.w * u.w + t.x * t.x + t.y * t.y + t.z * t.z + t.w * t.w;
             }
+        } else {
+            const float v[8] = {u.x, u.y, u.z, u.w, t.x, t.y, t.z, t.w};
+            round_group_q8_1(v, g, g0 + l < ng, x, xq, xd);
+        }
+    }
+    if (rms) {
+        const float * nw = in.w.null() ? nullptr : (const float *) resolve(a, in.w);
+        const float scale = rsqrtf(block_sum(ss, w + n) / n + in.eps);  // its barriers order the stores to x
+        for (int g0 = threadIdx.x - l; g0 < ng; g0 += k_threads) {
+            const int g = min(g0 + l, ng - 1);
+            float v[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                const float wk = !nw ? 1.0f : w_ready ? w[8 * g + k] : __ldg(nw + 8 * g + k);
+                v[k] = x[8 * g + k] * scale * wk;
+            }
+            round_group_q8_1(v, g, g0 + l < ng, x, xq, xd);
         }
     }
     __syncthreads();
+    return true;
+}
+
+// The matvec's input in shared memory: x, and with q8 its q8_1 rounding (xq, xd). Returns the global time at which
+// x was formed, before the rounding (0 without `timed`), for the profile's sub-phases. (As a call of its own instead
+// of inlined, the kernel's stack frame grew from 224 to 544 bytes: the call site has much in registers.)
+// -DMK_NO_FUSED_ROUND builds it without form_round_q8_1, for A/B runs of the kernel as it was compiled before.
+__device__ __forceinline__ unsigned long long form_x(const kernel_args & a, const vec_in & in, float * x, int8_t * xq,
+                                                     float * xd, float * w, bool w_ready, bool q8, bool timed) {
+#ifndef MK_NO_FUSED_ROUND
+    const bool fused = q8 && a.fuse_round && form_round_q8_1(a, in, x, xq, xd, w, w_ready);
+#else
+    const bool fused = false;
+#endif
+    if (!fused) {
+        form_input(a, in, x, w, w_ready);
+    }
+    const unsigned long long t = timed ? global_ns() : 0;
+    if (q8 && !fused) {
+        round_q8_1(x, xq, xd, in.n);
+    }
+    return t;
 }
 
 constexpr int k_attn_chunk = 64;  // KV cells staged in shared memory at a time
@@ -1586,17 +1674,14 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 delta_tile(a, a.deltas[in.attn], t, smem);
                 t1 = prof ? global_ns() : 0;
             } else {
-                form_input(a, in.in, x, w, w_ready);
-                pc.mark(0);
+                const bool q8 = in.kind != instr_kind::vec && a.q8_1_input[i] != 0;
+                const unsigned long long t_x = form_x(a, in.in, x, xq, xd, w, w_ready, q8, pc.acc != nullptr);
+                pc.mark_at(0, t_x);
+                pc.mark(1);
                 if (in.kind == instr_kind::vec) {
                     t1 = prof ? global_ns() : 0;
                     epilogue(a, in.seg[0], x, 0, in.in.n, s_red, nullptr);
                 } else {
-                    const bool q8 = a.q8_1_input[i] != 0;
-                    if (q8) {
-                        round_q8_1(x, xq, xd, in.in.n);
-                    }
-                    pc.mark(1);
                     t1 = prof ? global_ns() : 0;
                     const mv_x xin{x, xq, xd, in.in.n, q8};
                     if (cp.n_chunks) {
@@ -2152,6 +2237,10 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.preload_norm = 1;
     if (const char * pn = getenv("LLAMA_MEGAKERNEL_PRELOAD_NORM")) {  // 0: the norm's weight loads after the wait (A/B)
         a.preload_norm = atoi(pn) != 0;
+    }
+    a.fuse_round = 1;
+    if (const char * fr = getenv("LLAMA_MEGAKERNEL_FUSE_ROUND")) {  // 0: form_input then round_q8_1 (A/B)
+        a.fuse_round = atoi(fr) != 0;
     }
     a.prefetch = 96 * 1024;
     if (const char * pf = getenv("LLAMA_MEGAKERNEL_PREFETCH")) {
