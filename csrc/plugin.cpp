@@ -93,12 +93,13 @@ struct state {
     uint64_t gpu_steps = 0, gpu_failures = 0;
     uint64_t gpu_loads = 0, planar_bytes = 0;  // programs put on a GPU; planar weight bytes of the last one
     double gpu_load_ms = 0;                    // their total time (planar copies included)
-    // Host wall time per executed GPU step: in the plugin's hook (scan of a new graph included), and in gpu_run
-    // (launch and the wait for the step's end). LLAMA_MEGAKERNEL_TIMING=1 also times the kernel with CUDA events,
-    // so that what a token spends outside the kernel can be told from the tools' tokens per second.
+    // Host wall time per executed GPU step: in the plugin's hook, over the steps that neither scanned a new graph
+    // nor put a program on the GPU (those take milliseconds once), and in gpu_run (launch and the wait for the
+    // step's end). LLAMA_MEGAKERNEL_TIMING=1 also times the kernel with CUDA events, so that what a token spends
+    // outside the kernel can be told from the tools' tokens per second.
     bool gpu_timing = false;
     double gpu_hook_ms = 0, gpu_run_ms = 0, gpu_kernel_ms = 0;
-    uint64_t gpu_timed_steps = 0;
+    uint64_t gpu_hook_steps = 0, gpu_timed_steps = 0;
     std::string last_gpu_error;
     long long shuffle_seed = -1;            // CPU executor: canonical tile order (-1) or a random valid one
     std::string last_explain = "null";      // explain_json of the last program compiled
@@ -235,6 +236,7 @@ bool take_graph(state & s, wrapped_backend & wb, ggml_backend_t backend, ggml_cg
         sc.detail = "compiled; the GPU executor is off (LLAMA_MEGAKERNEL_GPU=1 turns it on; it is slower than stock so far)";
     } else if (wb.prog && wb.cuda_device >= 0) {
         std::string err;
+        const bool setup = new_graph || !wb.gpu;
         if (!wb.gpu) {
             const auto t0 = std::chrono::steady_clock::now();
             wb.gpu.reset(mk::gpu_load(*wb.prog, wb.cuda_device, err));
@@ -256,7 +258,10 @@ bool take_graph(state & s, wrapped_backend & wb, ggml_backend_t backend, ggml_cg
             if (ran) {
                 s.gpu_steps++;
                 s.gpu_run_ms += std::chrono::duration<double, std::milli>(t_end - t_run).count();
-                s.gpu_hook_ms += std::chrono::duration<double, std::milli>(t_end - t_hook).count();
+                if (!setup) {
+                    s.gpu_hook_ms += std::chrono::duration<double, std::milli>(t_end - t_hook).count();
+                    s.gpu_hook_steps++;
+                }
                 if (kernel_ms >= 0.0f) {
                     s.gpu_kernel_ms += kernel_ms;
                     s.gpu_timed_steps++;
@@ -569,7 +574,7 @@ size_t llama_mk_status_json(char * buf, size_t size) {
             ",\"gpu_loads\":" + std::to_string(s.gpu_loads) +
             ",\"gpu_load_ms\":" + std::to_string(s.gpu_load_ms) +
             ",\"planar_bytes\":" + std::to_string(s.planar_bytes) +
-            ",\"gpu_hook_us_per_step\":" + per_step(s.gpu_hook_ms, s.gpu_steps) +
+            ",\"gpu_hook_us_per_step\":" + per_step(s.gpu_hook_ms, s.gpu_hook_steps) +
             ",\"gpu_run_us_per_step\":" + per_step(s.gpu_run_ms, s.gpu_steps) +
             ",\"gpu_kernel_us_per_step\":" + per_step(s.gpu_kernel_ms, s.gpu_timed_steps) +
             ",\"shuffle_seed\":" + std::to_string(s.shuffle_seed) +
@@ -586,7 +591,7 @@ void llama_mk_reset_counters(void) {
     s.programs_compiled = 0;
     s.gpu_steps = s.gpu_failures = s.gpu_loads = 0;
     s.gpu_load_ms = s.gpu_hook_ms = s.gpu_run_ms = s.gpu_kernel_ms = 0;
-    s.gpu_timed_steps = 0;
+    s.gpu_hook_steps = s.gpu_timed_steps = 0;
     s.reasons.clear();
     s.last_graphs.clear();
     for (auto & b : s.backends) {
