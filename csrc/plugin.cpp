@@ -24,6 +24,7 @@
 #include "ggml-backend.h"
 #include "ggml-impl.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -66,6 +67,7 @@ struct wrapped_backend {
     std::unique_ptr<mk::program> prog;  // the compiled program of that graph, if it compiled
     mk::cpu_executor cpu;
     std::unique_ptr<mk::gpu_program, gpu_program_free> gpu;  // that program on the GPU
+    uint64_t         executed = 0;  // graphs this backend's executor computed
 };
 
 int cuda_device_of(const std::string & name) {
@@ -222,6 +224,7 @@ bool take_graph(state & s, wrapped_backend & wb, ggml_backend_t backend, ggml_cg
                 wb.cpu.run(*wb.prog, s.shuffle_seed);
                 sc.reason = "executed";
                 sc.detail = "compiled to " + std::to_string(wb.prog->instrs.size()) + " instructions; run by the CPU executor";
+                wb.executed++;
                 record(wb.device, sc, new_graph, true);
                 return true;
             } catch (const std::exception & e) {
@@ -257,6 +260,7 @@ bool take_graph(state & s, wrapped_backend & wb, ggml_backend_t backend, ggml_cg
             const auto t_end = std::chrono::steady_clock::now();
             if (ran) {
                 s.gpu_steps++;
+                wb.executed++;
                 s.gpu_run_ms += std::chrono::duration<double, std::milli>(t_end - t_run).count();
                 if (!setup) {
                     s.gpu_hook_ms += std::chrono::duration<double, std::milli>(t_end - t_hook).count();
@@ -555,11 +559,29 @@ size_t llama_mk_status_json(char * buf, size_t size) {
                     ",\"calls\":" + std::to_string(r.calls) + ",\"scan\":" + mk::to_json(r.scan) + "}";
         }
         last += "]";
+        // per backend, in a fixed order: which device it is, and its own program and executed graphs
+        std::vector<std::string> bes;
+        for (const auto & b : s.backends) {
+            const wrapped_backend & wb = b.second;
+            bes.push_back(std::string("{\"device\":") + mk::json_str(wb.device) +
+                          ",\"cuda_device\":" + std::to_string(wb.cuda_device) +
+                          ",\"route\":\"" + (wb.orig_compute ? "intercept" : "hook") + "\"" +
+                          ",\"program_instructions\":" + std::to_string(wb.prog ? wb.prog->instrs.size() : 0) +
+                          ",\"on_gpu\":" + (wb.gpu ? "true" : "false") +
+                          ",\"executed\":" + std::to_string(wb.executed) + "}");
+        }
+        std::sort(bes.begin(), bes.end());
+        std::string backends = "[";
+        for (size_t i = 0; i < bes.size(); i++) {
+            backends += (i ? "," : "") + bes[i];
+        }
+        backends += "]";
         o = std::string("{") +
             "\"enabled\":" + (s.enabled.load() ? "true" : "false") +
             ",\"intercepted_devices\":" + dev_list +
             ",\"routes\":" + mk::json_counts(s.routes) +
             ",\"live_backends\":" + std::to_string(s.backends.size()) +
+            ",\"backends\":" + backends +
             ",\"graphs_seen\":" + std::to_string(s.graphs_seen) +
             ",\"graphs_handled\":" + std::to_string(s.graphs_handled) +
             ",\"graphs_handed_back\":" + std::to_string(s.graphs_handed_back) +
@@ -596,6 +618,7 @@ void llama_mk_reset_counters(void) {
     s.last_graphs.clear();
     for (auto & b : s.backends) {
         b.second.last_uid = 0;
+        b.second.executed = 0;
     }
 }
 

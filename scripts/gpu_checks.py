@@ -77,7 +77,8 @@ def compare(tool: Path, model: Path, fa: int, steps: int, prompt: int = 8, cpu_s
         res["two_contexts"] = {k: v for k, v in d["two_contexts"].items() if k != "status"}
         st2 = d["two_contexts"]["status"]
         res["two_contexts"].update(executed=st2["reasons"].get("executed", 0), gpu_failures=st2.get("gpu_failures"),
-                                   last_gpu_error=st2.get("last_gpu_error"))
+                                   last_gpu_error=st2.get("last_gpu_error"),
+                                   backends=[b for b in st2.get("backends", []) if b["executed"]])
     # every decode step of the forced and the free run through the megakernel, none handed back with an error
     ran = res["executed"] >= 2 * steps - 2 and sf.get("gpu_failures", 1) == 0
     res["passed"] = bool(ran and tf["min_cos"] >= 0.999 and tf["top1_agree"] >= 0.99
@@ -303,9 +304,15 @@ def main() -> int:
             res = compare(tool, M / f"{pair[0]}.gguf", fa, 64, extra=["--with", str(M / f"{pair[1]}.gguf")])
             res["check"] = f"two-contexts-one-gpu-fa{fa}"
             tc = res.get("two_contexts") or {}
+            # the bookkeeping: one entry per context's CUDA backend, each with its program on the GPU; the first
+            # context ran the 64 interleaved steps, the second also its 64 alone before them
+            be = tc.get("backends") or []
+            books = (sorted(b["executed"] for b in be) == [64, 128]
+                     and all(b["device"] == "CUDA0" and b["cuda_device"] == 0 and b["on_gpu"] for b in be))
+            res["backends_bookkeeping"] = books
             res["passed"] = bool(tc and tc["first_alone_vs_together"]["max_abs"] == 0
                                  and tc["second_alone_vs_together"]["max_abs"] == 0
-                                 and tc["executed"] >= 3 * 64 - 2 and tc["gpu_failures"] == 0)
+                                 and tc["executed"] >= 3 * 64 - 2 and tc["gpu_failures"] == 0 and books)
             result["correctness"].append(res)
             log(f"two contexts fa={fa}: " + json.dumps({k: res.get(k) for k in ("passed", "two_contexts", "error")}))
             save()

@@ -50,3 +50,20 @@ def test_two_models_interleaved_match_each_alone(tmp_path):
     assert st["live_backends"] >= 2, st
     for i in range(2):
         assert np.array_equal(together[i], alone[i]), i
+    # the bookkeeping per backend: each context's CPU backend has its own entry, program and count of steps
+    cpu = [b for b in st["backends"] if b["device"] == "CPU"]
+    assert len(cpu) == 2 and all(b["cuda_device"] == -1 and b["route"] == "intercept" for b in cpu), st["backends"]
+    assert sorted(b["executed"] for b in cpu) == [steps, steps], st["backends"]
+    assert all(b["program_instructions"] > 0 and not b["on_gpu"] for b in cpu), st["backends"]
+
+
+def test_backend_entries_name_their_device(tmp_path):
+    """Whatever devices this machine has (ggml's registry), a context offloaded nowhere gets a CPU backend entry;
+    every entry's CUDA index is the one its backend name carries (CUDA<n>), -1 otherwise."""
+    _, st = _run([tiny_model("llama", "Q8_0")], [0], 4, tmp_path / "one.npz")
+    assert st["backends"], st
+    for b in st["backends"]:
+        name = b["device"]
+        want = int(name[4:]) if name.startswith("CUDA") and name[4:].isdigit() else -1
+        assert b["cuda_device"] == want, b
+    assert sum(b["executed"] for b in st["backends"]) == st["reasons"].get("executed") == 4, st
