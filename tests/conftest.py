@@ -34,14 +34,15 @@ def _model_cache() -> Path:
     return d
 
 
-def tiny_model(arch: str, quant: str, vocab: str | None = None) -> Path:
+def tiny_model(arch: str, quant: str, vocab: str | None = None, head: str = "random") -> Path:
     """A tiny synthetic model of `arch`; quantized files come from the cached F32 base through llama.cpp.
-    `vocab` takes the tokenizer (and the vocabulary size) from another vocab file of the pinned tree."""
+    `vocab` takes the tokenizer (and the vocabulary size) from another vocab file of the pinned tree; `head` the
+    output head (models.HEADS)."""
     d = _model_cache()
-    tag = f"{arch}-tiny" + (f"-{vocab}" if vocab else "")
+    tag = f"{arch}-tiny" + (f"-{vocab}" if vocab else "") + (f"-{head}" if head != "random" else "")
     base = d / f"{tag}-F32.gguf"
     if not base.is_file():
-        models.make_model(arch, "tiny", "F32", base, vocab=vocab)
+        models.make_model(arch, "tiny", "F32", base, vocab=vocab, head=head)
     if quant == "F32":
         return base
     out = d / f"{tag}-{quant}.gguf"

@@ -170,7 +170,7 @@ def cmd_make_model(args) -> int:
 
     t0 = time.perf_counter()
     try:
-        out = models.make_model(args.arch, args.shape, args.quant, args.out, seed=args.seed, vocab=args.vocab,
+        out = models.make_model(args.arch, args.shape, args.quant, args.out, seed=args.seed, vocab=args.vocab, head=args.head,
                                 progress=lambda m: _say(f"[make-model] {m}"))
     except (models.ModelFactoryError, OSError) as e:
         return _err(str(e))
@@ -386,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     mm.add_argument("--seed", type=int, default=0)
     mm.add_argument("--vocab", help="take the tokenizer from this vocab file of the pinned tree instead (e.g. "
                     "llama-bpe), padded to the shape's vocabulary size: same weights and shapes")
+    mm.add_argument("--head", choices=models.HEADS, default="random",
+                    help="successor: an output head whose greedy choice is decisive (the input token's successor "
+                    "under a fixed permutation), for top-1 checks; shapes with their own output head only")
     mm.set_defaults(fn=cmd_make_model)
 
     ex = sub.add_parser("explain", help="compile a model's decode graph and show the program and its byte floor")

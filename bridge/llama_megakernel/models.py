@@ -245,7 +245,21 @@ def _copy_tokenizer(writer, vocab_file: Path, n_vocab: int | None) -> int:
     return max(n_tokens, n_vocab or 0)
 
 
-def _write_base(arch: str, s: Shape, path: Path, dtype: np.dtype, seed: int, progress) -> None:
+HEADS = ("random", "successor")
+
+
+def _successor_head(rng: np.random.Generator, embd: np.ndarray) -> np.ndarray:
+    """An output head whose greedy choice is decisive: row v is the token embedding of v's predecessor under a fixed
+    random permutation, scaled like a random head (a std of ~4 over the logits). The residual stream carries the
+    input token's embedding, so that token's successor leads the other logits by several units (its logit is
+    ~sqrt(n_embd / (1 + |layers' output|^2 / |embedding|^2)) standard deviations up, the next best ~4.9 over a
+    128k vocabulary), and a step where two executors disagree on the top token is an error, not a near-tie."""
+    n_vocab, n_embd = embd.shape
+    pred = rng.permutation(n_vocab)
+    return (embd[pred] * np.float32(4.0 / np.sqrt(n_embd))).astype(np.float32)
+
+
+def _write_base(arch: str, s: Shape, path: Path, dtype: np.dtype, seed: int, progress, head: str = "random") -> None:
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
@@ -284,8 +298,13 @@ def _write_base(arch: str, s: Shape, path: Path, dtype: np.dtype, seed: int, pro
 
     rng = np.random.default_rng(seed)
     specs = _tensors(arch, s, n_vocab)
+    embd = None
     for i, (name, ne, kind) in enumerate(specs):
-        a = _init(rng, ne, kind)
+        a = _init(rng, ne, kind)  # drawn in every case: the other tensors stay the same for either head
+        if name == "token_embd.weight":
+            embd = a
+        if name == "output.weight" and head == "successor":
+            a = _successor_head(np.random.default_rng(seed + 1), embd)
         # norms, biases, the conv1d kernel and 1-D tensors stay F32, as llama.cpp's converter writes them
         # (ggml's SSM_CONV requires an F32 kernel)
         w.add_tensor(name, a.astype(dtype) if (a.ndim == 2 and kind not in ("norm", "conv")) else a)
@@ -298,10 +317,11 @@ def _write_base(arch: str, s: Shape, path: Path, dtype: np.dtype, seed: int, pro
 
 
 def make_model(arch: str, shape: str, quant: str, out: str | os.PathLike, seed: int = 0, progress=None,
-               vocab: str | None = None) -> Path:
+               vocab: str | None = None, head: str = "random") -> Path:
     """Write a synthetic GGUF model and return its path. `progress` is called with short status strings.
     `vocab` takes the tokenizer from another vocab file of the pinned tree (padded to the shape's vocabulary
-    size): the weights and shapes are the same, and a machine that carries one vocab file can make every model."""
+    size): the weights and shapes are the same, and a machine that carries one vocab file can make every model.
+    `head`: "random", or "successor" (_successor_head; shapes with their own output head only)."""
     if arch not in SHAPES:
         raise ModelFactoryError(f"unknown architecture {arch!r}; known: {', '.join(SHAPES)}")
     if shape not in SHAPES[arch]:
@@ -310,6 +330,9 @@ def make_model(arch: str, shape: str, quant: str, out: str | os.PathLike, seed: 
     if quant not in QUANTS:
         raise ModelFactoryError(f"unknown quant type {quant!r}; known: {', '.join(QUANTS)}")
     s = SHAPES[arch][shape]
+    if head not in HEADS or (head != "random" and s.tied):
+        raise ModelFactoryError(f"head {head!r} is not available for {arch} {shape}: "
+                                + ("it ties its output head to the embedding" if head in HEADS else f"known: {', '.join(HEADS)}"))
     if vocab is not None:
         s = dataclasses.replace(s, vocab=vocab)
     out = Path(out)
@@ -322,7 +345,7 @@ def make_model(arch: str, shape: str, quant: str, out: str | os.PathLike, seed: 
         base = Path(tmp) / "base.gguf"
         if progress:
             progress(f"writing {arch} {shape} base weights ({base_quant})")
-        _write_base(arch, s, base, base_dtype, seed, progress)
+        _write_base(arch, s, base, base_dtype, seed, progress, head)
         if quant == base_quant:
             os.replace(base, out)
         else:
