@@ -63,7 +63,8 @@ struct kernel_args {
     int32_t prefetch;         // bytes per segment of a tile's weights to L2-prefetch before its dependency wait
                               // (LLAMA_MEGAKERNEL_PREFETCH=KiB; 0: none)
     int32_t attn_prestage;    // attention tiles stage their first chunk before the wait (attn_prestage)
-    int32_t preload_norm;     // an RMS norm's weight goes into shared memory before the wait (preload_norm_weight)
+    int32_t preload_norm;     // before the wait: an RMS norm's weight into shared memory (preload_norm_weight) and
+                              // the epilogue's graph inputs (preload_epi_inputs); LLAMA_MEGAKERNEL_PRELOAD_NORM=0: after
     int32_t fuse_round;       // form_round_q8_1 where it applies
 };
 
@@ -2235,7 +2236,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
         a.attn_prestage = atoi(ps) != 0;
     }
     a.preload_norm = 1;
-    if (const char * pn = getenv("LLAMA_MEGAKERNEL_PRELOAD_NORM")) {  // 0: the norm's weight loads after the wait (A/B)
+    if (const char * pn = getenv("LLAMA_MEGAKERNEL_PRELOAD_NORM")) {  // 0: both load after the wait (A/B)
         a.preload_norm = atoi(pn) != 0;
     }
     a.fuse_round = 1;
