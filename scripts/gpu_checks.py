@@ -116,14 +116,19 @@ def plugin_summary(status_file: Path) -> dict | None:
     return {"routes": st["routes"], "reasons": st["reasons"], **{k: st.get(k) for k in keys}}
 
 
-def bench_variants() -> list[tuple[str, dict]]:
-    """MK_BENCH_VARIANT="name:VAR=value,VAR=value;name2:...": more arms, the plugin with those variables (A/B of a
-    switch in the same run, on the same binary)."""
+def env_arms(var: str) -> list[tuple[str, dict]]:
+    """The arms named in environment variable `var` as "name:VAR=value,VAR=value;name2:...": the plugin with those
+    variables (A/B of a switch in the same run, on the same binary)."""
     out = []
-    for spec in filter(None, os.environ.get("MK_BENCH_VARIANT", "").split(";")):
+    for spec in filter(None, os.environ.get(var, "").split(";")):
         name, _, pairs = spec.partition(":")
         out.append((name, dict(p.split("=", 1) for p in pairs.split(",") if p)))
     return out
+
+
+def bench_variants() -> list[tuple[str, dict]]:
+    """MK_BENCH_VARIANT: the llama-bench arms besides stock and the plugin as it is (env_arms)."""
+    return env_arms("MK_BENCH_VARIANT")
 
 
 def bench(bindir: Path, model: Path, test: str, args: list[str], rounds: int, tmp: Path) -> dict:
@@ -335,9 +340,7 @@ def main() -> int:
         variants += [(f"-prefetch{k}", {"LLAMA_MEGAKERNEL_PREFETCH": k})  # KiB per segment
                      for k in os.environ.get("MK_PROFILE_PREFETCH", "").split()]
         variants += [(f"-{n}", e) for n, e in bench_variants()]  # the bench's other arms, profiled too
-        for spec in filter(None, os.environ.get("MK_PROFILE_VARIANTS", "").split(";")):  # name:VAR=v,VAR=v;...
-            name, _, pairs = spec.partition(":")
-            variants += [(f"-{name}", dict(p.split("=", 1) for p in pairs.split(",") if p))]
+        variants += [(f"-{n}", e) for n, e in env_arms("MK_PROFILE_VARIANTS")]
         for name in ["llama-smollm2-135m-Q4_0", "llama-llama-3.2-1b-Q4_0", "llama-llama-3.2-1b-BF16",
                      *os.environ.get("MK_EXTRA_BENCH", "").split()]:
             for variant, extra in variants:

@@ -170,8 +170,8 @@ def cmd_make_model(args) -> int:
 
     t0 = time.perf_counter()
     try:
-        out = models.make_model(args.arch, args.shape, args.quant, args.out, seed=args.seed, vocab=args.vocab, head=args.head,
-                                progress=lambda m: _say(f"[make-model] {m}"))
+        out = models.make_model(args.arch, args.shape, args.quant, args.out, seed=args.seed, vocab=args.vocab,
+                                head=args.head, progress=lambda m: _say(f"[make-model] {m}"))
     except (models.ModelFactoryError, OSError) as e:
         return _err(str(e))
     _say(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")

@@ -330,9 +330,11 @@ def make_model(arch: str, shape: str, quant: str, out: str | os.PathLike, seed: 
     if quant not in QUANTS:
         raise ModelFactoryError(f"unknown quant type {quant!r}; known: {', '.join(QUANTS)}")
     s = SHAPES[arch][shape]
-    if head not in HEADS or (head != "random" and s.tied):
-        raise ModelFactoryError(f"head {head!r} is not available for {arch} {shape}: "
-                                + ("it ties its output head to the embedding" if head in HEADS else f"known: {', '.join(HEADS)}"))
+    if head not in HEADS:
+        raise ModelFactoryError(f"unknown head {head!r}; known: {', '.join(HEADS)}")
+    if head != "random" and s.tied:
+        raise ModelFactoryError(f"head {head!r} is not available for {arch} {shape}: it ties its output head to the "
+                                "embedding")
     if vocab is not None:
         s = dataclasses.replace(s, vocab=vocab)
     out = Path(out)
