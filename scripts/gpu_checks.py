@@ -6,6 +6,7 @@ stock and megakernel run the same binary. Stages:
   correct   mk-compare (scripts/mk-compare.cpp) per model and flash-attention setting: stock greedy vs the plugin
             teacher-forced (logits cosine, top-1) and free-running (identical tokens), in one process
   depth     the same past 4096 tokens of context (prefill handed back, then decode across graph rebuilds)
+  split     the same with llama.cpp's --split-mode tensor and row on this one GPU (what the plugin does with them)
   sanitize  compute-sanitizer memcheck and racecheck on a short decode
   bench     llama-bench, stock and plugin interleaved (A B A B), medians, ratio, % of the copy-bandwidth floor
 """
@@ -50,10 +51,12 @@ def env_for(plugin: bool, status_file: Path | None = None, extra: dict | None = 
 
 
 def compare(tool: Path, model: Path, fa: int, steps: int, prompt: int = 8, cpu_steps: int = 0,
-            timeout: int = 300, extra: list[str] | None = None) -> dict:
+            timeout: int = 300, extra: list[str] | None = None, ref_cpu: int = 0) -> dict:
     cmd = [str(tool), str(model), "--steps", str(steps), "--fa", str(fa), "--prompt", str(prompt), *(extra or [])]
     if cpu_steps:
         cmd += ["--cpu-steps", str(cpu_steps)]
+    if ref_cpu:
+        cmd += ["--ref-cpu", str(ref_cpu)]
     if prompt + steps > 4000:
         cmd += ["--ctx", str(prompt + steps + 256)]
     r = sh(cmd, env=env_for(True), timeout=timeout)
@@ -73,6 +76,9 @@ def compare(tool: Path, model: Path, fa: int, steps: int, prompt: int = 8, cpu_s
         res["gpu_vs_cpu_executor"] = d["cpu"]["gpu_vs_cpu_executor"]
         res["stock_vs_cpu_executor"] = d["cpu"]["stock_vs_cpu_executor"]
         res["cpu_executed"] = d["cpu"]["status"]["reasons"].get("executed", 0)
+    if d.get("ref_cpu"):  # stock CUDA against stock ggml-cpu: how far two stock implementations differ
+        res["stock_cuda_vs_stock_cpu"] = d["ref_cpu"]["stock_cuda_vs_stock_cpu"]
+        res["megakernel_vs_stock_cpu"] = d["ref_cpu"]["megakernel_vs_stock_cpu"]
     if d.get("two_contexts"):
         res["two_contexts"] = {k: v for k, v in d["two_contexts"].items() if k != "status"}
         st2 = d["two_contexts"]["status"]
@@ -233,16 +239,24 @@ def markdown(result: dict) -> str:
           "(model loaded without offload), teacher-forced.", "",
           "| model | check | passed | min cos | top-1 | free greedy identical steps | GPU vs CPU executor min cos |",
           "|---|---|---|---|---|---|---|"]
+    ref = any(c.get("stock_cuda_vs_stock_cpu") for c in r["correctness"])
+    if ref:  # (files from before the stock-against-stock reference keep their table)
+        o[-4] += (" The last two columns: stock CUDA against stock ggml-cpu on the same model, teacher-forced with "
+                  "the same tokens over the same steps, i.e. how far two stock implementations differ.")
+        o[-2] += " stock CUDA vs stock CPU min cos | top-1 |"
+        o[-1] += "---|---|"
     for c in r["correctness"]:
         tf = c.get("teacher_forced") or {}
         gc = c.get("gpu_vs_cpu_executor") or {}
         if "sanitizer" in c.get("check", ""):
             o.append(f"| {c['model']} | {c['check']} | {'yes' if c['passed'] else 'NO'} | errors: {c.get('errors')} | "
-                     f"megakernel ran: {c.get('megakernel_ran')} | | |")
+                     f"megakernel ran: {c.get('megakernel_ran')} | | |" + (" | |" if ref else ""))
             continue
+        rc = c.get("stock_cuda_vs_stock_cpu") or {}
         o.append(f"| {c['model']} | {c.get('check', '')} | {'yes' if c.get('passed') else 'NO'} | "
                  f"{tf.get('min_cos', float('nan')):.5f} | {tf.get('top1_agree', float('nan')):.4f} | "
-                 f"{c.get('free_greedy_identical_steps')} | {gc.get('min_cos', '-')} |")
+                 f"{c.get('free_greedy_identical_steps')} | {gc.get('min_cos', '-')} |"
+                 + (f" {rc['min_cos']:.5f} | {rc['top1_agree']:.4f} |" if rc else " - | - |" if ref else ""))
     if r.get("profiles"):
         o += ["", "## Step time inside the kernel (LLAMA_MEGAKERNEL_PROFILE, 64 steps)", ""]
         for k, v in r["profiles"].items():
@@ -277,8 +291,16 @@ def main() -> int:
     def have(name):
         return (M / f"{name}.gguf").is_file()
 
+    # stock CUDA against stock ggml-cpu beside the comparisons of the models MK_REF_CPU matches (a regex; default
+    # every model, empty: none): the spread between two stock implementations, against which the megakernel's
+    # distance from stock CUDA can be read
+    ref_re = os.environ.get("MK_REF_CPU", ".")
+
+    def ref_cpu(name: str, steps: int) -> int:
+        return steps if ref_re and re.search(ref_re, name) else 0
     if "correct" in a.stages:
         plan = [("llama-tiny-Q4_0", 64, 32), ("llama-tiny-F16", 64, 32), ("llama-tiny-Q4_K_M", 64, 32)]
+        plan += [(f"llama-tiny-successor-{q}", 64, 32) for q in ("Q4_0", "Q4_K_M", "Q8_0", "Q6_K", "F16", "BF16")]
         plan += [(f"llama-smollm2-135m-{q}", 256, 0) for q in ("Q4_0", "F16", "BF16", "Q8_0", "Q4_K_M", "Q6_K")]
         plan += [(f"llama-llama-3.2-1b-{q}", 256, 0) for q in ("Q4_0", "F16", "BF16", "Q8_0", "Q4_K_M", "Q6_K")]
         plan += [("smollm2-135m-real-Q4_1", 256, 0)]
@@ -292,7 +314,7 @@ def main() -> int:
                 continue
             for fa in (0, 1):
                 try:
-                    res = compare(tool, M / f"{name}.gguf", fa, steps, cpu_steps=cpu)
+                    res = compare(tool, M / f"{name}.gguf", fa, steps, cpu_steps=cpu, ref_cpu=ref_cpu(name, steps))
                 except subprocess.TimeoutExpired:
                     res = {"model": name, "flash_attn": fa, "passed": False, "error": "timeout"}
                 res["check"] = f"vs-stock-{steps}-steps-fa{fa}"
@@ -322,11 +344,27 @@ def main() -> int:
             log(f"two contexts fa={fa}: " + json.dumps({k: res.get(k) for k in ("passed", "two_contexts", "error")}))
             save()
 
-    for name in os.environ.get("MK_DEPTH_MODELS", "llama-llama-3.2-1b-Q4_0").split():
+    # llama.cpp's other split modes on this one GPU: what the plugin does with their graphs (tensor: per-device
+    # subgraphs through ggml's meta backend; row: ggml-cuda offers no split buffer type at the pinned commit). Passed:
+    # the run completed and the tokens agree with stock's as in the correct stage, whether the plugin ran the steps
+    # or handed them back (the reasons are recorded)
+    split_model = os.environ.get("MK_SPLIT_MODEL", "llama-llama-3.2-1b-Q4_0")
+    if "split" in a.stages and have(split_model):
+        for mode in ("tensor", "row"):
+            res = compare(tool, M / f"{split_model}.gguf", 1, 64, extra=["--split-mode", mode])
+            res["check"] = f"split-mode-{mode}-fa1"
+            if res.get("teacher_forced") and res.get("executed") == 0:  # handed back: stock's own tokens
+                res["handed_back"] = True
+                res["passed"] = res["teacher_forced"]["max_abs"] == 0 and res["free_greedy_identical_steps"] == 64
+            result["correctness"].append(res)
+            log(f"split {mode}: " + json.dumps({k: res.get(k) for k in ("passed", "teacher_forced", "reasons", "error")}))
+            save()
+
+    for name in os.environ.get("MK_DEPTH_MODELS", "llama-llama-3.2-1b-Q4_0 llama-llama-3.2-1b-BF16").split():
         if "depth" not in a.stages or not have(name):
             continue
         for fa in (0, 1):
-            res = compare(tool, M / f"{name}.gguf", fa, 256, prompt=3968, timeout=560)
+            res = compare(tool, M / f"{name}.gguf", fa, 256, prompt=3968, timeout=560, ref_cpu=ref_cpu(name, 256))
             res["check"] = f"depth-3968-to-4224-fa{fa}"
             result["correctness"].append(res)
             log(f"depth fa={fa}: " + json.dumps({k: res.get(k) for k in ("passed", "teacher_forced", "executed", "error")}))

@@ -8,6 +8,8 @@
 //      teacher-forced: logits against B, i.e. the GPU executor against the CPU executor
 //   E  (--with MODEL2) a second model and context on the same GPU, plugin on: MODEL2 alone, then both contexts
 //      decoding in turn, one step each; each must get exactly what it got alone (B for MODEL, E for MODEL2)
+//   R  (--ref-cpu K) stock ggml-cpu (model loaded without offload, plugin off), teacher-forced with A's tokens:
+//      how far two stock implementations of the same model differ (A against R), beside B against A
 // Prints one JSON object. Used by scripts/gpu_checks.py on the GPU machine.
 //
 // Build: g++ -O2 -std=c++17 mk-compare.cpp -I<llama.cpp>/include -I<llama.cpp>/ggml/include -L<bin> -lllama -lggml-base
@@ -154,7 +156,7 @@ void quiet_log(ggml_log_level level, const char * text, void *) {
 
 int main(int argc, char ** argv) {
     std::string model_path, with_path;
-    int steps = 256, fa = 0, n_prompt = 8, seed = 1, cpu_steps = 0, n_ctx = 0;
+    int steps = 256, fa = 0, n_prompt = 8, seed = 1, cpu_steps = 0, ref_cpu_steps = 0, n_ctx = 0;
     llama_split_mode split_mode = LLAMA_SPLIT_MODE_LAYER;  // llama.cpp's default
     for (int i = 1; i < argc; i++) {
         std::string a = argv[i];
@@ -167,6 +169,7 @@ int main(int argc, char ** argv) {
         else if (a == "--prompt") n_prompt = atoi(next());
         else if (a == "--seed") seed = atoi(next());
         else if (a == "--cpu-steps") cpu_steps = atoi(next());
+        else if (a == "--ref-cpu") ref_cpu_steps = atoi(next());
         else if (a == "--ctx") n_ctx = atoi(next());
         else if (a == "--with") with_path = next();
         else if (a == "--split-mode") {
@@ -179,8 +182,8 @@ int main(int argc, char ** argv) {
         else die("unknown option " + a);
     }
     if (model_path.empty()) {
-        die("usage: mk-compare MODEL [--steps N] [--fa 0|1] [--prompt N] [--seed S] [--cpu-steps K] [--ctx N] "
-            "[--with MODEL2] [--split-mode none|layer|row|tensor]");
+        die("usage: mk-compare MODEL [--steps N] [--fa 0|1] [--prompt N] [--seed S] [--cpu-steps K] [--ref-cpu K] "
+            "[--ctx N] [--with MODEL2] [--split-mode none|layer|row|tensor]");
     }
     llama_log_set(quiet_log, nullptr);
     llama_backend_init();
@@ -267,11 +270,28 @@ int main(int argc, char ** argv) {
         llama_model_free(m2);
     }
 
+    llama_free(ctx);  // the GPU model's memory is not needed by the CPU runs below
+    llama_model_free(model);
+    std::string r_json = "null";
+    if (ref_cpu_steps > 0) {
+        ref_cpu_steps = std::min(ref_cpu_steps, steps);
+        api.set_enabled(0);
+        api.set_cpu_executor(0);
+        llama_model * mr = load(0, model_path);
+        llama_context * cr = make_ctx(mr);
+        std::vector<int> forced(A.tokens.begin(), A.tokens.begin() + ref_cpu_steps);
+        run_out R = run(cr, n_vocab, prompt, ref_cpu_steps, &forced, true);
+        const cmp ar = compare(A.logits, R.logits, n_vocab, ref_cpu_steps);
+        const cmp br = compare(B.logits, R.logits, n_vocab, ref_cpu_steps);
+        r_json = "{\"stock_cuda_vs_stock_cpu\":" + json(ar) + ",\"megakernel_vs_stock_cpu\":" + json(br) + "}";
+        llama_free(cr);
+        llama_model_free(mr);
+        api.set_enabled(1);
+    }
+
     std::string d_json = "null";
     if (cpu_steps > 0) {
         cpu_steps = std::min(cpu_steps, steps);
-        llama_free(ctx);
-        llama_model_free(model);
         api.set_cpu_executor(1);  // before loading: keeps the CPU weights in the GGUF layout
         llama_model * mc = load(0, model_path);
         llama_context * cc = make_ctx(mc);
@@ -285,15 +305,12 @@ int main(int argc, char ** argv) {
                  ",\"status\":" + status_d + "}";
         llama_free(cc);
         llama_model_free(mc);
-    } else {
-        llama_free(ctx);
-        llama_model_free(model);
     }
     printf("{\"model\":\"%s\",\"flash_attn\":%d,\"prompt\":%d,\"steps\":%d,\"n_vocab\":%d,"
            "\"bytes_per_token\":%s,\"teacher_forced\":%s,\"free_greedy_identical_steps\":%d,\"status_forced\":%s,\"status_free\":%s,\"cpu\":%s,"
-           "\"two_contexts\":%s}\n",
+           "\"two_contexts\":%s,\"ref_cpu\":%s}\n",
            model_path.c_str(), fa, n_prompt, steps, n_vocab, bytes_per_token.c_str(), json(ab).c_str(), same, status_b.c_str(), status_c.c_str(),
-           d_json.c_str(), e_json.c_str());
+           d_json.c_str(), e_json.c_str(), r_json.c_str());
     llama_backend_free();
     return 0;
 }

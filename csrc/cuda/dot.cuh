@@ -25,6 +25,14 @@ __device__ __forceinline__ float h2f(uint16_t h) { return __half2float(__ushort_
 __device__ __forceinline__ float b2f(uint16_t h) { return __uint_as_float((uint32_t) h << 16); }
 // Weight loads are generic: the rows may be in global memory or staged in shared memory.
 template <typename T> __device__ __forceinline__ T ldw(const T * p) { return *p; }
+// The planar copies are always in global memory. With MK_WEIGHTS_EVICT_FIRST (an experiment) they are read with the
+// streaming hint (ld.global.cs: evict first from L1 and L2), so that the step's weight stream does not push the
+// kernel's code, activations and counters out of L2.
+#ifdef MK_WEIGHTS_EVICT_FIRST
+template <typename T> __device__ __forceinline__ T ldp(const T * p) { return __ldcs(p); }
+#else
+template <typename T> __device__ __forceinline__ T ldp(const T * p) { return *p; }
+#endif
 __device__ __forceinline__ uint16_t ld16(const uint8_t * p) { return ldw((const unsigned short *) p); }
 __device__ __forceinline__ uint32_t ld32(const uint8_t * p) { return ldw((const unsigned int *) p); }
 // 4 bytes from a 2-byte aligned address
@@ -387,7 +395,7 @@ struct w_q4_0_planar {
     static constexpr bool planar = true;
     static constexpr int block = 32, units = 1, unit_values = 32, max_rows = 8;
     __device__ static float udot(const uint8_t * row, int nb, int U, const int8_t * xq, const float * xd) {
-        const uint4 q = ldw((const uint4 *) row + U);
+        const uint4 q = ldp((const uint4 *) row + U);
         const float d = h2f(ld16(row + 16 * nb + 2 * U));
         const int4 xl = ld_x16(xq + 32 * U), xh = ld_x16(xq + 32 * U + 16);
         int sl, sh;
@@ -400,7 +408,7 @@ struct w_q8_0_planar {
     static constexpr bool planar = true;
     static constexpr int block = 32, units = 1, unit_values = 32, max_rows = 4;
     __device__ static float udot(const uint8_t * row, int nb, int U, const int8_t * xq, const float * xd) {
-        const uint4 q0 = ldw((const uint4 *) row + U), q1 = ldw((const uint4 *) row + nb + U);
+        const uint4 q0 = ldp((const uint4 *) row + U), q1 = ldp((const uint4 *) row + nb + U);
         const float d = h2f(ld16(row + 32 * nb + 2 * U));
         const int s = dot_i8x16(q1, ld_x16(xq + 32 * U + 16), dot_i8x16(q0, ld_x16(xq + 32 * U), 0));
         return d * xd[U] * (float) s;
@@ -412,8 +420,8 @@ struct w_q4_k_planar {
     static constexpr int block = 256, units = 4, unit_values = 64, max_rows = 4;
     __device__ static float udot(const uint8_t * row, int nb, int U, const int8_t * xq, const float * xd) {
         const int blk = U >> 2, c = U & 3;
-        const uint4 hd = ldw((const uint4 *) (row + 128 * nb) + blk);
-        const uint4 q0 = ldw((const uint4 *) row + U), q1 = ldw((const uint4 *) row + 4 * nb + U);
+        const uint4 hd = ldp((const uint4 *) (row + 128 * nb) + blk);
+        const uint4 q0 = ldp((const uint4 *) row + U), q1 = ldp((const uint4 *) row + 4 * nb + U);
         const int8_t * x = xq + 64 * U;
         int a0, a1, b0, b1;
         const int sl = dot_nib4(q0, ld_x16(x), false, a0) + dot_nib4(q1, ld_x16(x + 16), false, a1);
@@ -433,9 +441,9 @@ struct w_q6_k_planar {
     static constexpr int block = 256, units = 4, unit_values = 64, max_rows = 4;
     __device__ static float udot(const uint8_t * row, int nb, int U, const int8_t * xq, const float * xd) {
         const int blk = U >> 2, h = (U >> 1) & 1;
-        const uint4 a = ldw((const uint4 *) row + U);               // values l (low nibble), l + 64 (high)
-        const uint4 c = ldw((const uint4 *) row + 4 * nb + U);      // values l + 32, l + 96
-        const uint4 hb = ldw((const uint4 *) row + 8 * nb + U);     // their two high bits
+        const uint4 a = ldp((const uint4 *) row + U);               // values l (low nibble), l + 64 (high)
+        const uint4 c = ldp((const uint4 *) row + 4 * nb + U);      // values l + 32, l + 96
+        const uint4 hb = ldp((const uint4 *) row + 8 * nb + U);     // their two high bits
         const uint32_t sc = ld32(row + 192 * nb + 4 * U);
         const float d = h2f(ld16(row + 208 * nb + 2 * blk));
         const int8_t * x = xq + 256 * blk + 128 * h + 16 * (U & 1);

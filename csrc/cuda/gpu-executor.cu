@@ -148,6 +148,19 @@ __device__ __forceinline__ void prefetch_l2(const void * p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
+#if defined(MK_WEIGHTS_EVICT_FIRST) && __CUDA_ARCH__ >= 900
+// [p, p + n) towards L2 by the copy engine, marked first to evict (whole 16-byte pieces: the range is widened)
+__device__ __forceinline__ void prefetch_l2_evict_first(const void * p, int64_t n) {
+    const uint64_t lo = (uint64_t) p & ~(uint64_t) 15, hi = ((uint64_t) p + (uint64_t) n + 15) & ~(uint64_t) 15;
+    uint64_t pol;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+    for (uint64_t o = lo; o < hi; o += 65536) {
+        const uint32_t sz = (uint32_t) min(hi - o, (uint64_t) 65536);
+        asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(o), "r"(sz), "l"(pol) : "memory");
+    }
+}
+#endif
+
 // --- waiting ---------------------------------------------------------------------------------------------------
 
 // True if the block may go on; false if the step is being abandoned (a wait timed out somewhere).
@@ -1638,9 +1651,15 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                         // capped (96 KiB by default): L2 holds ~380 KiB per SM, and prefetching a whole LM-head
                         // tile (4 MB per SM in BF16) only evicted itself (BF16 step 2,610 -> 2,398 us without it)
                         const int64_t nbytes = min((int64_t) (r1 - r0 - skip) * (int64_t) ps.row_bytes, (int64_t) a.prefetch);
+#if defined(MK_WEIGHTS_EVICT_FIRST) && __CUDA_ARCH__ >= 900
+                        if (threadIdx.x == 32 + k) {  // one bulk prefetch at evict-first priority, as the loads
+                            prefetch_l2_evict_first(p0, nbytes);
+                        }
+#else
                         for (int64_t o = (int64_t) threadIdx.x * 128; o < nbytes; o += (int64_t) k_threads * 128) {
                             prefetch_l2(p0 + o);
                         }
+#endif
                     }
                 }
                 // only single-chunk tiles: at depth 4096 (5 chunks a tile) prestaging the first chunk measured
