@@ -25,9 +25,14 @@ __device__ __forceinline__ float h2f(uint16_t h) { return __half2float(__ushort_
 __device__ __forceinline__ float b2f(uint16_t h) { return __uint_as_float((uint32_t) h << 16); }
 // Weight loads are generic: the rows may be in global memory or staged in shared memory.
 template <typename T> __device__ __forceinline__ T ldw(const T * p) { return *p; }
-// The planar copies are always in global memory. With MK_WEIGHTS_EVICT_FIRST (an experiment) they are read with the
-// streaming hint (ld.global.cs: evict first from L1 and L2), so that the step's weight stream does not push the
-// kernel's code, activations and counters out of L2.
+// The planar copies are always in global memory: they are read with the streaming hint (ld.global.cs: evict first
+// from L1 and L2), and gpu-executor.cu's L2 prefetch marks them first to evict too, so that the step's weight stream
+// does not push the kernel's code, activations, counters and KV rows out of L2. Measured on the H200 (session 12):
+// 1B Q4_0 step 941 -> 863 us, BF16 1,423 -> 1,357, SmolLM2 shape 1,106 -> 1,072. -DMK_WEIGHTS_NORMAL_CACHE turns
+// both off, for A/B runs.
+#ifndef MK_WEIGHTS_NORMAL_CACHE
+#define MK_WEIGHTS_EVICT_FIRST
+#endif
 #ifdef MK_WEIGHTS_EVICT_FIRST
 template <typename T> __device__ __forceinline__ T ldp(const T * p) { return __ldcs(p); }
 #else
@@ -147,6 +152,29 @@ struct w_q4_1 {  // d, m (f16), 16 bytes of nibbles
         const float * xh = x + 16 + 8 * g;
         const float sx = sum16(xl, xh);
         return d * dot_nibbles(ld32(q), ld32(q + 4), xl, xh, 0.0f) + m * sx;
+    }
+};
+
+// F16 product of two F16 values, as __hmul2 rounds it (their exact product fits a float's mantissa)
+__device__ __forceinline__ float hmul_f(float a, float b) { return __half2float(__float2half_rn(a * b)); }
+
+// On q8_1 as ggml-cuda's vec_dot_q4_1_q8_1: d*d8 and m*s8 are F16 products, s8 the block's sum before rounding
+// (xs), half of m*s8 per group of sixteen. With the rounded values' sum instead (as the float path has it) the real
+// SmolLM2-135M Q4_1 logits stayed 0.979 (cosine) from stock CUDA's, as far as stock ggml-cpu is from it.
+struct w_q4_1_int : w_q4_1 {
+    static constexpr bool has_int = true, needs_sum = true;
+    __device__ static float idot(const uint8_t * b, int g, const int8_t * xq, const float * xd, const float * xs) {
+        const uint32_t dm = ld32(b);
+        const float d = h2f(dm & 0xffff), m = h2f(dm >> 16);
+        const uint8_t * q = b + 4 + 8 * g;
+        const uint32_t b0 = ld32(q), b1 = ld32(q + 4);
+        const int xl0 = ld_i32(xq + 8 * g), xl1 = ld_i32(xq + 8 * g + 4);
+        const int xh0 = ld_i32(xq + 16 + 8 * g), xh1 = ld_i32(xq + 20 + 8 * g);
+        int s = __dp4a((int) (b0 & k_lo4), xl0, 0);
+        s = __dp4a((int) (b1 & k_lo4), xl1, s);
+        s = __dp4a((int) ((b0 >> 4) & k_lo4), xh0, s);
+        s = __dp4a((int) ((b1 >> 4) & k_lo4), xh1, s);
+        return (float) s * hmul_f(d, xd[0]) + 0.5f * hmul_f(m, xs[0]);
     }
 };
 
@@ -494,7 +522,7 @@ template <typename F> __device__ __forceinline__ bool dispatch_type(int t, F f) 
         case 1:  f(w_f16{});  return true;
         case 30: f(w_bf16{}); return true;
         case 2:  f(w_q4_0_int{}); return true;
-        case 3:  f(w_q4_1{}); return true;
+        case 3:  f(w_q4_1_int{}); return true;
         case 6:  f(w_q5_0{}); return true;
         case 7:  f(w_q5_1{}); return true;
         case 8:  f(w_q8_0_int{}); return true;
@@ -511,6 +539,9 @@ template <typename F> __device__ __forceinline__ bool dispatch_type(int t, F f) 
 
 template <typename W, typename = void> struct is_planar { static constexpr bool value = false; };
 template <typename W> struct is_planar<W, decltype((void) W::planar)> { static constexpr bool value = W::planar; };
+
+template <typename W, typename = void> struct needs_sum { static constexpr bool value = false; };
+template <typename W> struct needs_sum<W, decltype((void) W::needs_sum)> { static constexpr bool value = W::needs_sum; };
 
 template <typename W, typename = void> struct has_int_path { static constexpr bool value = false; };
 template <typename W> struct has_int_path<W, decltype((void) W::has_int)> { static constexpr bool value = W::has_int; };
@@ -582,8 +613,8 @@ __device__ __forceinline__ void dot_rows(const uint8_t * row0, uint64_t stride, 
 
 // As dot_rows, with x as q8_1 (int8 values xq, scales xd per 32) and the weight type's integer dot.
 template <typename W, int R>
-__device__ __forceinline__ void dot_rows_q8(const uint8_t * row0, uint64_t stride, const int8_t * xq, const float * xd, int n,
-                                            int start, int step, float (&s)[R]) {
+__device__ __forceinline__ void dot_rows_q8(const uint8_t * row0, uint64_t stride, const int8_t * xq, const float * xd,
+                                            const float * xs, int n, int start, int step, float (&s)[R]) {
     const int ng = (n / W::block) * W::groups;
 #pragma unroll 2
     for (int gi = start; gi < ng; gi += step) {
@@ -592,7 +623,11 @@ __device__ __forceinline__ void dot_rows_q8(const uint8_t * row0, uint64_t strid
         const float * db = xd + blk * (W::block / 32);
 #pragma unroll
         for (int k = 0; k < R; k++) {
-            s[k] += W::idot(row0 + k * stride + (size_t) blk * W::bytes, g, xb, db);
+            if constexpr (needs_sum<W>::value) {
+                s[k] += W::idot(row0 + k * stride + (size_t) blk * W::bytes, g, xb, db, xs + blk * (W::block / 32));
+            } else {
+                s[k] += W::idot(row0 + k * stride + (size_t) blk * W::bytes, g, xb, db);
+            }
         }
     }
 }

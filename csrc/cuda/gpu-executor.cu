@@ -53,7 +53,7 @@ struct kernel_args {
     unsigned long long  epoch;      // steps run before this one
     unsigned long long  timeout_ns;
     unsigned long long * prof;      // LLAMA_MEGAKERNEL_PROFILE: per (block, instruction) k_prof times, see below
-    // shared memory layout (floats): x | y | y2 | w, then xq (x_floats int8) and xd (x_floats / 32 floats + 4);
+    // shared memory layout (floats): x | y | y2 | w, then xq (x_floats int8), xd and xs (each x_floats / 32 floats + 4);
     // attention tiles reuse the same space from the start. The weight ring lies beyond both, at ring_off bytes.
     int32_t x_floats, y_floats, w_floats;
     const uint8_t * ring_ok;  // per instruction: its tiles' weights go through the ring
@@ -149,9 +149,10 @@ __device__ __forceinline__ void prefetch_l2(const void * p) {
 }
 
 #if defined(MK_WEIGHTS_EVICT_FIRST) && __CUDA_ARCH__ >= 900
-// [p, p + n) towards L2 by the copy engine, marked first to evict (whole 16-byte pieces: the range is widened)
+// [p, p + n) towards L2 by the copy engine, marked first to evict, as the weight loads (dot.cuh, ldp). Whole
+// 16-byte pieces: the start is rounded down (buffers are aligned), the end down too (never past the allocation).
 __device__ __forceinline__ void prefetch_l2_evict_first(const void * p, int64_t n) {
-    const uint64_t lo = (uint64_t) p & ~(uint64_t) 15, hi = ((uint64_t) p + (uint64_t) n + 15) & ~(uint64_t) 15;
+    const uint64_t lo = (uint64_t) p & ~(uint64_t) 15, hi = ((uint64_t) p + (uint64_t) n) & ~(uint64_t) 15;
     uint64_t pol;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
     for (uint64_t o = lo; o < hi; o += 65536) {
@@ -710,6 +711,7 @@ struct mv_x {  // the input in its forms: float, and (q8 true) int8 values with 
     const float * x;
     const int8_t * xq;
     const float * xd;
+    const float * xs;  // per block of 32: the sum before rounding (round_group_q8_1)
     int n;
     bool q8;
 };
@@ -721,7 +723,7 @@ __device__ __forceinline__ void dot_any(const mv_x in, const uint8_t * row0, uin
     } else {
         if constexpr (dev::has_int_path<W>::value) {
             if (in.q8) {
-                dev::dot_rows_q8<W, R>(row0, stride, in.xq, in.xd, in.n, p.start, p.step, s);
+                dev::dot_rows_q8<W, R>(row0, stride, in.xq, in.xd, in.xs, in.n, p.start, p.step, s);
                 return;
             }
         }
@@ -1023,16 +1025,20 @@ __device__ __forceinline__ float div_approx(float a, float b) {
 // One group of eight values v (of group g of x) rounded to q8_1 as ggml-cuda's quantize_q8_1 does it: the four lanes
 // l..l+3 (l % 4 == 0) of a warp hold one block of 32, so two shuffles give its largest magnitude. Every lane of the
 // warp must call it; only those with `live` write: the rounded values to x, the int8 values to xq, the block's scale
-// (F16-rounded, as ggml keeps it) to xd.
+// (F16-rounded, as ggml keeps it) to xd, and the sum of the block's values before rounding (F16-rounded: ggml-cuda's
+// ds.y, which its Q4_1 and Q5_1 dot products take for the min term) to xs.
 __device__ __forceinline__ void round_group_q8_1(const float (&v)[8], int g, bool live, float * x, int8_t * xq,
-                                                 float * xd) {
-    float amax = 0.0f;
+                                                 float * xd, float * xs) {
+    float amax = 0.0f, sum = 0.0f;
 #pragma unroll
     for (int k = 0; k < 8; k++) {
         amax = fmaxf(amax, fabsf(v[k]));
+        sum += v[k];
     }
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     const float d = div_approx(amax, 127.0f);
     const float dh = __half2float(__float2half_rn(d));
     float r[8];
@@ -1050,11 +1056,12 @@ __device__ __forceinline__ void round_group_q8_1(const float (&v)[8], int g, boo
         *(uint2 *) (xq + 8 * g) = make_uint2(packed[0], packed[1]);
         if (g % 4 == 0) {
             xd[g / 4] = dh;
+            xs[g / 4] = __half2float(__float2half_rn(sum));
         }
     }
 }
 
-__device__ void round_q8_1(float * x, int8_t * xq, float * xd, int n) {
+__device__ void round_q8_1(float * x, int8_t * xq, float * xd, float * xs, int n) {
     // eight values per thread, four threads per block of 32: two shuffles per block instead of a warp reduction
     // per block (a warp walking the blocks one after another took 4 us for the 8,192 values of an FFN input)
     const int l = threadIdx.x % 32, ng = n / 8;
@@ -1062,7 +1069,7 @@ __device__ void round_q8_1(float * x, int8_t * xq, float * xd, int n) {
         const int g = min(g0 + l, ng - 1);
         const float4 u = ((const float4 *) (x + 8 * g))[0], t = ((const float4 *) (x + 8 * g))[1];
         const float v[8] = {u.x, u.y, u.z, u.w, t.x, t.y, t.z, t.w};
-        round_group_q8_1(v, g, g0 + l < ng, x, xq, xd);
+        round_group_q8_1(v, g, g0 + l < ng, x, xq, xd, xs);
     }
     __syncthreads();
 }
@@ -1074,7 +1081,7 @@ __device__ void round_q8_1(float * x, int8_t * xq, float * xd, int n) {
 // 1B shape, profile of 92fea15). The arithmetic is the two functions', value for value, except the order of the
 // norm's sum of squares. False (nothing done) where it does not apply: a gate, per-group norms, an unaligned source.
 __device__ __forceinline__ bool form_round_q8_1(const kernel_args & a, const vec_in & in, float * x, int8_t * xq,
-                                                float * xd, float * w, bool w_ready) {
+                                                float * xd, float * xs, float * w, bool w_ready) {
     const int n = in.n, ng = n / 8, l = threadIdx.x % 32;
     const bool rms = in.kind == in_kind::rms_norm;
     const float * s = (const float *) resolve(a, in.src);
@@ -1094,7 +1101,7 @@ __device__ __forceinline__ bool form_round_q8_1(const kernel_args & a, const vec
             }
         } else {
             const float v[8] = {u.x, u.y, u.z, u.w, t.x, t.y, t.z, t.w};
-            round_group_q8_1(v, g, g0 + l < ng, x, xq, xd);
+            round_group_q8_1(v, g, g0 + l < ng, x, xq, xd, xs);
         }
     }
     if (rms) {
@@ -1108,7 +1115,7 @@ __device__ __forceinline__ bool form_round_q8_1(const kernel_args & a, const vec
                 const float wk = !nw ? 1.0f : w_ready ? w[8 * g + k] : __ldg(nw + 8 * g + k);
                 v[k] = x[8 * g + k] * scale * wk;
             }
-            round_group_q8_1(v, g, g0 + l < ng, x, xq, xd);
+            round_group_q8_1(v, g, g0 + l < ng, x, xq, xd, xs);
         }
     }
     __syncthreads();
@@ -1120,9 +1127,9 @@ __device__ __forceinline__ bool form_round_q8_1(const kernel_args & a, const vec
 // of inlined, the kernel's stack frame grew from 224 to 544 bytes: the call site has much in registers.)
 // -DMK_NO_FUSED_ROUND builds it without form_round_q8_1, for A/B runs of the kernel as it was compiled before.
 __device__ __forceinline__ unsigned long long form_x(const kernel_args & a, const vec_in & in, float * x, int8_t * xq,
-                                                     float * xd, float * w, bool w_ready, bool q8, bool timed) {
+                                                     float * xd, float * xs, float * w, bool w_ready, bool q8, bool timed) {
 #ifndef MK_NO_FUSED_ROUND
-    const bool fused = q8 && a.fuse_round && form_round_q8_1(a, in, x, xq, xd, w, w_ready);
+    const bool fused = q8 && a.fuse_round && form_round_q8_1(a, in, x, xq, xd, xs, w, w_ready);
 #else
     const bool fused = false;
 #endif
@@ -1131,7 +1138,7 @@ __device__ __forceinline__ unsigned long long form_x(const kernel_args & a, cons
     }
     const unsigned long long t = timed ? global_ns() : 0;
     if (q8 && !fused) {
-        round_q8_1(x, xq, xd, in.n);
+        round_q8_1(x, xq, xd, xs, in.n);
     }
     return t;
 }
@@ -1588,6 +1595,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
     float * w = y2 + a.y_floats;
     int8_t * xq = (int8_t *) (w + a.w_floats);
     float * xd = (float *) (xq + a.x_floats);
+    float * xs = xd + a.x_floats / 32 + 4;
     uint8_t * ring = (uint8_t *) smem + a.ring_off;
     const int G = gridDim.x, b = blockIdx.x;
     unsigned consumed = 0;  // ring chunks this block has used
@@ -1652,7 +1660,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                         // tile (4 MB per SM in BF16) only evicted itself (BF16 step 2,610 -> 2,398 us without it)
                         const int64_t nbytes = min((int64_t) (r1 - r0 - skip) * (int64_t) ps.row_bytes, (int64_t) a.prefetch);
 #if defined(MK_WEIGHTS_EVICT_FIRST) && __CUDA_ARCH__ >= 900
-                        if (threadIdx.x == 32 + k) {  // one bulk prefetch at evict-first priority, as the loads
+                        if (threadIdx.x == 32 + k) {  // one bulk prefetch per segment, by warp 1 (thread 0 polls)
                             prefetch_l2_evict_first(p0, nbytes);
                         }
 #else
@@ -1695,7 +1703,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 t1 = prof ? global_ns() : 0;
             } else {
                 const bool q8 = in.kind != instr_kind::vec && a.q8_1_input[i] != 0;
-                const unsigned long long t_x = form_x(a, in.in, x, xq, xd, w, w_ready, q8, pc.acc != nullptr);
+                const unsigned long long t_x = form_x(a, in.in, x, xq, xd, xs, w, w_ready, q8, pc.acc != nullptr);
                 pc.mark_at(0, t_x);
                 pc.mark(1);
                 if (in.kind == instr_kind::vec) {
@@ -1703,7 +1711,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                     epilogue(a, in.seg[0], x, 0, in.in.n, s_red, nullptr);
                 } else {
                     t1 = prof ? global_ns() : 0;
-                    const mv_x xin{x, xq, xd, in.in.n, q8};
+                    const mv_x xin{x, xq, xd, xs, in.in.n, q8};
                     if (cp.n_chunks) {
                         for (int c = 0; c < cp.n_chunks; c++, consumed++) {
                             if (!ring_wait(a, s_bars, consumed, i)) {
@@ -1994,7 +2002,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     x_f = (x_f + 15) / 16 * 16;  // xd (after x_f bytes of xq) 16-byte aligned: planar units read it as float4
     y_f = (y_f + 3) / 4 * 4;
     w_f = (w_f + 3) / 4 * 4;
-    const size_t base_f = x_f + 2 * y_f + w_f + x_f / 4 + x_f / 32 + 4;
+    const size_t base_f = x_f + 2 * y_f + w_f + x_f / 4 + 2 * (x_f / 32 + 4);
     const size_t ring_off = (std::max(attn_f, base_f) * sizeof(float) + 127) / 128 * 128;
 
     // The weight ring: slots of 32 KiB in what is left of the shared memory (sm_90: bulk copies need it).
