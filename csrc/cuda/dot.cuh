@@ -112,23 +112,34 @@ struct w_q4_0 {
 __device__ __forceinline__ int ld_i32(const int8_t * p) { return *(const int *) p; }
 constexpr uint32_t k_lo4 = 0x0F0F0F0Fu;
 
+// Group g of a Q4_0/Q4_1 block: its eight bytes b0, b1 (low nibbles: values 8g.., high: 16 + 8g..) dotted with the
+// q8_1 values, and with `with_sx` the sum of those sixteen q8_1 values (Q4_0's offset of 8)
+struct nib_q8 { int s, sx; };
+template <bool with_sx>
+__device__ __forceinline__ nib_q8 dot_nib_q8(uint32_t b0, uint32_t b1, const int8_t * xq, int g) {
+    const int xl0 = ld_i32(xq + 8 * g), xl1 = ld_i32(xq + 8 * g + 4);
+    const int xh0 = ld_i32(xq + 16 + 8 * g), xh1 = ld_i32(xq + 20 + 8 * g);
+    nib_q8 r{0, 0};
+    r.s = __dp4a((int) (b0 & k_lo4), xl0, 0);
+    r.s = __dp4a((int) (b1 & k_lo4), xl1, r.s);
+    r.s = __dp4a((int) ((b0 >> 4) & k_lo4), xh0, r.s);
+    r.s = __dp4a((int) ((b1 >> 4) & k_lo4), xh1, r.s);
+    if constexpr (with_sx) {
+        r.sx = __dp4a(0x01010101, xl0, 0);
+        r.sx = __dp4a(0x01010101, xl1, r.sx);
+        r.sx = __dp4a(0x01010101, xh0, r.sx);
+        r.sx = __dp4a(0x01010101, xh1, r.sx);
+    }
+    return r;
+}
+
 struct w_q4_0_int : w_q4_0 {
     static constexpr bool has_int = true;
     __device__ static float idot(const uint8_t * b, int g, const int8_t * xq, const float * xd) {
         const float d = h2f(ld16(b));
         const uint8_t * q = b + 2 + 8 * g;
-        const uint32_t b0 = ld32_a2(q), b1 = ld32_a2(q + 4);
-        const int xl0 = ld_i32(xq + 8 * g), xl1 = ld_i32(xq + 8 * g + 4);
-        const int xh0 = ld_i32(xq + 16 + 8 * g), xh1 = ld_i32(xq + 20 + 8 * g);
-        int s = __dp4a((int) (b0 & k_lo4), xl0, 0);
-        s = __dp4a((int) (b1 & k_lo4), xl1, s);
-        s = __dp4a((int) ((b0 >> 4) & k_lo4), xh0, s);
-        s = __dp4a((int) ((b1 >> 4) & k_lo4), xh1, s);
-        int sx = __dp4a(0x01010101, xl0, 0);
-        sx = __dp4a(0x01010101, xl1, sx);
-        sx = __dp4a(0x01010101, xh0, sx);
-        sx = __dp4a(0x01010101, xh1, sx);
-        return d * xd[0] * (float) (s - 8 * sx);
+        const nib_q8 r = dot_nib_q8<true>(ld32_a2(q), ld32_a2(q + 4), xq, g);
+        return d * xd[0] * (float) (r.s - 8 * r.sx);
     }
 };
 
@@ -167,14 +178,8 @@ struct w_q4_1_int : w_q4_1 {
         const uint32_t dm = ld32(b);
         const float d = h2f(dm & 0xffff), m = h2f(dm >> 16);
         const uint8_t * q = b + 4 + 8 * g;
-        const uint32_t b0 = ld32(q), b1 = ld32(q + 4);
-        const int xl0 = ld_i32(xq + 8 * g), xl1 = ld_i32(xq + 8 * g + 4);
-        const int xh0 = ld_i32(xq + 16 + 8 * g), xh1 = ld_i32(xq + 20 + 8 * g);
-        int s = __dp4a((int) (b0 & k_lo4), xl0, 0);
-        s = __dp4a((int) (b1 & k_lo4), xl1, s);
-        s = __dp4a((int) ((b0 >> 4) & k_lo4), xh0, s);
-        s = __dp4a((int) ((b1 >> 4) & k_lo4), xh1, s);
-        return (float) s * hmul_f(d, xd[0]) + 0.5f * hmul_f(m, xs[0]);
+        const nib_q8 r = dot_nib_q8<false>(ld32(q), ld32(q + 4), xq, g);
+        return (float) r.s * hmul_f(d, xd[0]) + 0.5f * hmul_f(m, xs[0]);
     }
 };
 
