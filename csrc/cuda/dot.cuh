@@ -170,8 +170,9 @@ struct w_q4_1 {  // d, m (f16), 16 bytes of nibbles
 __device__ __forceinline__ float hmul_f(float a, float b) { return __half2float(__float2half_rn(a * b)); }
 
 // On q8_1 as ggml-cuda's vec_dot_q4_1_q8_1: d*d8 and m*s8 are F16 products, s8 the block's sum before rounding
-// (xs), half of m*s8 per group of sixteen. With the rounded values' sum instead (as the float path has it) the real
-// SmolLM2-135M Q4_1 logits stayed 0.979 (cosine) from stock CUDA's, as far as stock ggml-cpu is from it.
+// (xs), half of m*s8 per group of sixteen. Through the float path on rounded x (before 8b527d2) the real
+// SmolLM2-135M Q4_1 logits were 0.979 (cosine) from stock CUDA's, as far as stock ggml-cpu is from them; this path
+// is at the stock spread on synthetic Q4_1 models, and the real weights are still to be re-run with it.
 struct w_q4_1_int : w_q4_1 {
     static constexpr bool has_int = true, needs_sum = true;
     __device__ static float idot(const uint8_t * b, int g, const int8_t * xq, const float * xd, const float * xs) {
