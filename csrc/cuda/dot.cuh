@@ -71,6 +71,8 @@ struct w_f32 {
     }
 };
 
+// F16 and BF16 rows are not repacked, but they too are only read from global memory (gpu_load keeps them out of
+// the weight ring), so their 16-byte loads take the streaming hint as the planar copies do.
 template <bool bf16> struct w_f16_like {
     static constexpr int block = 16, bytes = 32, groups = 1, align = 16;
     __device__ static float elem(const uint8_t * row, int i) {
@@ -81,7 +83,11 @@ template <bool bf16> struct w_f16_like {
         float s = 0.0f;
 #pragma unroll
         for (int i = 0; i < 2; i++) {
+#ifdef MK_F16_GENERIC_LOADS  // the loads as before session 13, for A/B runs
             const uint4 w = ldw((const uint4 *) b + i);
+#else
+            const uint4 w = ldp((const uint4 *) b + i);
+#endif
             const uint32_t u[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
             for (int j = 0; j < 4; j++) {
