@@ -11,6 +11,7 @@
 #                                                              ones; MK_EXTRA_BENCH="qwen3-qwen3-0.6b-Q8_0" benches them
 #   MK_BENCH_VARIANT="name:VAR=v,...;name2:..."               more llama-bench arms (and profiles): the plugin with VARs
 #   MK_BENCH_ONLY="tg128-0$"                                  only the bench rows whose model-test-depth match
+#   MK_CORRECT_ONLY="real"                                    only the correctness checks of the models that match
 #   MK_PROFILE_VARIANTS="a:VAR=v;b:VAR=v"                     more profiled variants
 #   MK_PLUGIN2_FLAGS="-DX"                                     a second plugin build in /tmp/mk/plugin2, for A/B of a
 #                                                              compile flag (MK_BENCH_VARIANT="x:GGML_BACKEND_PATH=...")

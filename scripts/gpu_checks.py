@@ -309,8 +309,9 @@ def main() -> int:
             # tiny shapes: also GPU against the CPU executor on the same program, as the llama tiny models
             plan += [(f"{arch}-{shape}-{q}", 64 if shape == "tiny" else 256, 32 if shape == "tiny" else 0)
                      for q in types.split(",")]
+        only = re.compile(os.environ.get("MK_CORRECT_ONLY", ""))  # e.g. "real": only the models whose name matches
         for name, steps, cpu in plan:
-            if not have(name):
+            if not have(name) or not only.search(name):
                 continue
             for fa in (0, 1):
                 try:
