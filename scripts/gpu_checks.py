@@ -361,6 +361,32 @@ def main() -> int:
             log(f"split {mode}: " + json.dumps({k: res.get(k) for k in ("passed", "teacher_forced", "reasons", "error")}))
             save()
 
+    # Which matrices carry the quantized models' distance from stock CUDA: the 1B shape in F16 with one group of
+    # matrices in a quantized type (llama-quantize --tensor-type), each compared as in the correct stage and against
+    # stock CPU. An all-F16 model agrees with stock to 1e-6, so a group whose model falls to the all-quantized
+    # model's 0.998 is where the arithmetic differs from ggml-cuda's.
+    base_1b = M / "llama-llama-3.2-1b-F16.gguf"
+    if "bisect" in a.stages and base_1b.is_file():
+        groups = {"qkv": ["attn_q", "attn_k", "attn_v"], "o": ["attn_output"], "gateup": ["ffn_gate", "ffn_up"],
+                  "down": ["ffn_down"], "head": None}
+        for q in os.environ.get("MK_BISECT_TYPES", "Q4_0").split():
+            for g, names in groups.items():
+                f = M / f"bisect-1b-{q}-{g}.gguf"
+                over = (["--output-tensor-type", q.lower()] if names is None else
+                        [x for n in names for x in ("--tensor-type", f"{n}={q.lower()}")])
+                if not f.is_file():
+                    r = sh([str(bindir / "llama-quantize"), *over, str(base_1b), str(f), "F16"])
+                    if r.returncode != 0:
+                        log(f"bisect {q} {g}: quantize failed {r.stderr[-500:]}")
+                        continue
+                res = compare(tool, f, 0, 128, ref_cpu=128)
+                res["check"] = f"bisect-{q}-{g}-fa0"
+                res["quantized"] = names or ["output"]
+                result.setdefault("bisect", []).append(res)
+                log(f"bisect {q} {g}: " + json.dumps({k: res.get(k) for k in (
+                    "teacher_forced", "stock_cuda_vs_stock_cpu", "megakernel_vs_stock_cpu", "error")}))
+                save()
+
     for name in os.environ.get("MK_DEPTH_MODELS", "llama-llama-3.2-1b-Q4_0 llama-llama-3.2-1b-BF16").split():
         if "depth" not in a.stages or not have(name):
             continue

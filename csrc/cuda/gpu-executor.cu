@@ -37,11 +37,6 @@ static_assert(sizeof(instruction) % 4 == 0 && sizeof(attention) % 4 == 0, "copie
 constexpr int k_threads = 512;
 constexpr int k_warps   = k_threads / 32;
 
-struct l2_span {
-    uint64_t p;  // device address; 0: nothing
-    uint64_t n;  // bytes
-};
-
 struct kernel_args {
     const instruction * instrs;
     const attention *   attns;
@@ -71,12 +66,7 @@ struct kernel_args {
     int32_t preload_norm;     // before the wait: an RMS norm's weight into shared memory (preload_norm_weight) and
                               // the epilogue's graph inputs (preload_epi_inputs); LLAMA_MEGAKERNEL_PRELOAD_NORM=0: after
     int32_t fuse_round;       // form_round_q8_1 where it applies
-    // Per (block, instruction), two spans (one per segment): the weights of the block's first tile of its next
-    // matvec after that instruction, which the block pulls towards L2 when it reaches the instruction, one matvec
-    // ahead of need (LLAMA_MEGAKERNEL_PREFETCH_AHEAD=KiB per segment; nullptr: off). See l2_ahead_table.
-    const l2_span * ahead;
 };
-
 
 // Profile entries per (block, instruction): arrival, dependencies met (first tile), summed input-forming and
 // weight-compute times over the block's tiles, end of its last tile, then three sub-phases summed over the tiles
@@ -1634,16 +1624,6 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
         for (int k = threadIdx.x; k < (int) (sizeof(instruction) / 4); k += k_threads) {
             ((uint32_t *) &in)[k] = ((const uint32_t *) (a.instrs + i))[k];
         }
-#if defined(MK_WEIGHTS_EVICT_FIRST) && __CUDA_ARCH__ >= 900
-        // The next matvec's weights, issued while the block still has this instruction's wait and work ahead of
-        // it. Warp 2, so that the loads of its span overlap the instruction's copy above rather than follow it.
-        if (a.ahead && threadIdx.x >= 64 && threadIdx.x < 66) {
-            const l2_span sp = a.ahead[((size_t) b * a.n_instrs + i) * 2 + threadIdx.x - 64];
-            if (sp.n) {
-                prefetch_l2_evict_first((const void *) (uintptr_t) sp.p, (int64_t) sp.n);
-            }
-        }
-#endif
         __syncthreads();
         if (in.kind == instr_kind::attn) {
             for (int k = threadIdx.x; k < (int) (sizeof(attention) / 4); k += k_threads) {
@@ -1814,39 +1794,6 @@ struct gpu_program {
 };
 
 namespace {
-
-// For each block b and instruction i, the weights of b's first tile of the next matvec after i that b has a tile
-// of (the kernel's tile rotation: tile t of instruction j runs on block (t + offsets[j]) mod grid), at most `cap`
-// bytes per segment, as the kernel's own prefetch before a tile's wait. Reaching instruction i, block b issues
-// these, so that the weights stream from HBM while i's dependencies, input and work are still ahead of it and not
-// only in the few microseconds between a matvec's dependencies being met and its weights being read.
-void l2_ahead_table(const instruction * in, size_t n, const std::vector<int32_t> & offsets, int grid, int64_t cap,
-                    l2_span * out) {
-    for (int b = 0; b < grid; b++) {
-        l2_span next[2] = {{0, 0}, {0, 0}};
-        for (size_t i = n; i-- > 0;) {
-            out[((size_t) b * n + i) * 2 + 0] = next[0];
-            out[((size_t) b * n + i) * 2 + 1] = next[1];
-            const int t = ((b - offsets[i]) % grid + grid) % grid;
-            if ((in[i].kind != instr_kind::matvec && in[i].kind != instr_kind::glu) || t >= in[i].n_tiles) {
-                continue;
-            }
-            const tile_rows tr = rows_of(in[i], t);
-            for (int k = 0; k < 2; k++) {
-                next[k] = {0, 0};
-                if (k == 1 && in[i].kind != instr_kind::glu) {
-                    continue;
-                }
-                const segment & sg = in[i].seg[in[i].kind == instr_kind::glu ? k : tr.seg];
-                if (sg.w.scratch || sg.w.null() || !sg.constant) {
-                    continue;
-                }
-                next[k].p = sg.w.off + (uint64_t) weight_row(sg, tr.r0) * sg.row_bytes;
-                next[k].n = (uint64_t) std::min<int64_t>((int64_t) (tr.r1 - tr.r0) * (int64_t) sg.row_bytes, cap);
-            }
-        }
-    }
-}
 
 void profile_step(gpu_program * g) {
     const int n = g->args.n_instrs;
@@ -2203,14 +2150,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     const size_t o_tiles = align_up(o_ring + p.instrs.size());
     const size_t o_ctr   = align_up(o_tiles + p.instrs.size() * sizeof(int32_t));
     const size_t o_abort = align_up(o_ctr + p.instrs.size() * sizeof(unsigned long long));
-    // the look-ahead prefetch (off unless LLAMA_MEGAKERNEL_PREFETCH_AHEAD=KiB; not with the weight ring, which
-    // already fetches ahead, nor before sm_90: the kernel issues it as a bulk prefetch)
-    int64_t ahead_bytes = 0;
-    if (const char * pa = getenv("LLAMA_MEGAKERNEL_PREFETCH_AHEAD"); pa && ring_slots == 0 && prop.major >= 9) {
-        ahead_bytes = std::max(0, atoi(pa)) * 1024ll;
-    }
-    const size_t o_ahead = align_up(o_abort + sizeof(int));
-    const size_t total   = align_up(o_ahead + (ahead_bytes ? (size_t) g->grid * p.instrs.size() * 2 * sizeof(l2_span) : 0));
+    const size_t total   = align_up(o_abort + sizeof(int));
     std::vector<uint8_t> host(total, 0);
     memcpy(host.data() + o_instr, p.instrs.data(), p.instrs.size() * sizeof(instruction));
     // Planar copies of the quantized matrices (quants.h: planar_block), made here from the weights as they are now
@@ -2268,10 +2208,6 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
                 hi[i].seg[sg].gpu_split = (uint8_t) wpr;
             }
         }
-    }
-    if (ahead_bytes) {
-        l2_ahead_table((const instruction *) (host.data() + o_instr), p.instrs.size(), offsets, g->grid, ahead_bytes,
-                       (l2_span *) (host.data() + o_ahead));
     }
     if (!p.attns.empty()) memcpy(host.data() + o_attn, p.attns.data(), p.attns.size() * sizeof(attention));
     if (!p.deltas.empty()) memcpy(host.data() + o_delta, p.deltas.data(), p.deltas.size() * sizeof(delta_net));
@@ -2339,7 +2275,6 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     if (const char * pf = getenv("LLAMA_MEGAKERNEL_PREFETCH")) {
         a.prefetch = std::max(0, atoi(pf)) * 1024;
     }
-    a.ahead = ahead_bytes ? (const l2_span *) (base + o_ahead) : nullptr;
     a.ring_slots = ring_slots;
     a.slot_bytes = slot_bytes;
     a.ring_off = (int32_t) ring_off;
