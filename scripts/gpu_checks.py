@@ -361,30 +361,35 @@ def main() -> int:
             log(f"split {mode}: " + json.dumps({k: res.get(k) for k in ("passed", "teacher_forced", "reasons", "error")}))
             save()
 
-    # Which matrices carry the quantized models' distance from stock CUDA: the 1B shape in F16 with one group of
-    # matrices in a quantized type (llama-quantize --tensor-type), each compared as in the correct stage and against
-    # stock CPU. An all-F16 model agrees with stock to 1e-6, so a group whose model falls to the all-quantized
-    # model's 0.998 is where the arithmetic differs from ggml-cuda's.
+    # Which matrices carry the quantized models' distance from stock CUDA: the 1B shape with one group of matrices
+    # in a quantized type and every other matrix in F16, each compared as in the correct stage and against stock CPU.
+    # An all-F16 model agrees with stock to 1e-6, so a group whose model falls to the all-quantized model's 0.998 is
+    # where the arithmetic differs from ggml-cuda's. (llama-quantize applies --tensor-type only when the target type
+    # is quantized: the target is the group's type, and the other groups are overridden to F16.)
     base_1b = M / "llama-llama-3.2-1b-F16.gguf"
     if "bisect" in a.stages and base_1b.is_file():
         groups = {"qkv": ["attn_q", "attn_k", "attn_v"], "o": ["attn_output"], "gateup": ["ffn_gate", "ffn_up"],
-                  "down": ["ffn_down"], "head": None}
+                  "down": ["ffn_down"], "head": []}
+        steps = int(os.environ.get("MK_BISECT_STEPS", "64"))
         for q in os.environ.get("MK_BISECT_TYPES", "Q4_0").split():
             for g, names in groups.items():
                 f = M / f"bisect-1b-{q}-{g}.gguf"
-                over = (["--output-tensor-type", q.lower()] if names is None else
-                        [x for n in names for x in ("--tensor-type", f"{n}={q.lower()}")])
+                head = q.lower() if g == "head" else "f16"
+                over = ["--output-tensor-type", head, "--token-embedding-type", head]
+                over += [x for h, ns in groups.items() if h != g for n in ns for x in ("--tensor-type", f"{n}=f16")]
                 if not f.is_file():
-                    r = sh([str(bindir / "llama-quantize"), *over, str(base_1b), str(f), "F16"])
+                    r = sh([str(bindir / "llama-quantize"), *over, str(base_1b), str(f), q])
                     if r.returncode != 0:
                         log(f"bisect {q} {g}: quantize failed {r.stderr[-500:]}")
                         continue
-                res = compare(tool, f, 0, 128, ref_cpu=128)
+                    log(f"bisect {q} {g}: {f.stat().st_size >> 20} MiB")
+                res = compare(tool, f, 0, steps, ref_cpu=steps)
                 res["check"] = f"bisect-{q}-{g}-fa0"
-                res["quantized"] = names or ["output"]
+                res["quantized"] = names or ["output", "token_embd"]
+                res["file_mib"] = f.stat().st_size >> 20
                 result.setdefault("bisect", []).append(res)
                 log(f"bisect {q} {g}: " + json.dumps({k: res.get(k) for k in (
-                    "teacher_forced", "stock_cuda_vs_stock_cpu", "megakernel_vs_stock_cpu", "error")}))
+                    "teacher_forced", "stock_cuda_vs_stock_cpu", "megakernel_vs_stock_cpu", "file_mib", "error")}))
                 save()
 
     for name in os.environ.get("MK_DEPTH_MODELS", "llama-llama-3.2-1b-Q4_0 llama-llama-3.2-1b-BF16").split():
