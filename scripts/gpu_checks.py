@@ -257,6 +257,15 @@ def markdown(result: dict) -> str:
                  f"{tf.get('min_cos', float('nan')):.5f} | {tf.get('top1_agree', float('nan')):.4f} | "
                  f"{c.get('free_greedy_identical_steps')} | {gc.get('min_cos', '-')} |"
                  + (f" {rc['min_cos']:.5f} | {rc['top1_agree']:.4f} |" if rc else " - | - |" if ref else ""))
+    if r.get("bisect"):
+        o += ["", "## Which matrices (the 1B shape in F16 with one group quantized, fa off, teacher-forced)", "",
+              "| type | quantized | file MiB | megakernel vs stock CUDA min cos | top-1 | stock CUDA vs stock CPU min cos "
+              "| top-1 | megakernel vs stock CPU min cos |", "|---|---|---|---|---|---|---|---|"]
+        for c in r["bisect"]:
+            tf, rc, mc = (c.get(k) or {} for k in ("teacher_forced", "stock_cuda_vs_stock_cpu", "megakernel_vs_stock_cpu"))
+            o.append(f"| {c['check'].split('-')[1]} | {', '.join(c.get('quantized', []))} | {c.get('file_mib', '-')} | "
+                     f"{tf.get('min_cos', '-')} | {tf.get('top1_agree', '-')} | {rc.get('min_cos', '-')} | "
+                     f"{rc.get('top1_agree', '-')} | {mc.get('min_cos', '-')} |")
     if r.get("profiles"):
         o += ["", "## Step time inside the kernel (LLAMA_MEGAKERNEL_PROFILE, 64 steps)", ""]
         for k, v in r["profiles"].items():
