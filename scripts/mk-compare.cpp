@@ -9,7 +9,8 @@
 //   E  (--with MODEL2) a second model and context on the same GPU, plugin on: MODEL2 alone, then both contexts
 //      decoding in turn, one step each; each must get exactly what it got alone (B for MODEL, E for MODEL2)
 //   R  (--ref-cpu K) stock ggml-cpu (model loaded without offload, plugin off), teacher-forced with A's tokens:
-//      how far two stock implementations of the same model differ (A against R), beside B against A
+//      how far two stock implementations of the same model differ (A against R), beside B against A; then its own
+//      greedy run, and for how many steps its tokens equal A's and C's
 // Prints one JSON object. Used by scripts/gpu_checks.py on the GPU machine.
 //
 // Build: g++ -O2 -std=c++17 mk-compare.cpp -I<llama.cpp>/include -I<llama.cpp>/ggml/include -L<bin> -lllama -lggml-base
@@ -283,7 +284,15 @@ int main(int argc, char ** argv) {
         run_out R = run(cr, n_vocab, prompt, ref_cpu_steps, &forced, true);
         const cmp ar = compare(A.logits, R.logits, n_vocab, ref_cpu_steps);
         const cmp br = compare(B.logits, R.logits, n_vocab, ref_cpu_steps);
-        r_json = "{\"stock_cuda_vs_stock_cpu\":" + json(ar) + ",\"megakernel_vs_stock_cpu\":" + json(br) + "}";
+        // stock CPU's own greedy tokens: how long two stock implementations stay on the same tokens (A), and how
+        // long the megakernel's (C) stay on stock CPU's
+        const run_out RF = run(cr, n_vocab, prompt, ref_cpu_steps, nullptr, false);
+        int same_a = 0, same_c = 0;
+        while (same_a < ref_cpu_steps && RF.tokens[same_a] == A.tokens[same_a]) same_a++;
+        while (same_c < ref_cpu_steps && RF.tokens[same_c] == C.tokens[same_c]) same_c++;
+        r_json = "{\"stock_cuda_vs_stock_cpu\":" + json(ar) + ",\"megakernel_vs_stock_cpu\":" + json(br) +
+                 ",\"free_greedy_identical_steps\":{\"stock_cuda_vs_stock_cpu\":" + std::to_string(same_a) +
+                 ",\"megakernel_vs_stock_cpu\":" + std::to_string(same_c) + "}}";
         llama_free(cr);
         llama_model_free(mr);
         api.set_enabled(1);
