@@ -396,6 +396,8 @@ def main() -> int:
         steps = int(os.environ.get("MK_BISECT_STEPS", "64"))
         for q in os.environ.get("MK_BISECT_TYPES", "Q4_0").split():
             for g, names in groups.items():
+                if g not in os.environ.get("MK_BISECT_GROUPS", " ".join(groups)).split():
+                    continue
                 f = M / f"bisect-1b-bf16-{q}-{g}.gguf"
                 head = q.lower() if g == "head" else "bf16"
                 over = ["--output-tensor-type", head, "--token-embedding-type", head]

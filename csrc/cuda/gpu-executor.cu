@@ -144,6 +144,53 @@ __device__ float block_sum(float v, float * red) {
     return warp_sum(s);
 }
 
+// ggml-cuda is built with -use_fast_math: its divisions are div.approx.ftz and expf is ex2.approx.ftz of x * log2(e).
+// Where the megakernel computes the same value, it uses the same instructions (rounding a one-ulp difference to
+// q8_1 flips a value now and then, and on random weights that grows into quantization-sized differences).
+__device__ __forceinline__ float div_approx(float a, float b) {
+    float r;
+    asm("div.approx.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+__device__ __forceinline__ float expf_fast_math(float x) {
+    float t, r;
+    asm("mul.ftz.f32 %0, %1, 0f3FB8AA3B;" : "=f"(t) : "f"(x));
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(t));
+    return r;
+}
+
+// glu_gate (program.h) with SiLU as ggml-cuda's ggml_cuda_op_silu_single compiles: x / (1 + expf(-x)).
+__device__ __forceinline__ float glu_gate_cuda(int32_t op, float g) {
+    if (op != glu_swiglu) {
+        return glu_gate(op, g);
+    }
+    float d;
+    asm("add.ftz.f32 %0, %1, 0f3F800000;" : "=f"(d) : "f"(expf_fast_math(-g)));
+    return div_approx(g, d);
+}
+
+// The sum of squares of x[0, n) (shared memory) in the order of ggml-cuda's rms_norm_f32: a block of B = 256
+// threads below 1,024 values and 1,024 from there, thread v adding x[v + kB]^2 in turn with fused multiply-adds, a
+// butterfly per warp, then one over the warps' sums. Every thread gets the sum. `red` is 32 floats. The mean is
+// then div_approx(sum, n) as there, so that the norm's scale is stock's to the bit when x is.
+__device__ float sum_sq_ggml_order(const float * x, int n, float * red) {
+    const int B = n < 1024 ? 256 : 1024, nvw = B / 32, w = threadIdx.x / 32, l = threadIdx.x % 32;
+    __syncthreads();  // x is complete
+    for (int vw = w; vw < nvw; vw += k_warps) {
+        float s = 0.0f;
+        for (int c = vw * 32 + l; c < n; c += B) {
+            s = fmaf(x[c], x[c], s);
+        }
+        s = warp_sum(s);
+        if (l == 0) {
+            red[vw] = s;
+        }
+    }
+    __syncthreads();
+    return warp_sum(l < nvw ? red[l] : 0.0f);
+}
+
 __device__ __forceinline__ void prefetch_l2(const void * p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
@@ -274,7 +321,6 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
             const float * nw = in.w.null() ? nullptr : (const float *) resolve(a, in.w);
             const bool load_w = !w_ready && nw && in.norm_row == 0;
             const float * gw = load_w ? nw : s;
-            float ss = 0.0f;
             for (int i0 = t; i0 < n; i0 += k_gather * k_threads) {
                 float r[k_gather], g[k_gather];
 #pragma unroll
@@ -287,7 +333,6 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
                 for (int k = 0; k < k_gather; k++) {
                     const int i = i0 + k * k_threads;
                     if (i < n) {
-                        ss += r[k] * r[k];
                         x[i] = r[k];
                         if (!w_ready) {
                             w[i] = g[k];
@@ -297,7 +342,7 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
             }
             const float * gate = in.gate.null() ? nullptr : (const float *) resolve(a, in.gate);
             if (in.norm_row == 0) {
-                const float scale = rsqrtf(block_sum(ss, w + n) / n + in.eps);
+                const float scale = rsqrtf(div_approx(sum_sq_ggml_order(x, n, w + n), (float) n) + in.eps);
                 for (int i = t; i < n; i += k_threads) {
                     x[i] = x[i] * scale * w[i] * (gate ? ldcg_f(gate + i) : 1.0f);
                 }
@@ -824,7 +869,7 @@ __device__ void matvec_rows(const instruction & in, int s, const mv_x & x, const
         __syncthreads();
         for (int j = threadIdx.x; j < rows; j += k_threads) {
             const float g = y[j], u = y2[j];
-            y[j] = in.glu_swapped ? glu_gate(in.glu_op, u) * g : glu_gate(in.glu_op, g) * u;
+            y[j] = in.glu_swapped ? glu_gate_cuda(in.glu_op, u) * g : glu_gate_cuda(in.glu_op, g) * u;
         }
     }
     __syncthreads();
@@ -1016,11 +1061,6 @@ __device__ void ring_drain(const kernel_args & a, const ring_cursor & rc, uint64
 // x keeps the rounded values (for the float paths); xq/xd get the int8 values and scales (for the integer paths).
 // ggml-cuda is built with -use_fast_math, so its quantize_q8_1 divides with div.approx.ftz: the same instruction
 // here rounds x to the same int8 values (IEEE division flipped some .5 cases, and cost 5% of the kernel's samples).
-__device__ __forceinline__ float div_approx(float a, float b) {
-    float r;
-    asm("div.approx.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
 
 // One group of eight values v (of group g of x) rounded to q8_1 as ggml-cuda's quantize_q8_1 does it: the four lanes
 // l..l+3 (l % 4 == 0) of a warp hold one block of 32, so two shuffles give its largest magnitude. Every lane of the
@@ -1078,8 +1118,9 @@ __device__ void round_q8_1(float * x, int8_t * xq, float * xd, float * xs, int n
 // groups of eight with two 16-byte loads (a quarter of form_input's load instructions) and, for a plain input,
 // rounds them in registers; an RMS norm keeps one pass over shared memory after its sum of squares, which scales and
 // rounds at once. Saves a pass and a barrier (form_input took 0.9-2.3 us and round_q8_1 0.7-1.9 us per tile on the
-// 1B shape, profile of 92fea15). The arithmetic is the two functions', value for value, except the order of the
-// norm's sum of squares. False (nothing done) where it does not apply: a gate, per-group norms, an unaligned source.
+// 1B shape, profile of 92fea15). The arithmetic is the two functions', value for value (the sum of squares in
+// ggml-cuda's order, sum_sq_ggml_order). False (nothing done) where it does not apply: a gate, per-group norms, an
+// unaligned source.
 __device__ __forceinline__ bool form_round_q8_1(const kernel_args & a, const vec_in & in, float * x, int8_t * xq,
                                                 float * xd, float * xs, float * w, bool w_ready) {
     const int n = in.n, ng = n / 8, l = threadIdx.x % 32;
@@ -1089,7 +1130,6 @@ __device__ __forceinline__ bool form_round_q8_1(const kernel_args & a, const vec
         ((uintptr_t) s & 15) != 0) {
         return false;
     }
-    float ss = 0.0f;
     for (int g0 = threadIdx.x - l; g0 < ng; g0 += k_threads) {  // warp-uniform, as round_q8_1
         const int g = min(g0 + l, ng - 1);
         const float4 u = __ldcg((const float4 *) (s + 8 * g)), t = __ldcg((const float4 *) (s + 8 * g + 4));
@@ -1097,7 +1137,6 @@ __device__ __forceinline__ bool form_round_q8_1(const kernel_args & a, const vec
             if (g0 + l < ng) {
                 ((float4 *) (x + 8 * g))[0] = u;
                 ((float4 *) (x + 8 * g))[1] = t;
-                ss += u.x * u.x + u.y * u.y + u.z * u.z + u.w * u.w + t.x * t.x + t.y * t.y + t.z * t.z + t.w * t.w;
             }
         } else {
             const float v[8] = {u.x, u.y, u.z, u.w, t.x, t.y, t.z, t.w};
@@ -1106,7 +1145,8 @@ __device__ __forceinline__ bool form_round_q8_1(const kernel_args & a, const vec
     }
     if (rms) {
         const float * nw = in.w.null() ? nullptr : (const float *) resolve(a, in.w);
-        const float scale = rsqrtf(block_sum(ss, w + n) / n + in.eps);  // its barriers order the stores to x
+        // (its barriers order the stores to x)
+        const float scale = rsqrtf(div_approx(sum_sq_ggml_order(x, n, w + n), (float) n) + in.eps);
         for (int g0 = threadIdx.x - l; g0 < ng; g0 += k_threads) {
             const int g = min(g0 + l, ng - 1);
             float v[8];
@@ -1970,7 +2010,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
         }
         if (in.in.kind == in_kind::rms_norm) {  // the norm's weight, then the block reduction or the group scales
             const size_t groups = in.in.norm_row ? (size_t) in.in.n / in.in.norm_row : 0;
-            w_f = std::max(w_f, (size_t) in.in.n + std::max<size_t>(k_warps, groups));
+            w_f = std::max(w_f, (size_t) in.in.n + std::max<size_t>({32, (size_t) k_warps, groups}));
         }
         for (int sg = 0; sg < in.n_segments; sg++) {
             for (int k = 0; k < in.seg[sg].n_epi; k++) {
