@@ -131,19 +131,6 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the block; every thread gets the result. `red` is k_warps floats of shared memory.
-__device__ float block_sum(float v, float * red) {
-    v = warp_sum(v);
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    __syncthreads();
-    if (l == 0) {
-        red[w] = v;
-    }
-    __syncthreads();
-    float s = l < k_warps ? red[l] : 0.0f;
-    return warp_sum(s);
-}
-
 // ggml-cuda is built with -use_fast_math: its divisions are div.approx.ftz and expf is ex2.approx.ftz of x * log2(e).
 // Where the megakernel computes the same value, it uses the same instructions (rounding a one-ulp difference to
 // q8_1 flips a value now and then, and on random weights that grows into quantization-sized differences).
