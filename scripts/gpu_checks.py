@@ -261,12 +261,13 @@ def markdown(result: dict) -> str:
                      f"megakernel ran: {c.get('megakernel_ran')} | | |" + (" | |" if ref else ""))
             continue
         rc = c.get("stock_cuda_vs_stock_cpu") or {}
+        gs = c.get("stock_cpu_free_greedy_identical_steps")
+        greedy_col = (f" {gs['stock_cuda_vs_stock_cpu']} / {gs['megakernel_vs_stock_cpu']} |" if gs else " - |") if greedy else ""
         o.append(f"| {c['model']} | {c.get('check', '')} | {'yes' if c.get('passed') else 'NO'} | "
                  f"{tf.get('min_cos', float('nan')):.5f} | {tf.get('top1_agree', float('nan')):.4f} | "
                  f"{c.get('free_greedy_identical_steps')} | {gc.get('min_cos', '-')} |"
                  + (f" {rc['min_cos']:.5f} | {rc['top1_agree']:.4f} |" if rc else " - | - |" if ref else "")
-                 + ((lambda g: f" {g['stock_cuda_vs_stock_cpu']} / {g['megakernel_vs_stock_cpu']} |" if g else " - |")(
-                     c.get("stock_cpu_free_greedy_identical_steps")) if greedy else ""))
+                 + greedy_col)
     if r.get("bisect"):
         o += ["", "## Which matrices (the 1B shape in BF16 with one group quantized, fa off, teacher-forced)", "",
               "| type | quantized | file MiB | megakernel vs stock CUDA min cos | top-1 | greedy identical | stock CUDA vs "
