@@ -838,7 +838,7 @@ __device__ void finish_rows(const mv_plan & p, int rows, float * part, float * o
 
 // `rows` rows of segment s starting at base0 (glu: and of segment 1 at base1; combined) into y; y2 is scratch of the
 // same size and part 2 * k_part floats. The rows may be in global memory or staged in shared memory.
-__device__ __noinline__ void matvec_rows(const instruction & in, int s, const mv_x & x, const uint8_t * base0, const uint8_t * base1,
+__device__ void matvec_rows(const instruction & in, int s, const mv_x & x, const uint8_t * base0, const uint8_t * base1,
                             int rows, float * y, float * y2, float * part, bool ring) {
     const segment & sg = in.seg[s];
     const mv_plan p = plan_rows(rows, ring ? 0 : sg.gpu_rows, sg.gpu_split);
@@ -1062,25 +1062,18 @@ __device__ __forceinline__ bool stage_on(const kernel_args & a) {
 #endif
 }
 
-// The bytes of one row of segment k of tile tr (glu: k = 0 or 1; else the tile's segment).
-__device__ __forceinline__ uint32_t stage_row_bytes(const instruction & in, const tile_rows & tr, int k) {
-    return (uint32_t) in.seg[in.kind == instr_kind::glu ? k : tr.seg].row_bytes;
+// Bytes of tile tr's rows (glu: of both segments); the copies' sizes and the second segment's offset follow.
+__device__ __forceinline__ uint32_t stage_seg_bytes(const instruction & in, const tile_rows & tr, int k) {
+    const bool glu = in.kind == instr_kind::glu;
+    return (uint32_t) (tr.r1 - tr.r0) * (uint32_t) in.seg[glu ? k : tr.seg].row_bytes;
 }
 
-// How many of tile tr's first rows the staging area holds (glu: of both segments): all of them, or the first part
-// (gpu_load stages only tiles of at most twice the area).
-__device__ __forceinline__ int stage_rows(const kernel_args & a, const instruction & in, const tile_rows & tr) {
-    const uint32_t per_row = stage_row_bytes(in, tr, 0) + (in.kind == instr_kind::glu ? stage_row_bytes(in, tr, 1) : 0);
-    return min(tr.r1 - tr.r0, (int) ((uint32_t) a.stage_bytes / per_row));
-}
-
-// One thread: request the first `rows` rows of tile tr into dst (glu: segment 1's after segment 0's), completing
-// on bar.
-__device__ void stage_issue(const kernel_args & a, const instruction & in, const tile_rows & tr, int rows, uint8_t * dst,
+// One thread: request tile tr's rows into dst, completing on bar.
+__device__ void stage_issue(const kernel_args & a, const instruction & in, const tile_rows & tr, uint8_t * dst,
                             uint64_t * bar) {
 #if __CUDA_ARCH__ >= 900
     const bool glu = in.kind == instr_kind::glu;
-    const uint32_t b0 = rows * stage_row_bytes(in, tr, 0), b1 = glu ? rows * stage_row_bytes(in, tr, 1) : 0;
+    const uint32_t b0 = stage_seg_bytes(in, tr, 0), b1 = glu ? stage_seg_bytes(in, tr, 1) : 0;
     uint64_t pol;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(b0 + b1) : "memory");
@@ -1092,7 +1085,7 @@ __device__ void stage_issue(const kernel_args & a, const instruction & in, const
                      : "memory");
     }
 #else
-    (void) a; (void) in; (void) tr; (void) rows; (void) dst; (void) bar;
+    (void) a; (void) in; (void) tr; (void) dst; (void) bar;
 #endif
 }
 
@@ -1762,15 +1755,15 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 if (prof && threadIdx.x == 0) {
                     prof[i * k_prof] = global_ns();
                 }
-                // the first tile's first rows into shared memory (and the prefetch below skips them)
+                // the first tile's rows into shared memory (instead of the prefetch below) when they fit
                 const bool staged = mv && stage_on(a) && t == first && !cp.n_chunks && a.stage_ok[i];
                 if (staged && threadIdx.x == 32) {  // warp 1: thread 0 polls
-                    stage_issue(a, in, tr, stage_rows(a, in, tr), ring, &s_stage_bar);
+                    stage_issue(a, in, tr, ring, &s_stage_bar);
                 }
-                if (mv && a.prefetch) {
-                    // pull what the ring or the staging does not already hold of this tile's weights towards L2
-                    // while the producers finish
-                    const int skip = staged ? stage_rows(a, in, tr) : cp.n_chunks ? min(r1 - r0, a.ring_slots * cp.rows_per_chunk) : 0;
+                if (mv && a.prefetch && !staged) {
+                    // pull what the ring does not already hold of this tile's weights towards L2 while the producers
+                    // finish
+                    const int skip = cp.n_chunks ? min(r1 - r0, a.ring_slots * cp.rows_per_chunk) : 0;
                     for (int k = 0; k < (in.kind == instr_kind::glu ? 2 : 1); k++) {
                         const segment & ps = in.seg[in.kind == instr_kind::glu ? k : s];
                         const uint8_t * p0 = resolve(a, ps.w) + (uint64_t) (weight_row(ps, r0) + skip) * ps.row_bytes;
@@ -1850,23 +1843,16 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                         // (a tile's rows are consecutive weight rows, also in a strided view's segment)
                         const uint8_t * b0 = resolve(a, in.seg[s].w) + (uint64_t) weight_row(in.seg[s], r0) * in.seg[s].row_bytes;
                         const uint8_t * b1 = in.kind == instr_kind::glu ? resolve(a, in.seg[1].w) + (uint64_t) r0 * in.seg[1].row_bytes : nullptr;
-                        // the first tile was staged as decided before the wait (a later one reads global memory):
-                        // its first ks rows from shared memory, the rest (if any) from global memory
+                        // the first tile was staged as decided before the wait (a later one reads global memory)
                         const bool staged = stage_on(a) && t == first && a.stage_ok[i];
-                        const int ks = staged ? stage_rows(a, in, tr) : 0;
-                        if (staged && !stage_wait(a, &s_stage_bar, s_staged, i)) {
-                            return;  // the copy never landed (bounded wait): the step is handed back
-                        }
-                        for (int pass = staged ? 0 : 1; pass < 2; pass++) {  // one call site: the matvec is large
-                            const int ra = pass ? ks : 0, rn = pass ? r1 - r0 - ks : ks;
-                            if (rn == 0) {
-                                continue;
+                        if (staged) {
+                            if (!stage_wait(a, &s_stage_bar, s_staged, i)) {
+                                return;  // the copy never landed (bounded wait): the step is handed back
                             }
-                            const uint8_t * p0 = pass ? b0 + (uint64_t) ra * in.seg[s].row_bytes : ring;
-                            const uint8_t * p1 = pass ? (b1 ? b1 + (uint64_t) ra * in.seg[1].row_bytes : nullptr)
-                                                      : ring + (uint32_t) ks * stage_row_bytes(in, tr, 0);
-                            matvec_rows(in, s, xin, p0, p1, rn, y + ra, y2 + ra, s_part, false);
+                            b0 = ring;
+                            b1 = ring + stage_seg_bytes(in, tr, 0);
                         }
+                        matvec_rows(in, s, xin, b0, b1, r1 - r0, y, y2, s_part, false);
                         if (staged && threadIdx.x == 0) {
                             s_staged++;  // every thread read it before matvec_rows' barriers
                         }
@@ -2374,19 +2360,17 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
         }
         host[o_q81 + i] = all_q ? 1 : 0;
         host[o_ring + i] = ring_ok[i];
-        // staging: every segment a constant, with 16-byte aligned rows (bulk copies)
+        // staging: every segment a constant, with 16-byte aligned rows (bulk copies), and the largest tile fits
         const instruction & hin = ((const instruction *) (host.data() + o_instr))[i];
         bool st_ok = stage_bytes > 0 && (hin.kind == instr_kind::matvec || hin.kind == instr_kind::glu);
         uint64_t tile_bytes = 0, glu_bytes = 0;
         for (int sg = 0; sg < hin.n_segments && st_ok; sg++) {
             const segment & g = hin.seg[sg];
             st_ok = g.constant && !g.w.scratch && g.w.off % 16 == 0 && g.row_bytes % 16 == 0;
-            st_ok = st_ok && g.row_bytes * (hin.kind == instr_kind::glu ? 2 : 1) <= stage_bytes;  // a row at least
             tile_bytes = std::max<uint64_t>(tile_bytes, (uint64_t) g.rows_per_tile * g.row_bytes);
             glu_bytes += (uint64_t) hin.seg[0].rows_per_tile * g.row_bytes;  // rows_of: segment 0's tiling
         }
-        // a tile up to twice the area: its first part is staged (stage_rows), the rest read from global memory
-        st_ok = st_ok && (hin.kind == instr_kind::glu ? glu_bytes : tile_bytes) <= 2 * stage_bytes;
+        st_ok = st_ok && (hin.kind == instr_kind::glu ? glu_bytes : tile_bytes) <= stage_bytes;
         host[o_stage + i] = st_ok ? 1 : 0;
         memcpy(host.data() + o_tiles + i * sizeof(int32_t), &in.n_tiles, sizeof(int32_t));
     }
