@@ -34,14 +34,7 @@ template <typename T> __device__ __forceinline__ T ldw(const T * p) { return *p;
 #define MK_WEIGHTS_EVICT_FIRST
 #endif
 #ifdef MK_WEIGHTS_EVICT_FIRST
-// A generic-address ld.cs rather than __ldcs (ld.global.cs): gpu-executor.cu may stage a tile's rows in shared
-// memory (LLAMA_MEGAKERNEL_STAGE_KB), and the cache hint is only a hint there.
-template <typename T> __device__ __forceinline__ T ldp(const T * p);
-template <> __device__ __forceinline__ uint4 ldp<uint4>(const uint4 * p) {
-    uint4 v;
-    asm volatile("ld.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
+template <typename T> __device__ __forceinline__ T ldp(const T * p) { return __ldcs(p); }
 #else
 template <typename T> __device__ __forceinline__ T ldp(const T * p) { return *p; }
 #endif

@@ -66,8 +66,6 @@ struct kernel_args {
     int32_t preload_norm;     // before the wait: an RMS norm's weight into shared memory (preload_norm_weight) and
                               // the epilogue's graph inputs (preload_epi_inputs); LLAMA_MEGAKERNEL_PRELOAD_NORM=0: after
     int32_t fuse_round;       // form_round_q8_1 where it applies
-    const uint8_t * stage_ok; // per instruction: a block's first tile of it fits the staging area (stage_issue)
-    int32_t stage_bytes;      // the staging area at ring_off (LLAMA_MEGAKERNEL_STAGE_KB; 0: none; never with the ring)
 };
 
 // Profile entries per (block, instruction): arrival, dependencies met (first tile), summed input-forming and
@@ -1045,74 +1043,6 @@ __device__ void ring_drain(const kernel_args & a, const ring_cursor & rc, uint64
     }
 }
 
-// --- staging a tile's weights (sm_90) ----------------------------------------------------------------------------
-// Weights are constants of the model, so a block may fetch its first tile of a matvec before the tile's
-// dependencies are met. Staging copies the whole tile (both segments' rows for glu) into shared memory with bulk
-// copies (the copy engine: no load instructions, nothing for the block to wait on until it needs the rows), in place
-// of the L2 prefetch; after the wait the matvec reads the rows from shared memory instead of from L2 at the
-// latency of a loaded memory system. One mbarrier, one use per staged tile; `uses` counts them for the parity.
-
-// As ring_on: an sm_80 build on a newer device must not stage even if the host set it up.
-__device__ __forceinline__ bool stage_on(const kernel_args & a) {
-#if __CUDA_ARCH__ >= 900
-    return a.stage_bytes > 0;
-#else
-    (void) a;
-    return false;
-#endif
-}
-
-// Bytes of tile tr's rows (glu: of both segments); the copies' sizes and the second segment's offset follow.
-__device__ __forceinline__ uint32_t stage_seg_bytes(const instruction & in, const tile_rows & tr, int k) {
-    const bool glu = in.kind == instr_kind::glu;
-    return (uint32_t) (tr.r1 - tr.r0) * (uint32_t) in.seg[glu ? k : tr.seg].row_bytes;
-}
-
-// One thread: request tile tr's rows into dst, completing on bar.
-__device__ void stage_issue(const kernel_args & a, const instruction & in, const tile_rows & tr, uint8_t * dst,
-                            uint64_t * bar) {
-#if __CUDA_ARCH__ >= 900
-    const bool glu = in.kind == instr_kind::glu;
-    const uint32_t b0 = stage_seg_bytes(in, tr, 0), b1 = glu ? stage_seg_bytes(in, tr, 1) : 0;
-    uint64_t pol;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(b0 + b1) : "memory");
-    for (int k = 0; k < (glu ? 2 : 1); k++) {
-        const segment & sg = in.seg[glu ? k : tr.seg];
-        const uint8_t * src = resolve(a, sg.w) + (uint64_t) weight_row(sg, tr.r0) * sg.row_bytes;
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
-                     ::"r"(smem_addr(dst + (k ? b0 : 0))), "l"(src), "r"(k ? b1 : b0), "r"(smem_addr(bar)), "l"(pol)
-                     : "memory");
-    }
-#else
-    (void) a; (void) in; (void) tr; (void) dst; (void) bar;
-#endif
-}
-
-// All threads: wait until staged tile number `n` of this block has landed. False on timeout (abort raised).
-__device__ bool stage_wait(const kernel_args & a, uint64_t * bar, unsigned n, int self) {
-    if (slot_ready(bar, n & 1)) {
-        return true;
-    }
-    const unsigned long long deadline = global_ns() + a.timeout_ns;
-    while (!slot_ready(bar, n & 1)) {
-        if (global_ns() > deadline) {
-            if (atomicExch(a.abort, 1) == 0) {
-                *(volatile int *) a.error = 1 + self;
-                __threadfence_system();
-            }
-            return false;
-        }
-    }
-    return true;
-}
-
-// Thread 0, before the block leaves early with a tile requested: let the copies land (bounded).
-__device__ void stage_drain(uint64_t * bar, unsigned n) {
-    for (int k = 0; k < (1 << 24) && !slot_ready(bar, n & 1); k++) {
-    }
-}
-
 // ggml-cuda's matvec for quantized weights (mmvq) first rounds x to q8_1: blocks of 32, d = amax/127 kept as F16,
 // q = round(x / d). Doing the same keeps the megakernel's logits within float summation order of stock's.
 // x keeps the rounded values (for the float paths); xq/xd get the int8 values and scales (for the integer paths).
@@ -1696,17 +1626,8 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
     uint8_t * ring = (uint8_t *) smem + a.ring_off;
     const int G = gridDim.x, b = blockIdx.x;
     unsigned consumed = 0;  // ring chunks this block has used
-    __shared__ __align__(8) uint64_t s_stage_bar;
-    __shared__ unsigned s_staged;  // tiles this block staged and used (stage_issue); thread 0 counts
     if (threadIdx.x == 0) {
-        s_staged = 0;
         ring_start(a, s_rc, ring, s_bars);
-#if __CUDA_ARCH__ >= 900
-        if (stage_on(a)) {
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&s_stage_bar)) : "memory");
-            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        }
-#endif
     }
     __shared__ instruction in;  // the current instruction, copied once: its fields are read all through a tile
     __shared__ int s_flag;
@@ -1755,12 +1676,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 if (prof && threadIdx.x == 0) {
                     prof[i * k_prof] = global_ns();
                 }
-                // the first tile's rows into shared memory (instead of the prefetch below) when they fit
-                const bool staged = mv && stage_on(a) && t == first && !cp.n_chunks && a.stage_ok[i];
-                if (staged && threadIdx.x == 32) {  // warp 1: thread 0 polls
-                    stage_issue(a, in, tr, ring, &s_stage_bar);
-                }
-                if (mv && a.prefetch && !staged) {
+                if (mv && a.prefetch) {
                     // pull what the ring does not already hold of this tile's weights towards L2 while the producers
                     // finish
                     const int skip = cp.n_chunks ? min(r1 - r0, a.ring_slots * cp.rows_per_chunk) : 0;
@@ -1794,9 +1710,6 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 if (!wait_deps(a, in, i, &s_flag)) {
                     if (threadIdx.x == 0) {
                         ring_drain(a, s_rc, s_bars, consumed);
-                        if (staged) {
-                            stage_drain(&s_stage_bar, s_staged);
-                        }
                     }
                     return;
                 }
@@ -1843,19 +1756,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                         // (a tile's rows are consecutive weight rows, also in a strided view's segment)
                         const uint8_t * b0 = resolve(a, in.seg[s].w) + (uint64_t) weight_row(in.seg[s], r0) * in.seg[s].row_bytes;
                         const uint8_t * b1 = in.kind == instr_kind::glu ? resolve(a, in.seg[1].w) + (uint64_t) r0 * in.seg[1].row_bytes : nullptr;
-                        // the first tile was staged as decided before the wait (a later one reads global memory)
-                        const bool staged = stage_on(a) && t == first && a.stage_ok[i];
-                        if (staged) {
-                            if (!stage_wait(a, &s_stage_bar, s_staged, i)) {
-                                return;  // the copy never landed (bounded wait): the step is handed back
-                            }
-                            b0 = ring;
-                            b1 = ring + stage_seg_bytes(in, tr, 0);
-                        }
                         matvec_rows(in, s, xin, b0, b1, r1 - r0, y, y2, s_part, false);
-                        if (staged && threadIdx.x == 0) {
-                            s_staged++;  // every thread read it before matvec_rows' barriers
-                        }
                     }
                     if (prof) {
                         const unsigned long long t2 = global_ns();
@@ -2136,7 +2037,6 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     // stream at 3.05 TB/s (scripts/ring-probe.cu), but the matvec that consumes a slot is too slow and the step got
     // slower (1B Q4_0: 1,912 us against 1,384 us; docs/gpu-executor-notes.md).
     int ring_slots = 0, slot_bytes = 32 * 1024;
-    size_t stage_bytes = 0;
     std::vector<uint8_t> ring_ok(p.instrs.size(), 0);
     {
         cudaDeviceProp pr;
@@ -2166,19 +2066,8 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
             ok = ok && per_row_max * (in.kind == instr_kind::glu ? 2 : 1) <= (uint64_t) slot_bytes;
             ring_ok[i] = ok ? 1 : 0;
         }
-        // The staging area (stage_issue) in the same place, when the ring is off: LLAMA_MEGAKERNEL_STAGE_KB=N
-        // (0: none). Whatever it takes leaves the L1 cache (one pool with shared memory), which holds the
-        // kernel's spilled registers.
-        const char * st = getenv("LLAMA_MEGAKERNEL_STAGE_KB");
-        const size_t want_stage = (size_t) (st ? std::max(0, atoi(st)) : 80) * 1024;
-        cudaFuncAttributes fa0{};
-        if (ring_slots == 0 && want_stage && pr.major >= 9 && cudaFuncGetAttributes(&fa0, megakernel) == cudaSuccess &&
-            pr.sharedMemPerBlockOptin > ring_off + fa0.sharedSizeBytes + 2048) {
-            stage_bytes = std::min(want_stage, pr.sharedMemPerBlockOptin - ring_off - fa0.sharedSizeBytes - 2048) / 128 * 128;
-        }
-        cudaGetLastError();
     }
-    const size_t smem = ring_off + (size_t) ring_slots * slot_bytes + stage_bytes;
+    const size_t smem = ring_off + (size_t) ring_slots * slot_bytes;
 
     const device_guard guard;
     cudaError_t e = cudaSetDevice(device);
@@ -2285,8 +2174,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     const size_t o_off   = align_up(o_rope + p.ropes.size() * sizeof(rope_params));
     const size_t o_q81   = align_up(o_off + offsets.size() * sizeof(int32_t));
     const size_t o_ring  = align_up(o_q81 + p.instrs.size());
-    const size_t o_stage = align_up(o_ring + p.instrs.size());
-    const size_t o_tiles = align_up(o_stage + p.instrs.size());
+    const size_t o_tiles = align_up(o_ring + p.instrs.size());
     const size_t o_ctr   = align_up(o_tiles + p.instrs.size() * sizeof(int32_t));
     const size_t o_abort = align_up(o_ctr + p.instrs.size() * sizeof(unsigned long long));
     const size_t total   = align_up(o_abort + sizeof(int));
@@ -2360,18 +2248,6 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
         }
         host[o_q81 + i] = all_q ? 1 : 0;
         host[o_ring + i] = ring_ok[i];
-        // staging: every segment a constant, with 16-byte aligned rows (bulk copies), and the largest tile fits
-        const instruction & hin = ((const instruction *) (host.data() + o_instr))[i];
-        bool st_ok = stage_bytes > 0 && (hin.kind == instr_kind::matvec || hin.kind == instr_kind::glu);
-        uint64_t tile_bytes = 0, glu_bytes = 0;
-        for (int sg = 0; sg < hin.n_segments && st_ok; sg++) {
-            const segment & g = hin.seg[sg];
-            st_ok = g.constant && !g.w.scratch && g.w.off % 16 == 0 && g.row_bytes % 16 == 0;
-            tile_bytes = std::max<uint64_t>(tile_bytes, (uint64_t) g.rows_per_tile * g.row_bytes);
-            glu_bytes += (uint64_t) hin.seg[0].rows_per_tile * g.row_bytes;  // rows_of: segment 0's tiling
-        }
-        st_ok = st_ok && (hin.kind == instr_kind::glu ? glu_bytes : tile_bytes) <= stage_bytes;
-        host[o_stage + i] = st_ok ? 1 : 0;
         memcpy(host.data() + o_tiles + i * sizeof(int32_t), &in.n_tiles, sizeof(int32_t));
     }
     if ((e = cudaMalloc(&g->d_mem, total)) != cudaSuccess ||
@@ -2396,7 +2272,6 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.offsets  = (const int32_t *) (base + o_off);
     a.q8_1_input = base + o_q81;
     a.ring_ok  = base + o_ring;
-    a.stage_ok = base + o_stage;
     a.tiles    = (const int32_t *) (base + o_tiles);
     a.n_instrs = (int32_t) p.instrs.size();
     a.scratch  = g->d_scratch;
@@ -2430,7 +2305,6 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.ring_slots = ring_slots;
     a.slot_bytes = slot_bytes;
     a.ring_off = (int32_t) ring_off;
-    a.stage_bytes = (int32_t) stage_bytes;
     for (const instruction & in : p.instrs) {
         g->names.push_back(in.name);
         g->tiles.push_back(in.n_tiles);
