@@ -34,7 +34,10 @@ static_assert(sizeof(instruction) % 4 == 0 && sizeof(attention) % 4 == 0, "copie
 // One block of 512 threads per multiprocessor. Nsight Compute on the 1B Q4_0 step: 16 warps per SM, 37% of the
 // stall cycles at barriers, 0.39 eligible warps per scheduler; two blocks of 256 per SM measured slower (0.62x stock
 // against 0.71x), see docs/gpu-executor-notes.md.
-constexpr int k_threads = 512;
+#ifndef MK_THREADS  // -DMK_THREADS=256: a build for A/B runs (fewer warps, 255 registers each instead of 128)
+#define MK_THREADS 512
+#endif
+constexpr int k_threads = MK_THREADS;
 constexpr int k_warps   = k_threads / 32;
 
 struct kernel_args {
@@ -2093,6 +2096,11 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     e = cudaFuncGetAttributes(&fa, megakernel);
     if (e == cudaSuccess && (size_t) fa.maxDynamicSharedSizeBytes < smem) {
         e = cudaFuncSetAttribute(megakernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
+    }
+    // LLAMA_MEGAKERNEL_CARVEOUT=P: the kernel's preferred shared-memory share of the unified L1/shared pool, in
+    // percent (0: as much L1 as the kernel's shared memory leaves; for A/B runs). The L1 holds spilled registers.
+    if (const char * cv = getenv("LLAMA_MEGAKERNEL_CARVEOUT"); cv && e == cudaSuccess) {
+        e = cudaFuncSetAttribute(megakernel, cudaFuncAttributePreferredSharedMemoryCarveout, atoi(cv));
     }
     if (e != cudaSuccess) {
         cudaGetLastError();
