@@ -480,7 +480,8 @@ def main() -> int:
                         str(tool), str(M / f"{name}.gguf"), "--steps", "16"], env=env_for(True, extra=extra), timeout=400)
                 for view in ("sass", "cuda") if os.environ["MK_NCU_SOURCE"] == "cuda" else ("sass",):
                     v = sh(["ncu", "--import", str(rep_file), "--page", "source", "--csv", "--print-source", view])
-                    (out.parent / f"ncu-source-{view}-{name}.csv").write_text(v.stdout[-30_000_000:] + v.stderr[-5000:])
+                    # whole: a tail cut loses the header row with the column names (it did at 3353c1a)
+                    (out.parent / f"ncu-source-{view}-{name}.csv").write_text(v.stdout + v.stderr[-5000:])
                 # only the SASS view carries the samples (the CUDA view is the source text)
                 s = sh(["python3", str(Path(__file__).parent / "ncu_sass_top.py"), str(out.parent / f"ncu-source-sass-{name}.csv")])
                 (out.parent / f"ncu-sass-top-{name}.txt").write_text(s.stdout + s.stderr)

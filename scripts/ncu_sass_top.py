@@ -12,10 +12,21 @@ import sys
 
 f = sys.argv[1] if len(sys.argv) > 1 else glob.glob(os.environ['OUT'] + '/ncu-source-sass-*.csv')[0]
 rows = list(csv.reader(open(f, errors='replace')))
+# Nsight Compute 2025's column order, for an export whose header row was lost (a tail cut, before 3353c1a)
+STALLS = ('barrier branch_resolving dispatch drain imc lg long_sb math membar mio misc no_inst not_selected selected '
+          'short_sb sleep tex wait').split()
+KNOWN = (['Address', 'Source', 'Warp Stall Sampling (All Samples)', 'Warp Stall Sampling (Not-issued Samples)',
+          '# Samples', 'Instructions Executed'] + ['-'] * 26 + ['stall_' + k for k in STALLS])
 hi = next((i for i, r in enumerate(rows) if any('Sampling' in c for c in r)), None)
 if hi is None:
-    sys.exit('no sampling columns in %s; it begins: %r' % (f, rows[:6]))
-h = rows[hi]
+    first = next((i for i, r in enumerate(rows) if r and r[0].startswith('0x') and len(r) >= len(KNOWN)), None)
+    if first is None:
+        sys.exit('no sampling columns in %s; it begins: %r' % (f, rows[:6]))
+    print('no header row: assuming the known column order')
+    hi = first - 1
+    h = KNOWN + ['-'] * (len(rows[first]) - len(KNOWN))
+else:
+    h = rows[hi]
 print('columns:', h)
 for r in rows[hi + 1:hi + 3]:
     print('row:', r)
@@ -57,6 +68,35 @@ for i, (v, a, s, w) in enumerate(data):
 print('top regions (256-instruction windows):')
 for k, v in win.most_common(12):
     print('  window %4d (instr %6d..): %5.1f%%  first: %s' % (k, k * 256, 100 * v / tot, data[k * 256][2][:60]))
+# per window: the opcode mix of what it executed and the stall reasons of its samples
+stall_cols = [(i, c[len('stall_'):]) for i, c in enumerate(h) if c.startswith('stall_') and 'Not Issued' not in c]
+if ex is not None:
+    print('top regions by samples, with their opcodes (share of instructions) and stalls (share of samples):')
+    agg = collections.defaultdict(lambda: [0.0, 0.0, collections.Counter(), collections.Counter()])
+    for i, r in enumerate(rows[hi + 1:]):
+        if len(r) <= max([ex, col] + [c for c, _ in stall_cols]) or not r[0].startswith('0x'):
+            continue
+        a = agg[i // 256]
+        e, v = float(r[ex] or 0), float(r[col] or 0)
+        a[0] += e
+        a[1] += v
+        words = r[src].split()
+        if words:
+            a[2][(words[1] if words[0].startswith('@') and len(words) > 1 else words[0]).split('.')[0]] += e
+        for c, n in stall_cols:
+            a[3][n] += float(r[c] or 0)
+    te = sum(a[0] for a in agg.values()) or 1
+    ts = sum(a[1] for a in agg.values()) or 1
+    for k, (e, v, ops, st) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:15]:
+        ns = sum(st.values()) or 1
+        print('  window %4d: %5.2f%% of instructions, %5.2f%% of samples; %s | %s' % (
+            k, 100 * e / te, 100 * v / ts, ', '.join('%s %.0f%%' % (o, 100 * x / (e or 1)) for o, x in ops.most_common(5)),
+            ', '.join('%s %.0f%%' % (n, 100 * x / ns) for n, x in st.most_common(4))))
+    tot_st = collections.Counter()
+    for a in agg.values():
+        tot_st.update(a[3])
+    ns = sum(tot_st.values()) or 1
+    print('stall reasons over all samples:', ', '.join('%s %.1f%%' % (n, 100 * x / ns) for n, x in tot_st.most_common(8)))
 if where:
     by = collections.Counter()
     for v, a, s, w in data:

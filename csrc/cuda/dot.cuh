@@ -412,7 +412,44 @@ struct w_q6_k_int : w_q6_k {
 // with 16-byte quant loads; `udot` takes the row, its block count and the unit index. x is q8_1 (int8 values xq,
 // a scale per 32 in xd; xd 16-byte aligned). Lanes of a warp take consecutive units, so each 16-byte load
 // instruction of a warp reads 512 contiguous bytes.
+// The row loops that use these are functions of their own (gpu-executor.cu, mv_rows_planar), where the compiler
+// no longer sees that x lives in shared memory or the rows in global memory: plain loads became generic ones
+// (LD.E in the SASS of 3353c1a, the hottest loop of the kernel). Here the state spaces are explicit: x, its scales
+// from shared memory (ld.shared), a planar row's scales from global memory with the rows' streaming hint.
+// -DMK_GENERIC_X_LOADS restores the generic loads (A/B runs). Not volatile: the x loads of a unit are shared by
+// the R rows of a lane and must stay common subexpressions; nothing writes x or the weights inside a row loop.
+#ifndef MK_GENERIC_X_LOADS
+__device__ __forceinline__ uint32_t sh_addr(const void * p) { return (uint32_t) __cvta_generic_to_shared(p); }
+__device__ __forceinline__ int4 ld_x16(const int8_t * p) {
+    int4 v;
+    asm("ld.shared.v4.s32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(sh_addr(p)));
+    return v;
+}
+__device__ __forceinline__ float ld_xd(const float * p) {
+    float v;
+    asm("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(sh_addr(p)));
+    return v;
+}
+__device__ __forceinline__ float2 ld_xd2(const float * p) {
+    float2 v;
+    asm("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(sh_addr(p)));
+    return v;
+}
+__device__ __forceinline__ float4 ld_xd4(const float * p) {
+    float4 v;
+    asm("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(sh_addr(p)));
+    return v;
+}
+__device__ __forceinline__ uint16_t ldp16(const uint8_t * p) { return __ldcs((const unsigned short *) p); }
+__device__ __forceinline__ uint32_t ldp32(const uint8_t * p) { return __ldcs((const unsigned int *) p); }
+#else
 __device__ __forceinline__ int4 ld_x16(const int8_t * p) { return *(const int4 *) p; }
+__device__ __forceinline__ float ld_xd(const float * p) { return *p; }
+__device__ __forceinline__ float2 ld_xd2(const float * p) { return *(const float2 *) p; }
+__device__ __forceinline__ float4 ld_xd4(const float * p) { return *(const float4 *) p; }
+__device__ __forceinline__ uint16_t ldp16(const uint8_t * p) { return ld16(p); }
+__device__ __forceinline__ uint32_t ldp32(const uint8_t * p) { return ld32(p); }
+#endif
 constexpr int k_ones = 0x01010101;
 
 // dp4a of the low (hi = false) or high nibbles of four words with 16 x values; `sx` gets the x values' sum
@@ -438,11 +475,11 @@ struct w_q4_0_planar {
     static constexpr int block = 32, units = 1, unit_values = 32, max_rows = 8;
     __device__ static float udot(const uint8_t * row, int nb, int U, const int8_t * xq, const float * xd) {
         const uint4 q = ldp((const uint4 *) row + U);
-        const float d = h2f(ld16(row + 16 * nb + 2 * U));
+        const float d = h2f(ldp16(row + 16 * nb + 2 * U));
         const int4 xl = ld_x16(xq + 32 * U), xh = ld_x16(xq + 32 * U + 16);
         int sl, sh;
         const int s = dot_nib4(q, xl, false, sl) + dot_nib4(q, xh, true, sh);
-        return d * xd[U] * (float) (s - 8 * (sl + sh));
+        return d * ld_xd(xd + U) * (float) (s - 8 * (sl + sh));
     }
 };
 
@@ -451,9 +488,9 @@ struct w_q8_0_planar {
     static constexpr int block = 32, units = 1, unit_values = 32, max_rows = 4;
     __device__ static float udot(const uint8_t * row, int nb, int U, const int8_t * xq, const float * xd) {
         const uint4 q0 = ldp((const uint4 *) row + U), q1 = ldp((const uint4 *) row + nb + U);
-        const float d = h2f(ld16(row + 32 * nb + 2 * U));
+        const float d = h2f(ldp16(row + 32 * nb + 2 * U));
         const int s = dot_i8x16(q1, ld_x16(xq + 32 * U + 16), dot_i8x16(q0, ld_x16(xq + 32 * U), 0));
-        return d * xd[U] * (float) s;
+        return d * ld_xd(xd + U) * (float) s;
     }
 };
 
@@ -472,7 +509,7 @@ struct w_q4_k_planar {
         float s0, m0, s1, m1;
         k_sm(2 * c, sw, s0, m0);
         k_sm(2 * c + 1, sw, s1, m1);
-        const float2 dd = *(const float2 *) (xd + 2 * U);
+        const float2 dd = ld_xd2(xd + 2 * U);
         return h2f(hd.x & 0xffff) * (s0 * dd.x * (float) sl + s1 * dd.y * (float) sh) -
                h2f(hd.x >> 16) * (m0 * dd.x * (float) (a0 + a1) + m1 * dd.y * (float) (b0 + b1));
     }
@@ -486,8 +523,8 @@ struct w_q6_k_planar {
         const uint4 a = ldp((const uint4 *) row + U);               // values l (low nibble), l + 64 (high)
         const uint4 c = ldp((const uint4 *) row + 4 * nb + U);      // values l + 32, l + 96
         const uint4 hb = ldp((const uint4 *) row + 8 * nb + U);     // their two high bits
-        const uint32_t sc = ld32(row + 192 * nb + 4 * U);
-        const float d = h2f(ld16(row + 208 * nb + 2 * blk));
+        const uint32_t sc = ldp32(row + 192 * nb + 4 * U);
+        const float d = h2f(ldp16(row + 208 * nb + 2 * blk));
         const int8_t * x = xq + 256 * blk + 128 * h + 16 * (U & 1);
         const uint32_t aw[4] = {a.x, a.y, a.z, a.w}, cw[4] = {c.x, c.y, c.z, c.w}, hw[4] = {hb.x, hb.y, hb.z, hb.w};
         const int4 x0 = ld_x16(x), x1 = ld_x16(x + 32), x2 = ld_x16(x + 64), x3 = ld_x16(x + 96);
@@ -504,7 +541,7 @@ struct w_q6_k_planar {
 #pragma unroll
             for (int q = 0; q < 4; q++) sx[q] = __dp4a(k_ones, xw[q][w], sx[q]);
         }
-        const float4 dq = *(const float4 *) (xd + 8 * blk + 4 * h);
+        const float4 dq = ld_xd4(xd + 8 * blk + 4 * h);
         const float dv[4] = {dq.x, dq.y, dq.z, dq.w};
         float r = 0.0f;
 #pragma unroll
