@@ -12,7 +12,9 @@ import sys
 
 f = sys.argv[1] if len(sys.argv) > 1 else glob.glob(os.environ['OUT'] + '/ncu-source-sass-*.csv')[0]
 rows = list(csv.reader(open(f, errors='replace')))
-# Nsight Compute 2025's column order, for an export whose header row was lost (a tail cut, before 3353c1a)
+# For an export whose header row was lost (gpu_checks.py cut the CSV's head off before bb46b84): the column order of
+# the H100 export of session 7 (bench/results/2026-11-24-h100-ncu-0db422d-sass-top-*), which the 3353c1a file matches
+# in width and, for all but the barrier column, in proportions against Nsight's WarpStateStats of the same run
 STALLS = ('barrier branch_resolving dispatch drain imc lg long_sb math membar mio misc no_inst not_selected selected '
           'short_sb sleep tex wait').split()
 KNOWN = (['Address', 'Source', 'Warp Stall Sampling (All Samples)', 'Warp Stall Sampling (Not-issued Samples)',
@@ -62,12 +64,6 @@ if ex is not None:  # where the instructions go (time = instructions / issue rat
 print('total samples', tot, 'instructions', len(data))
 for v, a, s, w in sorted(data, reverse=True)[:50]:
     print('%7.0f %5.2f%% %s %s %s' % (v, 100 * v / tot, a, s[:70], ' '.join(w)[:60]))
-win = collections.Counter()
-for i, (v, a, s, w) in enumerate(data):
-    win[i // 256] += v
-print('top regions (256-instruction windows):')
-for k, v in win.most_common(12):
-    print('  window %4d (instr %6d..): %5.1f%%  first: %s' % (k, k * 256, 100 * v / tot, data[k * 256][2][:60]))
 # per window: the opcode mix of what it executed and the stall reasons of its samples
 stall_cols = [(i, c[len('stall_'):]) for i, c in enumerate(h) if c.startswith('stall_') and 'Not Issued' not in c]
 if ex is not None:

@@ -2097,11 +2097,6 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     if (e == cudaSuccess && (size_t) fa.maxDynamicSharedSizeBytes < smem) {
         e = cudaFuncSetAttribute(megakernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
     }
-    // LLAMA_MEGAKERNEL_CARVEOUT=P: the kernel's preferred shared-memory share of the unified L1/shared pool, in
-    // percent (0: as much L1 as the kernel's shared memory leaves; for A/B runs). The L1 holds spilled registers.
-    if (const char * cv = getenv("LLAMA_MEGAKERNEL_CARVEOUT"); cv && e == cudaSuccess) {
-        e = cudaFuncSetAttribute(megakernel, cudaFuncAttributePreferredSharedMemoryCarveout, atoi(cv));
-    }
     if (e != cudaSuccess) {
         cudaGetLastError();
         err = cuda_err("cudaFuncSetAttribute", e);
