@@ -17,6 +17,7 @@
 #   MK_PROFILE_VARIANTS="a:VAR=v;b:VAR=v"                     more profiled variants
 #   MK_PLUGIN2_FLAGS="-DX"                                     a second plugin build in /tmp/mk/plugin2, for A/B of a
 #                                                              compile flag (MK_BENCH_VARIANT="x:GGML_BACKEND_PATH=...")
+#   MK_PLUGIN2_REF=<sha>                                       ... or of an earlier commit (with MK_PLUGIN2_FLAGS if set)
 # A build of llama.cpp takes ~5 minutes there; its binaries are packed into $OUT/llama-bin.tar.xz.* (to carry
 # back in .device/prebuilt/ so that later calls skip the build). Give MK_COMMIT as a literal sha from here: on the
 # GPU machine `git rev-parse HEAD` answered the session's first commit, not the tree that was sent.
@@ -57,9 +58,13 @@ stamp "plugin and mk-compare"
 cmake -S . -B $W/plugin -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_MK_CUDA=ON "-DCMAKE_CUDA_FLAGS=${MK_CUDA_FLAGS:-}" > $W/plugin-cmake.log
 cmake --build $W/plugin > $W/plugin-build.log 2>&1 || { tail -30 $W/plugin-build.log; exit 1; }
 export LLAMA_MEGAKERNEL_PLUGIN=$W/plugin/libggml-megakernel.so
-if [ -n "${MK_PLUGIN2_FLAGS:-}" ]; then  # a second build for A/B: MK_BENCH_VARIANT="name:GGML_BACKEND_PATH=$W/plugin2/..."
-  stamp "plugin with CUDA flags $MK_PLUGIN2_FLAGS"
-  cmake -S . -B $W/plugin2 -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_MK_CUDA=ON "-DCMAKE_CUDA_FLAGS=$MK_PLUGIN2_FLAGS" > $W/plugin2-cmake.log
+if [ -n "${MK_PLUGIN2_FLAGS:-}${MK_PLUGIN2_REF:-}" ]; then  # a second build for A/B: MK_BENCH_VARIANT="name:GGML_BACKEND_PATH=$W/plugin2/..."
+  SRC2=.
+  if [ -n "${MK_PLUGIN2_REF:-}" ]; then  # an earlier commit's plugin (one the GPU machine's .git holds)
+    rm -rf $W/src2 && mkdir -p $W/src2 && git archive "$MK_PLUGIN2_REF" | tar -x -C $W/src2 && SRC2=$W/src2
+  fi
+  stamp "second plugin: ${MK_PLUGIN2_REF:-this tree} with CUDA flags '${MK_PLUGIN2_FLAGS:-}'"
+  cmake -S $SRC2 -B $W/plugin2 -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_MK_CUDA=ON "-DCMAKE_CUDA_FLAGS=${MK_PLUGIN2_FLAGS:-}" > $W/plugin2-cmake.log
   cmake --build $W/plugin2 > $W/plugin2-build.log 2>&1 || { tail -30 $W/plugin2-build.log; exit 1; }
 fi
 g++ -O2 -std=c++17 scripts/mk-compare.cpp -I$LLAMA_CPP_DIR/include -I$LLAMA_CPP_DIR/ggml/include -L$B -lllama \

@@ -42,7 +42,7 @@ __device__ __forceinline__ void dots(const uint8_t * row0, uint64_t stride, cons
     if constexpr (dev::is_planar<W>::value) {
         dev::dot_units<W, R>(row0, stride, xq, xd, n / W::block, start, step, s);
     } else {
-        dev::dot_rows_q8<W, R>(row0, stride, xq, xd, n, start, step, s);
+        dev::dot_rows_q8<W, R>(row0, stride, xq, xd, nullptr, n, start, step, s);  // no x sums: no type here needs them
     }
 }
 

@@ -766,6 +766,34 @@ __device__ __forceinline__ void dot_any(const mv_x in, const uint8_t * row0, uin
     }
 }
 
+// R warp sums at once (R a power of two up to 32): at the step over lane distance o, a lane keeps half of its values
+// and hands the other half to lane l ^ o, which keeps the opposite half, so each step halves the values per lane;
+// from one value on, plain butterfly steps. Lane l ends with the sum of s[l >> (5 - log2 R)], and every addition is
+// the one warp_sum makes for that value on that lane (own value first), so the sums are warp_sum's to the bit.
+// R - 1 + 5 - log2 R shuffles instead of 5 R (9 instead of 40 for eight rows).
+template <int N, int O> __device__ __forceinline__ float warp_sum_rows_step(float * s, int l) {
+    if constexpr (O == 0) {
+        return s[0];
+    } else if constexpr (N > 1) {
+        const bool upper = (l & O) != 0;
+#pragma unroll
+        for (int j = 0; j < N / 2; j++) {
+            const float keep = upper ? s[j + N / 2] : s[j], give = upper ? s[j] : s[j + N / 2];
+            s[j] = keep + __shfl_xor_sync(0xffffffffu, give, O);
+        }
+        return warp_sum_rows_step<N / 2, O / 2>(s, l);
+    } else {
+        s[0] += __shfl_xor_sync(0xffffffffu, s[0], O);
+        return warp_sum_rows_step<1, O / 2>(s, l);
+    }
+}
+template <int R> __device__ __forceinline__ float warp_sum_rows(float (&s)[R]) {
+    static_assert(R >= 1 && R <= 32 && (R & (R - 1)) == 0, "R rows: a power of two up to 32");
+    return warp_sum_rows_step<R, 16>(s, (int) (threadIdx.x % 32));
+}
+
+template <int R> __host__ __device__ constexpr int log2_of() { return R <= 1 ? 0 : 1 + log2_of<R / 2>(); }
+
 template <typename W, int R>
 __device__ void mv_rows(const mv_plan p, const uint8_t * base, uint64_t stride, const mv_x x, int r0, int r1,
                         float * out) {
@@ -781,8 +809,17 @@ __device__ void mv_rows(const mv_plan p, const uint8_t * base, uint64_t stride, 
 #pragma unroll
         for (int k = 0; k < R; k++) s[k] = 0.0f;
         dot_any<W, R>(x, base + (uint64_t) (r0 + ch * R) * stride, stride, p, s);
+#ifndef MK_ROW_BY_ROW_SUMS  // -DMK_ROW_BY_ROW_SUMS: one warp_sum per row, as before (A/B runs)
+        constexpr int sh = 5 - log2_of<R>();
+        const float v = warp_sum_rows<R>(s);
+        if ((l & ((1 << sh) - 1)) == 0) {
+            const int i = ch * R + (l >> sh);
+            out[p.wpr > 1 ? i * p.wpr + p.slot : i] = v;
+        }
+#else
 #pragma unroll
         for (int k = 0; k < R; k++) emit(ch * R + k, s[k]);
+#endif
     }
     for (int i = full * R + p.rw; i < rows; i += p.nrw) {
         float s[1] = {0.0f};
