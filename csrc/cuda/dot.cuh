@@ -416,8 +416,8 @@ struct w_q6_k_int : w_q6_k {
 // no longer sees that x lives in shared memory or the rows in global memory: plain loads became generic ones
 // (LD.E in the SASS of 3353c1a, the hottest loop of the kernel). Here the state spaces are explicit: x, its scales
 // from shared memory (ld.shared), a planar row's scales from global memory with the rows' streaming hint.
-// -DMK_GENERIC_X_LOADS restores the generic loads (A/B runs). Not volatile: the x loads of a unit are shared by
-// the R rows of a lane and must stay common subexpressions; nothing writes x or the weights inside a row loop.
+// -DMK_GENERIC_X_LOADS restores the generic loads (A/B runs). Not volatile: the compiler may merge or move them;
+// nothing writes x or the weights inside a row loop.
 #ifndef MK_GENERIC_X_LOADS
 __device__ __forceinline__ uint32_t sh_addr(const void * p) { return (uint32_t) __cvta_generic_to_shared(p); }
 __device__ __forceinline__ int4 ld_x16(const int8_t * p) {
@@ -476,7 +476,8 @@ __device__ __forceinline__ int dot_i8x16(uint4 q, int4 x, int s) {
 // Each planar type in two parts: `xload` reads what a unit needs of x (its q8_1 values, scales, and the sums that
 // only depend on x) and `udot` dots one row's unit with it. The row loop calls xload once per unit for its R rows:
 // with the x loads inside udot the compiler kept them per row (16 shared loads and 128 dp4a per unit of eight Q4_0
-// rows in the PTX of bb46b84, half of the dp4a summing x). The arithmetic is unchanged, value for value.
+// rows in the PTX of bb46b84, half of the dp4a summing x). The arithmetic is unchanged, value for value; the speed
+// too (bench/results/2026-12-03-h200-matvec-probe-2fb1684: the loop waits on its weight loads).
 struct w_q4_0_planar {
     static constexpr bool planar = true;
     static constexpr int block = 32, units = 1, unit_values = 32, max_rows = 8;
