@@ -69,6 +69,7 @@ struct kernel_args {
     int32_t preload_norm;     // before the wait: an RMS norm's weight into shared memory (preload_norm_weight) and
                               // the epilogue's graph inputs (preload_epi_inputs); LLAMA_MEGAKERNEL_PRELOAD_NORM=0: after
     int32_t fuse_round;       // form_round_q8_1 where it applies
+    int32_t serial_poll;      // wait_deps reads one dependency's counter at a time (LLAMA_MEGAKERNEL_SERIAL_POLL=1)
 };
 
 // Profile entries per (block, instruction): arrival, dependencies met (first tile), summed input-forming and
@@ -116,6 +117,65 @@ __device__ __forceinline__ unsigned long long ld_acquire(const unsigned long lon
     unsigned long long v;
     asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
     return v;
+}
+
+// --- flagged values --------------------------------------------------------------------------------------------
+//
+// A vector handed from one instruction to the next as a whole (the residual stream, the FFN's activation) can carry
+// its own readiness: each float goes out in one 8-byte word with the step's flag in the upper half
+// (addr.scratch == k_flagged; gpu_load picks such values and drops the dependency the reader had on the writer).
+// A reader then polls the data itself: one round trip where the counter took two (the counter, then the data), and
+// no fence. A word is written once per step and 8-byte aligned accesses are single-copy atomic, so a word that
+// carries this step's flag carries this step's value.
+constexpr uint8_t k_flagged = 2;
+
+__device__ __forceinline__ uint32_t step_flag(const kernel_args & a) { return (uint32_t) a.epoch + 1u; }
+
+__device__ __forceinline__ void st_flagged(unsigned long long * p, float v, uint32_t flag) {
+    const unsigned long long w = (unsigned long long) __float_as_uint(v) | ((unsigned long long) flag << 32);
+    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(w) : "memory");
+}
+
+__device__ __forceinline__ unsigned long long ld_word(const unsigned long long * p) {
+    unsigned long long v;
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ bool has_flag(unsigned long long w, uint32_t flag) { return (uint32_t) (w >> 32) == flag; }
+
+__device__ __forceinline__ float word_value(unsigned long long w) { return __uint_as_float((uint32_t) w); }
+
+// Re-reads *p until it carries `flag`. Bounded: past the deadline (or once another block gave up) it marks the step
+// abandoned and returns what it has; the block leaves at its next dependency wait and the host recomputes the step.
+__device__ __noinline__ unsigned long long wait_word(const kernel_args & a, const unsigned long long * p, uint32_t flag) {
+    const unsigned long long deadline = global_ns() + a.timeout_ns;
+    unsigned long long w = ld_word(p);
+    for (int spins = 1; !has_flag(w, flag); spins++) {
+        if ((spins & 15) == 0) {
+            if (*(volatile int *) a.abort != 0) {
+                break;
+            }
+            if (global_ns() > deadline) {
+                if (atomicExch(a.abort, 1) == 0) {
+                    *(volatile int *) a.error = -1;  // gpu_run: a flagged value never arrived
+                    __threadfence_system();
+                }
+                break;
+            }
+        }
+        w = ld_word(p);
+    }
+    return w;
+}
+
+// Element i of a flagged vector.
+__device__ __forceinline__ float ld_flagged(const kernel_args & a, const unsigned long long * p, uint32_t flag) {
+    unsigned long long w = ld_word(p);
+    if (!has_flag(w, flag)) {
+        w = wait_word(a, p, flag);
+    }
+    return word_value(w);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -202,33 +262,57 @@ __device__ __forceinline__ void prefetch_l2_evict_first(const void * p, int64_t 
 // --- waiting ---------------------------------------------------------------------------------------------------
 
 // True if the block may go on; false if the step is being abandoned (a wait timed out somewhere).
+// The counters of all dependencies are read together, each turn re-reading only those not yet met: one read after
+// another cost a round trip per dependency (~0.5-1 us each in the loaded kernel) even when all were long met.
+// LLAMA_MEGAKERNEL_SERIAL_POLL=1 polls them one after another as before (A/B runs).
 __device__ bool wait_deps(const kernel_args & a, const instruction & in, int self, volatile int * s_flag) {
     if (threadIdx.x == 0) {
         int ok = 1;
         const unsigned long long deadline = global_ns() + a.timeout_ns;
         int spins = 0;
-        for (int d = 0; d < in.n_deps && ok; d++) {
-            const int p = in.deps[d].instr;
-            const unsigned long long target = a.epoch * (unsigned long long) a.instrs[p].n_tiles + in.deps[d].needed;
-            // One load per turn of the loop: the abort word and the clock are looked at every 16th turn, so that
-            // a met dependency is seen within one L2 round trip rather than two.
-            while (ld_acquire(a.counters + p) < target) {
-                if ((++spins & 15) == 0) {
-                    if (*(volatile int *) a.abort != 0) {
-                        ok = 0;
-                        break;
-                    }
-                    if (global_ns() > deadline) {
-                        atomicExch(a.abort, 1);
-                        *(volatile int *) a.error = 1 + self;
-                        __threadfence_system();
-                        ok = 0;
-                        break;
-                    }
+        unsigned long long target[k_max_deps];
+        const unsigned long long * ctr[k_max_deps];
+        const int nd = in.n_deps;
+#pragma unroll
+        for (int d = 0; d < k_max_deps; d++) {  // unrolled: the arrays stay in registers
+            const int p = d < nd ? in.deps[d].instr : 0;
+            target[d] = d < nd ? a.epoch * (unsigned long long) in.deps[d].producer_tiles + in.deps[d].needed : 0;
+            ctr[d] = a.counters + p;
+        }
+        unsigned pending = (1u << nd) - 1;
+        while (pending && ok) {
+            // serial_poll: only the first unmet one, as before
+            const unsigned look = a.serial_poll ? pending & (0u - pending) : pending;
+            unsigned long long v[k_max_deps];
+#pragma unroll
+            for (int d = 0; d < k_max_deps; d++) {  // independent loads, in flight together
+                v[d] = (look >> d & 1) ? ld_acquire(ctr[d]) : 0;
+            }
+#pragma unroll
+            for (int d = 0; d < k_max_deps; d++) {
+                if ((look >> d & 1) && v[d] >= target[d]) {
+                    pending &= ~(1u << d);
                 }
-                if (spins > 64) {  // plain spinning first: a dependency is usually met within a few microseconds
-                    __nanosleep(32);
+            }
+            if (!pending) {
+                break;
+            }
+            // the abort word and the clock every 16th turn, so that a met dependency is seen within one round trip
+            if ((++spins & 15) == 0) {
+                if (*(volatile int *) a.abort != 0) {
+                    ok = 0;
+                    break;
                 }
+                if (global_ns() > deadline) {
+                    atomicExch(a.abort, 1);
+                    *(volatile int *) a.error = 1 + self;
+                    __threadfence_system();
+                    ok = 0;
+                    break;
+                }
+            }
+            if (spins > 64) {  // plain spinning first: a dependency is usually met within a few microseconds
+                __nanosleep(32);
             }
         }
         // no fence here: the acquire loads order thread 0's later reads, and the barrier below orders the
@@ -255,6 +339,28 @@ __device__ void tile_done(const kernel_args & a, int i) {
 // Loads of one thread, issued together: with k_gather values in flight per thread a pass over up to
 // k_gather * k_threads values costs one memory round trip instead of one per value.
 constexpr int k_gather = 8;
+
+// A flagged vector of n values into x (shared memory), k_gather words per thread in flight at once. Not inlined:
+// the kernel's main loop has no registers to spare (inlined, this and the fused pass's copy took its spills from
+// 222 to 606 bytes).
+__device__ __noinline__ void load_flagged_x(const kernel_args & a, const addr & src, int n, float * x) {
+    const unsigned long long * s = (const unsigned long long *) resolve(a, src);
+    const uint32_t flag = step_flag(a);
+    for (int i0 = threadIdx.x; i0 < n; i0 += k_gather * k_threads) {
+        unsigned long long w[k_gather];
+#pragma unroll
+        for (int k = 0; k < k_gather; k++) {
+            w[k] = ld_word(s + min(i0 + k * k_threads, n - 1));  // clamped, not skipped: no branch between the loads
+        }
+#pragma unroll
+        for (int k = 0; k < k_gather; k++) {
+            const int i = i0 + k * k_threads;
+            if (i < n) {
+                x[i] = word_value(has_flag(w[k], flag) ? w[k] : wait_word(a, s + i, flag));
+            }
+        }
+    }
+}
 
 // Before the dependency wait: an RMS norm's weight (a constant of the model) into w, where form_input then finds
 // it. After the wait only x is still to load; the weight's load had been the forming's slowest, from HBM (the
@@ -287,6 +393,10 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
     const int n = in.n, t = threadIdx.x;
     switch (in.kind) {
         case in_kind::plain: {
+            if (in.src.scratch == k_flagged) {
+                load_flagged_x(a, in.src, n, x);
+                break;
+            }
             const float * s = (const float *) resolve(a, in.src);
             for (int i0 = t; i0 < n; i0 += k_gather * k_threads) {
                 float r[k_gather];
@@ -307,17 +417,20 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
         }
         case in_kind::rms_norm: {
             // x and the norm's weight in one round trip; the sum of squares needs the whole vector first
-            const float * s = (const float *) resolve(a, in.src);
             const float * nw = in.w.null() ? nullptr : (const float *) resolve(a, in.w);
             const bool load_w = !w_ready && nw && in.norm_row == 0;
-            const float * gw = load_w ? nw : s;
+            const bool flagged = in.src.scratch == k_flagged;
+            if (flagged) {
+                load_flagged_x(a, in.src, n, x);  // then only the weight below (x is stored again as read)
+            }
+            const float * s = (const float *) resolve(a, in.src);
             for (int i0 = t; i0 < n; i0 += k_gather * k_threads) {
                 float r[k_gather], g[k_gather];
 #pragma unroll
                 for (int k = 0; k < k_gather; k++) {
                     const int i = i0 + k * k_threads;
-                    r[k] = ldcg_f(s + min(i, n - 1));
-                    g[k] = load_w ? __ldg(gw + min(i, n - 1)) : 1.0f;
+                    r[k] = flagged ? x[min(i, n - 1)] : ldcg_f(s + min(i, n - 1));
+                    g[k] = load_w ? __ldg(nw + min(i, n - 1)) : 1.0f;
                 }
 #pragma unroll
                 for (int k = 0; k < k_gather; k++) {
@@ -568,6 +681,24 @@ __device__ void preload_epi_inputs(const kernel_args & a, const segment & sg, in
     }
 }
 
+// The residual add and the store of a flagged vector (kept out of line: the main loop has no registers to spare).
+__device__ __noinline__ void add_flagged(const kernel_args & a, const epi_op & op, float * y, int r0, int nv) {
+    const unsigned long long * src = (const unsigned long long *) resolve(a, op.a);
+    const uint32_t flag = step_flag(a);
+    for (int j = threadIdx.x; j < nv; j += k_threads) {
+        const int g = r0 + j;
+        y[j] += ld_flagged(a, src + (op.row_len ? g % op.row_len : g), flag);
+    }
+}
+
+__device__ __noinline__ void store_flagged(const kernel_args & a, const epi_op & op, const float * y, int r0, int nv) {
+    unsigned long long * o = (unsigned long long *) resolve(a, op.a);
+    const uint32_t flag = step_flag(a);
+    for (int j = threadIdx.x; j < nv; j += k_threads) {
+        st_flagged(o + r0 + j, y[j], flag);
+    }
+}
+
 // `pre`: preload_epi_inputs ran for these rows (nullptr: the inputs are loaded here).
 __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, int r0, int r1, float * red,
                          const epi_inputs * pre) {
@@ -576,6 +707,10 @@ __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, i
         const epi_op & op = sg.epi[k];
         switch (op.kind) {
             case epi_kind::add: {
+                if (op.a.scratch == k_flagged) {
+                    add_flagged(a, op, y, r0, nv);
+                    break;
+                }
                 const float * src = (const float *) resolve(a, op.a);
                 for (int j = threadIdx.x; j < nv; j += k_threads) {
                     const int g = r0 + j;
@@ -631,6 +766,10 @@ __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, i
                 break;
             }
             case epi_kind::store: {
+                if (op.a.scratch == k_flagged) {
+                    store_flagged(a, op, y, r0, nv);
+                    break;
+                }
                 float * o = (float *) resolve(a, op.a);
                 for (int j = threadIdx.x; j < nv; j += k_threads) {
                     o[r0 + j] = y[j];
@@ -1157,7 +1296,14 @@ __device__ __forceinline__ bool form_round_q8_1(const kernel_args & a, const vec
         ((uintptr_t) s & 15) != 0) {
         return false;
     }
-    for (int g0 = threadIdx.x - l; g0 < ng; g0 += k_threads) {  // warp-uniform, as round_q8_1
+    if (in.src.scratch == k_flagged) {  // x from its words, then rounded (plain) or normed and rounded below
+        load_flagged_x(a, in.src, n, x);
+        if (!rms) {
+            __syncthreads();
+            round_q8_1(x, xq, xd, xs, n);
+            return true;
+        }
+    } else for (int g0 = threadIdx.x - l; g0 < ng; g0 += k_threads) {  // warp-uniform, as round_q8_1
         const int g = min(g0 + l, ng - 1);
         const float4 u = __ldcg((const float4 *) (s + 8 * g)), t = __ldcg((const float4 *) (s + 8 * g + 4));
         if (rms) {
@@ -1833,6 +1979,147 @@ std::string cuda_err(const char * what, cudaError_t e) {
     return std::string(what) + ": " + cudaGetErrorString(e);
 }
 
+// Which scratch vectors travel flagged (k_flagged), and the dependencies that their flags replace. A vector
+// qualifies when one store epilogue writes it and every other reference to its bytes is an input read of a plain
+// or RMS-normed vector, or a residual add, lying inside it: the readers that know the flagged layout. It moves to
+// new scratch (two words per value, zeroed at load, so no word carries a flag before its step writes it). A
+// consumer's dependency on an instruction whose only write is such a vector, and whose input is the whole vector,
+// is dropped: the consumer polls the vector instead. Returns the scratch size with the moved vectors.
+// LLAMA_MEGAKERNEL_FLAGGED=0 leaves the program as compiled (A/B runs).
+uint64_t flag_values(instruction * hi, const program & p, uint64_t scratch_bytes, int & n_flagged, int & n_dropped) {
+    enum { writer, whole, part, other };
+    struct ref {
+        addr * a;  // nullptr: not rewritable (attention, delta net, rope tables)
+        uint64_t lo, hi;
+        int kind, instr;
+    };
+    const uint64_t far = ~0ull;  // an extent not known here: everything from the address on
+    std::vector<ref> refs;
+    auto add = [&](const addr & x, uint64_t bytes, int kind, int instr, bool rewritable) {
+        if (x.scratch == 1) {
+            refs.push_back({rewritable ? const_cast<addr *>(&x) : nullptr, x.off, bytes == far ? far : x.off + bytes, kind, instr});
+        }
+    };
+    for (size_t i = 0; i < p.instrs.size(); i++) {
+        instruction & in = hi[i];
+        const vec_in & v = in.in;
+        const uint64_t n4 = 4ull * (uint64_t) v.n;
+        if (v.kind == in_kind::plain || v.kind == in_kind::rms_norm) {
+            add(v.src, n4, whole, (int) i, true);
+        } else if (v.kind == in_kind::attn_reduce) {
+            add(v.src, 4ull * v.n_head * v.n_split * (v.head_dim + 2), other, (int) i, false);
+        } else {
+            add(v.src, far, other, (int) i, false);
+        }
+        add(v.w, v.norm_row ? 4ull * v.norm_row : n4, other, (int) i, false);
+        add(v.gate, n4, other, (int) i, false);
+        add(v.idx, 8, other, (int) i, false);
+        for (int sg = 0; sg < in.n_segments; sg++) {
+            segment & seg = in.seg[sg];
+            add(seg.w, far, other, (int) i, false);
+            const uint64_t rows4 = 4ull * (uint64_t) (in.kind == instr_kind::vec ? v.n : seg.rows);
+            for (int k = 0; k < seg.n_epi; k++) {
+                epi_op & op = seg.epi[k];
+                switch (op.kind) {
+                    case epi_kind::store: add(op.a, rows4, writer, (int) i, true); break;
+                    case epi_kind::add:   add(op.a, op.row_len ? 4ull * op.row_len : rows4, part, (int) i, true); break;
+                    case epi_kind::mul:   add(op.a, 4ull * op.row_len, other, (int) i, false); break;
+                    default:              add(op.a, far, other, (int) i, false); break;
+                }
+                add(op.b, far, other, (int) i, false);
+                add(op.c, far, other, (int) i, false);
+                add(op.idx, far, other, (int) i, false);
+            }
+        }
+    }
+    for (const rope_params & r : p.ropes) {
+        add(r.pos, far, other, -1, false);
+        add(r.freq_factors, far, other, -1, false);
+    }
+    for (const attention & at : p.attns) {
+        for (const addr * x : {&at.q, &at.k, &at.v, &at.mask, &at.partials, &at.kv_row}) add(*x, far, other, -1, false);
+    }
+    for (const delta_net & dn : p.deltas) {
+        for (const addr * x : {&dn.q, &dn.k, &dn.v, &dn.g, &dn.beta, &dn.state_in, &dn.state_idx, &dn.state_out, &dn.out}) {
+            add(*x, far, other, -1, false);
+        }
+    }
+    struct moved {
+        uint64_t lo, hi, base;
+        int instr;
+    };
+    std::vector<moved> mv;
+    for (const ref & w : refs) {
+        if (w.kind != writer || w.lo % 16 != 0) {
+            continue;
+        }
+        bool ok = true;
+        for (const ref & r : refs) {
+            if (&r == &w || r.hi <= w.lo || w.hi <= r.lo) {
+                continue;  // no overlap
+            }
+            if (r.kind == writer || r.kind == other || r.lo < w.lo || r.hi > w.hi || r.a == nullptr) {
+                ok = false;
+                break;
+            }
+        }
+        if (ok) {
+            const uint64_t base = (scratch_bytes + 255) / 256 * 256;
+            scratch_bytes = base + 2 * (w.hi - w.lo);
+            mv.push_back({w.lo, w.hi, base, w.instr});
+        }
+    }
+    for (const moved & m : mv) {
+        for (const ref & r : refs) {
+            if (r.a && r.lo >= m.lo && r.hi <= m.hi && r.a->scratch == 1) {
+                r.a->off = m.base + 2 * (r.lo - m.lo);
+                r.a->scratch = k_flagged;
+            }
+        }
+    }
+    n_flagged = (int) mv.size();
+    // dependencies the flags replace
+    n_dropped = 0;
+    for (size_t i = 0; i < p.instrs.size(); i++) {
+        instruction & c = hi[i];
+        if (c.in.src.scratch != k_flagged) {
+            continue;
+        }
+        const vec_in & pv = p.instrs[i].in;  // as compiled: the original address
+        for (int d = 0; d < c.n_deps; d++) {
+            const int pi = c.deps[d].instr;
+            const instruction & pr = hi[pi];
+            if (pr.kind != instr_kind::matvec && pr.kind != instr_kind::glu && pr.kind != instr_kind::vec) {
+                continue;
+            }
+            // the producer's only write must be one flagged vector, and the consumer's input all of it
+            int stores = 0;
+            bool only = true, covered = false;
+            for (int sg = 0; sg < pr.n_segments; sg++) {
+                for (int k = 0; k < pr.seg[sg].n_epi; k++) {
+                    const epi_op & op = pr.seg[sg].epi[k];
+                    if (op.kind == epi_kind::set_rows || op.kind == epi_kind::ssm_conv) {
+                        only = false;
+                    } else if (op.kind == epi_kind::store) {
+                        stores++;
+                        only = only && op.a.scratch == k_flagged;
+                        for (const moved & m : mv) {
+                            covered = covered || (m.instr == pi && m.lo == pv.src.off && m.hi == pv.src.off + 4ull * pv.n);
+                        }
+                    }
+                }
+            }
+            if (only && stores == 1 && covered) {
+                c.deps[d] = c.deps[c.n_deps - 1];
+                c.n_deps--;
+                d--;
+                n_dropped++;
+            }
+        }
+    }
+    return scratch_bytes;
+}
+
 }  // namespace
 
 struct gpu_program {
@@ -1858,6 +2145,7 @@ struct gpu_program {
     double p_total = 0;
     long p_steps = 0;
     std::vector<int> tiles;
+    int n_flagged = 0, n_dropped = 0;  // flag_values: vectors moved to the flagged layout, dependencies dropped
 };
 
 namespace {
@@ -2290,10 +2578,14 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
         host[o_ring + i] = ring_ok[i];
         memcpy(host.data() + o_tiles + i * sizeof(int32_t), &in.n_tiles, sizeof(int32_t));
     }
+    uint64_t scratch_bytes = p.scratch_bytes;
+    if (const char * fv = getenv("LLAMA_MEGAKERNEL_FLAGGED"); !fv || atoi(fv) != 0) {
+        scratch_bytes = flag_values((instruction *) (host.data() + o_instr), p, scratch_bytes, g->n_flagged, g->n_dropped);
+    }
     if ((e = cudaMalloc(&g->d_mem, total)) != cudaSuccess ||
         (e = cudaMemcpy(g->d_mem, host.data(), total, cudaMemcpyHostToDevice)) != cudaSuccess ||
-        (e = cudaMalloc(&g->d_scratch, std::max<uint64_t>(p.scratch_bytes, 256))) != cudaSuccess ||
-        (e = cudaMemset(g->d_scratch, 0, std::max<uint64_t>(p.scratch_bytes, 256))) != cudaSuccess ||
+        (e = cudaMalloc(&g->d_scratch, std::max<uint64_t>(scratch_bytes, 256))) != cudaSuccess ||
+        (e = cudaMemset(g->d_scratch, 0, std::max<uint64_t>(scratch_bytes, 256))) != cudaSuccess ||
         (e = cudaHostAlloc(&g->h_error, sizeof(int), cudaHostAllocMapped)) != cudaSuccess) {
         cudaGetLastError();
         err = cuda_err("allocating the program on the GPU", e);
@@ -2337,6 +2629,10 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.fuse_round = 1;
     if (const char * fr = getenv("LLAMA_MEGAKERNEL_FUSE_ROUND")) {  // 0: form_input then round_q8_1 (A/B)
         a.fuse_round = atoi(fr) != 0;
+    }
+    a.serial_poll = 0;
+    if (const char * sp = getenv("LLAMA_MEGAKERNEL_SERIAL_POLL")) {  // 1: one counter at a time, as before (A/B)
+        a.serial_poll = atoi(sp) != 0;
     }
     a.prefetch = 96 * 1024;
     if (const char * pf = getenv("LLAMA_MEGAKERNEL_PREFETCH")) {
@@ -2403,6 +2699,10 @@ bool gpu_run(gpu_program * g, void * stream_, std::string & err, float * kernel_
         return false;
     }
     const int code = *(volatile int *) g->h_error;
+    if (code < 0) {
+        err = "a flagged vector was not written within the wait timeout";
+        return false;
+    }
     if (code != 0) {
         err = "a dependency wait timed out in instruction " + std::to_string(code - 1) + " (" +
               (code - 1 < (int) g->names.size() ? g->names[code - 1] : std::string("?")) + ")";
@@ -2417,6 +2717,11 @@ bool gpu_run(gpu_program * g, void * stream_, std::string & err, float * kernel_
 
 uint64_t gpu_planar_bytes(const gpu_program * g) {
     return g ? g->planar_bytes : 0;
+}
+
+void gpu_flagged(const gpu_program * g, int & vectors, int & dropped_deps) {
+    vectors = g ? g->n_flagged : 0;
+    dropped_deps = g ? g->n_dropped : 0;
 }
 
 void gpu_free(gpu_program * g) {
