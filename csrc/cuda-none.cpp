@@ -29,6 +29,5 @@ bool gpu_run(gpu_program *, void *, std::string & err, float *) {
 void gpu_free(gpu_program * g) { delete g; }
 
 uint64_t gpu_planar_bytes(const gpu_program *) { return 0; }
-void gpu_flagged(const gpu_program *, int & vectors, int & dropped_deps) { vectors = dropped_deps = 0; }
 
 }  // namespace mk

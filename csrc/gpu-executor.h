@@ -28,8 +28,4 @@ void gpu_free(gpu_program * g);
 // Bytes of GPU memory the program's planar weight copies take (0: it reads the GGUF layout).
 uint64_t gpu_planar_bytes(const gpu_program * g);
 
-// Vectors the program hands over flagged (each value with its step's flag, polled by the reader) and the
-// dependency waits that replaced (0 and 0: none, or LLAMA_MEGAKERNEL_FLAGGED=0).
-void gpu_flagged(const gpu_program * g, int & vectors, int & dropped_deps);
-
 }  // namespace mk

@@ -94,7 +94,7 @@ struct state {
     void * (*cuda_get_stream)(ggml_backend_t) = nullptr;  // patched ggml-cuda's stream getter, if any
     uint64_t gpu_steps = 0, gpu_failures = 0;
     uint64_t gpu_loads = 0, planar_bytes = 0;  // programs put on a GPU; planar weight bytes of the last one
-    int flagged_vectors = 0, flagged_deps = 0;  // the last one's flagged hand-overs (gpu_flagged)
+    int flagged_vectors = 0, flagged_deps = 0;  // the last one's flagged hand-overs (program::n_flagged)
     double gpu_load_ms = 0;                    // their total time (planar copies included)
     // Host wall time per executed GPU step: in the plugin's hook, over the steps that neither scanned a new graph
     // nor put a program on the GPU (those take milliseconds once), and in gpu_run (launch and the wait for the
@@ -247,7 +247,8 @@ bool take_graph(state & s, wrapped_backend & wb, ggml_backend_t backend, ggml_cg
             s.gpu_loads++;
             s.gpu_load_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
             s.planar_bytes = mk::gpu_planar_bytes(wb.gpu.get());
-            mk::gpu_flagged(wb.gpu.get(), s.flagged_vectors, s.flagged_deps);
+            s.flagged_vectors = wb.prog->n_flagged;
+            s.flagged_deps = wb.prog->n_handoffs;
             if (!wb.gpu) {
                 sc.reason = "gpu-refused";
                 sc.detail = err;

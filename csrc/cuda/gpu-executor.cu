@@ -119,17 +119,12 @@ __device__ __forceinline__ unsigned long long ld_acquire(const unsigned long lon
     return v;
 }
 
-// --- flagged values --------------------------------------------------------------------------------------------
+// --- flagged values (program.h, k_flagged) ---------------------------------------------------------------------
 //
-// A vector handed from one instruction to the next as a whole (the residual stream, the FFN's activation) can carry
-// its own readiness: each float goes out in one 8-byte word with the step's flag in the upper half
-// (addr.scratch == k_flagged; gpu_load picks such values and drops the dependency the reader had on the writer).
-// A reader then polls the data itself: one round trip where the counter took two (the counter, then the data), and
-// no fence. A word is written once per step and 8-byte aligned accesses are single-copy atomic, so a word that
-// carries this step's flag carries this step's value.
-constexpr uint8_t k_flagged = 2;
-
-__device__ __forceinline__ uint32_t step_flag(const kernel_args & a) { return (uint32_t) a.epoch + 1u; }
+// A reader polls the data itself: one round trip where the counter took two (the counter, then the data), and no
+// fence on the writer's side. A word is written once per step and 8-byte aligned accesses are single-copy atomic,
+// so a word that carries this step's flag carries this step's value.
+__device__ __forceinline__ uint32_t step_flag(const kernel_args & a) { return flag_of_step(a.epoch); }
 
 __device__ __forceinline__ void st_flagged(unsigned long long * p, float v, uint32_t flag) {
     const unsigned long long w = (unsigned long long) __float_as_uint(v) | ((unsigned long long) flag << 32);
@@ -1979,147 +1974,6 @@ std::string cuda_err(const char * what, cudaError_t e) {
     return std::string(what) + ": " + cudaGetErrorString(e);
 }
 
-// Which scratch vectors travel flagged (k_flagged), and the dependencies that their flags replace. A vector
-// qualifies when one store epilogue writes it and every other reference to its bytes is an input read of a plain
-// or RMS-normed vector, or a residual add, lying inside it: the readers that know the flagged layout. It moves to
-// new scratch (two words per value, zeroed at load, so no word carries a flag before its step writes it). A
-// consumer's dependency on an instruction whose only write is such a vector, and whose input is the whole vector,
-// is dropped: the consumer polls the vector instead. Returns the scratch size with the moved vectors.
-// LLAMA_MEGAKERNEL_FLAGGED=0 leaves the program as compiled (A/B runs).
-uint64_t flag_values(instruction * hi, const program & p, uint64_t scratch_bytes, int & n_flagged, int & n_dropped) {
-    enum { writer, whole, part, other };
-    struct ref {
-        addr * a;  // nullptr: not rewritable (attention, delta net, rope tables)
-        uint64_t lo, hi;
-        int kind, instr;
-    };
-    const uint64_t far = ~0ull;  // an extent not known here: everything from the address on
-    std::vector<ref> refs;
-    auto add = [&](const addr & x, uint64_t bytes, int kind, int instr, bool rewritable) {
-        if (x.scratch == 1) {
-            refs.push_back({rewritable ? const_cast<addr *>(&x) : nullptr, x.off, bytes == far ? far : x.off + bytes, kind, instr});
-        }
-    };
-    for (size_t i = 0; i < p.instrs.size(); i++) {
-        instruction & in = hi[i];
-        const vec_in & v = in.in;
-        const uint64_t n4 = 4ull * (uint64_t) v.n;
-        if (v.kind == in_kind::plain || v.kind == in_kind::rms_norm) {
-            add(v.src, n4, whole, (int) i, true);
-        } else if (v.kind == in_kind::attn_reduce) {
-            add(v.src, 4ull * v.n_head * v.n_split * (v.head_dim + 2), other, (int) i, false);
-        } else {
-            add(v.src, far, other, (int) i, false);
-        }
-        add(v.w, v.norm_row ? 4ull * v.norm_row : n4, other, (int) i, false);
-        add(v.gate, n4, other, (int) i, false);
-        add(v.idx, 8, other, (int) i, false);
-        for (int sg = 0; sg < in.n_segments; sg++) {
-            segment & seg = in.seg[sg];
-            add(seg.w, far, other, (int) i, false);
-            const uint64_t rows4 = 4ull * (uint64_t) (in.kind == instr_kind::vec ? v.n : seg.rows);
-            for (int k = 0; k < seg.n_epi; k++) {
-                epi_op & op = seg.epi[k];
-                switch (op.kind) {
-                    case epi_kind::store: add(op.a, rows4, writer, (int) i, true); break;
-                    case epi_kind::add:   add(op.a, op.row_len ? 4ull * op.row_len : rows4, part, (int) i, true); break;
-                    case epi_kind::mul:   add(op.a, 4ull * op.row_len, other, (int) i, false); break;
-                    default:              add(op.a, far, other, (int) i, false); break;
-                }
-                add(op.b, far, other, (int) i, false);
-                add(op.c, far, other, (int) i, false);
-                add(op.idx, far, other, (int) i, false);
-            }
-        }
-    }
-    for (const rope_params & r : p.ropes) {
-        add(r.pos, far, other, -1, false);
-        add(r.freq_factors, far, other, -1, false);
-    }
-    for (const attention & at : p.attns) {
-        for (const addr * x : {&at.q, &at.k, &at.v, &at.mask, &at.partials, &at.kv_row}) add(*x, far, other, -1, false);
-    }
-    for (const delta_net & dn : p.deltas) {
-        for (const addr * x : {&dn.q, &dn.k, &dn.v, &dn.g, &dn.beta, &dn.state_in, &dn.state_idx, &dn.state_out, &dn.out}) {
-            add(*x, far, other, -1, false);
-        }
-    }
-    struct moved {
-        uint64_t lo, hi, base;
-        int instr;
-    };
-    std::vector<moved> mv;
-    for (const ref & w : refs) {
-        if (w.kind != writer || w.lo % 16 != 0) {
-            continue;
-        }
-        bool ok = true;
-        for (const ref & r : refs) {
-            if (&r == &w || r.hi <= w.lo || w.hi <= r.lo) {
-                continue;  // no overlap
-            }
-            if (r.kind == writer || r.kind == other || r.lo < w.lo || r.hi > w.hi || r.a == nullptr) {
-                ok = false;
-                break;
-            }
-        }
-        if (ok) {
-            const uint64_t base = (scratch_bytes + 255) / 256 * 256;
-            scratch_bytes = base + 2 * (w.hi - w.lo);
-            mv.push_back({w.lo, w.hi, base, w.instr});
-        }
-    }
-    for (const moved & m : mv) {
-        for (const ref & r : refs) {
-            if (r.a && r.lo >= m.lo && r.hi <= m.hi && r.a->scratch == 1) {
-                r.a->off = m.base + 2 * (r.lo - m.lo);
-                r.a->scratch = k_flagged;
-            }
-        }
-    }
-    n_flagged = (int) mv.size();
-    // dependencies the flags replace
-    n_dropped = 0;
-    for (size_t i = 0; i < p.instrs.size(); i++) {
-        instruction & c = hi[i];
-        if (c.in.src.scratch != k_flagged) {
-            continue;
-        }
-        const vec_in & pv = p.instrs[i].in;  // as compiled: the original address
-        for (int d = 0; d < c.n_deps; d++) {
-            const int pi = c.deps[d].instr;
-            const instruction & pr = hi[pi];
-            if (pr.kind != instr_kind::matvec && pr.kind != instr_kind::glu && pr.kind != instr_kind::vec) {
-                continue;
-            }
-            // the producer's only write must be one flagged vector, and the consumer's input all of it
-            int stores = 0;
-            bool only = true, covered = false;
-            for (int sg = 0; sg < pr.n_segments; sg++) {
-                for (int k = 0; k < pr.seg[sg].n_epi; k++) {
-                    const epi_op & op = pr.seg[sg].epi[k];
-                    if (op.kind == epi_kind::set_rows || op.kind == epi_kind::ssm_conv) {
-                        only = false;
-                    } else if (op.kind == epi_kind::store) {
-                        stores++;
-                        only = only && op.a.scratch == k_flagged;
-                        for (const moved & m : mv) {
-                            covered = covered || (m.instr == pi && m.lo == pv.src.off && m.hi == pv.src.off + 4ull * pv.n);
-                        }
-                    }
-                }
-            }
-            if (only && stores == 1 && covered) {
-                c.deps[d] = c.deps[c.n_deps - 1];
-                c.n_deps--;
-                d--;
-                n_dropped++;
-            }
-        }
-    }
-    return scratch_bytes;
-}
-
 }  // namespace
 
 struct gpu_program {
@@ -2145,7 +1999,6 @@ struct gpu_program {
     double p_total = 0;
     long p_steps = 0;
     std::vector<int> tiles;
-    int n_flagged = 0, n_dropped = 0;  // flag_values: vectors moved to the flagged layout, dependencies dropped
 };
 
 namespace {
@@ -2578,10 +2431,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
         host[o_ring + i] = ring_ok[i];
         memcpy(host.data() + o_tiles + i * sizeof(int32_t), &in.n_tiles, sizeof(int32_t));
     }
-    uint64_t scratch_bytes = p.scratch_bytes;
-    if (const char * fv = getenv("LLAMA_MEGAKERNEL_FLAGGED"); !fv || atoi(fv) != 0) {
-        scratch_bytes = flag_values((instruction *) (host.data() + o_instr), p, scratch_bytes, g->n_flagged, g->n_dropped);
-    }
+    const uint64_t scratch_bytes = p.scratch_bytes;
     if ((e = cudaMalloc(&g->d_mem, total)) != cudaSuccess ||
         (e = cudaMemcpy(g->d_mem, host.data(), total, cudaMemcpyHostToDevice)) != cudaSuccess ||
         (e = cudaMalloc(&g->d_scratch, std::max<uint64_t>(scratch_bytes, 256))) != cudaSuccess ||
@@ -2719,10 +2569,7 @@ uint64_t gpu_planar_bytes(const gpu_program * g) {
     return g ? g->planar_bytes : 0;
 }
 
-void gpu_flagged(const gpu_program * g, int & vectors, int & dropped_deps) {
-    vectors = g ? g->n_flagged : 0;
-    dropped_deps = g ? g->n_dropped : 0;
-}
+
 
 void gpu_free(gpu_program * g) {
     if (g == nullptr) {
