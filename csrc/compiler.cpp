@@ -21,7 +21,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <set>
@@ -1547,154 +1546,7 @@ program compile(const ggml_cgraph * graph, const target & tgt) {
     c.g = graph;
     c.tgt = tgt;
     c.run();
-    if (const char * fv = getenv("LLAMA_MEGAKERNEL_FLAGGED"); !fv || atoi(fv) != 0) {
-        flag_handoffs(c.p);
-    }
     return std::move(c.p);
-}
-
-void flag_handoffs(program & p) {
-    enum { writer, whole, part, other };
-    struct ref {
-        addr *   a;  // nullptr: a reference that cannot be rewritten (attention, delta net, rope tables)
-        uint64_t lo, hi;
-        int      kind, instr;
-    };
-    const uint64_t far = ~0ull;  // an extent not worked out here: everything from the address on
-    std::vector<ref> refs;
-    auto add = [&](addr & x, uint64_t bytes, int kind, int instr) {
-        if (x.scratch == 1) {
-            refs.push_back({kind == other ? nullptr : &x, x.off, bytes == far ? far : x.off + bytes, kind, instr});
-        }
-    };
-    for (size_t i = 0; i < p.instrs.size(); i++) {
-        instruction & in = p.instrs[i];
-        vec_in & v = in.in;
-        const uint64_t n4 = 4ull * (uint64_t) v.n;
-        if (v.kind == in_kind::plain || v.kind == in_kind::rms_norm) {
-            add(v.src, n4, whole, (int) i);
-        } else if (v.kind == in_kind::attn_reduce) {
-            add(v.src, 4ull * v.n_head * v.n_split * (v.head_dim + 2), other, (int) i);
-        } else {
-            add(v.src, far, other, (int) i);
-        }
-        add(v.w, v.norm_row ? 4ull * v.norm_row : n4, other, (int) i);
-        add(v.gate, n4, other, (int) i);
-        add(v.idx, 8, other, (int) i);
-        for (int sg = 0; sg < in.n_segments; sg++) {
-            segment & seg = in.seg[sg];
-            add(seg.w, far, other, (int) i);
-            const uint64_t rows4 = 4ull * (uint64_t) (in.kind == instr_kind::vec ? v.n : seg.rows);
-            for (int k = 0; k < seg.n_epi; k++) {
-                epi_op & op = seg.epi[k];
-                switch (op.kind) {
-                    case epi_kind::store: add(op.a, rows4, writer, (int) i); break;
-                    case epi_kind::add:   add(op.a, op.row_len ? 4ull * op.row_len : rows4, part, (int) i); break;
-                    case epi_kind::mul:   add(op.a, 4ull * op.row_len, other, (int) i); break;
-                    default:              add(op.a, far, other, (int) i); break;  // caches, conv kernels: not scratch
-                }
-                add(op.b, far, other, (int) i);
-                add(op.c, far, other, (int) i);
-                add(op.idx, op.kind == epi_kind::set_rows ? 8ull * seg.rows : 8, other, (int) i);
-            }
-        }
-    }
-    for (rope_params & r : p.ropes) {
-        add(r.pos, 16, other, -1);
-        add(r.freq_factors, 4ull * r.n_dims, other, -1);
-    }
-    for (attention & at : p.attns) {
-        add(at.q, 4ull * at.head_dim_k * at.n_head, other, -1);
-        add(at.k, far, other, -1);
-        add(at.v, far, other, -1);
-        add(at.mask, 4ull * at.n_kv, other, -1);
-        add(at.partials, 4ull * at.n_head * at.n_split * (at.head_dim_v + 2), other, -1);
-        add(at.kv_row, 8, other, -1);
-    }
-    for (delta_net & dn : p.deltas) {
-        const uint64_t qk = 4ull * dn.head_dim * dn.n_head_qk, hv = 4ull * dn.head_dim * dn.n_head;
-        add(dn.q, qk, other, -1);
-        add(dn.k, qk, other, -1);
-        add(dn.v, hv, other, -1);
-        add(dn.out, hv, other, -1);
-        add(dn.g, 4ull * dn.n_head, other, -1);
-        add(dn.beta, 4ull * dn.n_head, other, -1);
-        add(dn.state_in, far, other, -1);
-        add(dn.state_out, far, other, -1);
-        add(dn.state_idx, 8, other, -1);
-    }
-    struct moved {
-        uint64_t lo, hi, base;
-        int      writer;
-    };
-    std::vector<moved> mv;
-    uint64_t scratch = p.scratch_bytes;
-    for (const ref & w : refs) {
-        if (w.kind != writer || w.lo % 16 != 0) {
-            continue;
-        }
-        bool ok = true;
-        for (const ref & r : refs) {
-            if (&r == &w || r.hi <= w.lo || w.hi <= r.lo) {
-                continue;  // no overlap
-            }
-            const bool good = (r.kind == whole || r.kind == part) && r.lo >= w.lo && r.hi <= w.hi;
-            ok = ok && good;
-        }
-        if (ok) {
-            const uint64_t base = (scratch + 255) / 256 * 256;
-            scratch = base + 2 * (w.hi - w.lo);
-            mv.push_back({w.lo, w.hi, base, w.instr});
-        }
-    }
-    // the waits the flags replace: a reader whose input is all of a moved vector, on that vector's writer, when the
-    // writer writes nothing else (so nothing else of its output can be read unflagged). Decided before rewriting.
-    std::vector<std::pair<int, int>> drop;  // (reader, writer)
-    for (size_t i = 0; i < p.instrs.size(); i++) {
-        const vec_in & v = p.instrs[i].in;
-        if (v.src.scratch != 1 || (v.kind != in_kind::plain && v.kind != in_kind::rms_norm)) {
-            continue;
-        }
-        for (const moved & m : mv) {
-            if (m.lo != v.src.off || m.hi != v.src.off + 4ull * v.n) {
-                continue;
-            }
-            const instruction & wr = p.instrs[m.writer];
-            int writes = 0;
-            for (int sg = 0; sg < wr.n_segments; sg++) {
-                for (int k = 0; k < wr.seg[sg].n_epi; k++) {
-                    const epi_kind ek = wr.seg[sg].epi[k].kind;
-                    writes += ek == epi_kind::store || ek == epi_kind::set_rows || ek == epi_kind::ssm_conv;
-                }
-            }
-            const bool plain_writer = wr.kind == instr_kind::matvec || wr.kind == instr_kind::glu || wr.kind == instr_kind::vec;
-            if (plain_writer && writes == 1) {
-                drop.emplace_back((int) i, m.writer);
-            }
-        }
-    }
-    for (const moved & m : mv) {
-        for (const ref & r : refs) {
-            if (r.a && r.lo >= m.lo && r.hi <= m.hi) {
-                r.a->off = m.base + 2 * (r.lo - m.lo);
-                r.a->scratch = k_flagged;
-            }
-        }
-    }
-    for (const auto & [reader, wr] : drop) {
-        instruction & in = p.instrs[reader];
-        for (int d = 0; d < in.n_deps; d++) {
-            if (in.deps[d].instr == wr) {
-                in.deps[d] = in.deps[--in.n_deps];
-                in.deps[in.n_deps] = dep{};
-                in.handoff = wr;
-                p.n_handoffs++;
-                break;
-            }
-        }
-    }
-    p.n_flagged = (int) mv.size();
-    p.scratch_bytes = scratch;
 }
 
 std::vector<int> depths(const program & p) {
@@ -1702,9 +1554,6 @@ std::vector<int> depths(const program & p) {
     for (size_t i = 0; i < p.instrs.size(); i++) {
         for (int k = 0; k < p.instrs[i].n_deps; k++) {
             d[i] = std::max(d[i], d[p.instrs[i].deps[k].instr] + 1);
-        }
-        if (p.instrs[i].handoff >= 0) {  // a flagged input: an edge all the same
-            d[i] = std::max(d[i], d[p.instrs[i].handoff] + 1);
         }
     }
     return d;
@@ -1749,9 +1598,7 @@ static const char * epi_name(epi_kind k) {
 std::string explain_json(const program & p) {
     const std::vector<int> d = depths(p);
     std::string o = "{\"n_sm\":" + std::to_string(p.tgt.n_sm) + ",\"n_layers\":" + std::to_string(p.n_layers) +
-                    ",\"scratch_bytes\":" + std::to_string(p.scratch_bytes) +
-                    ",\"flagged_vectors\":" + std::to_string(p.n_flagged) + ",\"handoffs\":" + std::to_string(p.n_handoffs) +
-                    ",\"instructions\":[";
+                    ",\"scratch_bytes\":" + std::to_string(p.scratch_bytes) + ",\"instructions\":[";
     uint64_t total = 0;
     for (size_t i = 0; i < p.instrs.size(); i++) {
         const instruction & in = p.instrs[i];
@@ -1779,7 +1626,7 @@ std::string explain_json(const program & p) {
              ",\"name\":" + json_str(in.name) + ",\"layer\":" + std::to_string(in.layer) +
              ",\"input\":" + json_str(in_name(in.in.kind)) + ",\"tiles\":" + std::to_string(in.n_tiles) +
              ",\"bytes\":" + std::to_string(p.bytes_read[i]) + ",\"depth\":" + std::to_string(d[i]) +
-             ",\"deps\":" + deps + ",\"handoff\":" + std::to_string(in.handoff) + ",\"segments\":" + segs;
+             ",\"deps\":" + deps + ",\"segments\":" + segs;
         if (in.kind == instr_kind::attn) {
             const attention & at = p.attns[in.attn];
             o += ",\"n_kv\":" + std::to_string(at.n_kv) + ",\"n_split\":" + std::to_string(at.n_split) +

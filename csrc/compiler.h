@@ -29,7 +29,6 @@ struct program {
     std::vector<delta_net>   deltas;
     uint64_t scratch_bytes = 0;
     int      n_layers = 0;
-    int      n_flagged = 0, n_handoffs = 0;  // flag_handoffs: vectors moved to the flagged layout, waits replaced
     target   tgt;
 
     // Accounting for explain: bytes each instruction reads from memory (weights, KV rows, inputs).
@@ -42,15 +41,7 @@ struct compile_error : std::runtime_error {
         : std::runtime_error(detail), reason(reason_) {}
 };
 
-// Unless LLAMA_MEGAKERNEL_FLAGGED=0, the result has been through flag_handoffs.
 program compile(const ggml_cgraph * graph, const target & tgt);
-
-// Whole vectors handed from one instruction to the next (the residual stream, the FFN's activation) move to the
-// flagged layout (program.h, k_flagged), and a reader that takes the whole vector as its input no longer waits on
-// its writer's counter: it polls the vector. A vector qualifies when one store writes it and every other
-// reference to its bytes is a plain or RMS-normed input or a residual add inside it, the readers both executors
-// handle in that layout.
-void flag_handoffs(program & p);
 
 // Longest chain of dependencies (edges) from the start of the program to each instruction.
 std::vector<int> depths(const program & p);

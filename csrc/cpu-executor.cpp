@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cmath>
-#include <cstring>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -20,44 +19,9 @@ struct tile_ctx {
     const program & p;
     uint8_t * scratch;
     const std::vector<std::vector<uint8_t>> * k_before = nullptr, * v_before = nullptr;
-    uint32_t flag = 0;  // of this step (flag_of_step)
 
     template <typename T = float> T * ptr(const addr & a) const {
         return (T *) (a.scratch ? scratch + a.off : (uint8_t *) (uintptr_t) a.off);
-    }
-
-    // Value i of a flagged vector; its word must carry this step's flag (the run order guarantees it).
-    float flagged(const addr & a, int64_t i) const {
-        const uint64_t w = ptr<const uint64_t>(a)[i];
-        if ((uint32_t) (w >> 32) != flag) {
-            throw std::runtime_error("a flagged value was read before this step wrote it");
-        }
-        const uint32_t bits = (uint32_t) w;
-        float v;
-        memcpy(&v, &bits, 4);
-        return v;
-    }
-
-    bool written(const addr & a, int64_t i0, int64_t i1) const {
-        const uint64_t * w = ptr<const uint64_t>(a);
-        for (int64_t i = i0; i < i1; i++) {
-            if ((uint32_t) (w[i] >> 32) != flag) {
-                return false;
-            }
-        }
-        return true;
-    }
-
-    // n values of an F32 vector, plain or flagged
-    const float * vector(const addr & a, int n, std::vector<float> & tmp) const {
-        if (a.scratch != k_flagged) {
-            return ptr(a);
-        }
-        tmp.resize(n);
-        for (int i = 0; i < n; i++) {
-            tmp[i] = flagged(a, i);
-        }
-        return tmp.data();
     }
 };
 
@@ -65,14 +29,12 @@ void form_input(const tile_ctx & c, const vec_in & in, std::vector<float> & x) {
     x.resize(in.n);
     switch (in.kind) {
         case in_kind::plain: {
-            std::vector<float> tmp;
-            const float * s = c.vector(in.src, in.n, tmp);
+            const float * s = c.ptr(in.src);
             std::copy(s, s + in.n, x.begin());
             return;
         }
         case in_kind::rms_norm: {
-            std::vector<float> tmp;
-            const float * s = c.vector(in.src, in.n, tmp);
+            const float * s = c.ptr(in.src);
             const int row = in.norm_row ? in.norm_row : in.n;
             const float * w = in.w.null() ? nullptr : c.ptr(in.w);
             const float * gate = in.gate.null() ? nullptr : c.ptr(in.gate);
@@ -170,8 +132,7 @@ void epilogue(const tile_ctx & c, const segment & sg, float * y, int r0, int r1)
             case epi_kind::add: {
                 const float * a = c.ptr(op.a);
                 for (int j = r0; j < r1; j++) {
-                    const int i = op.row_len ? j % op.row_len : j;
-                    y[j - r0] += op.a.scratch == k_flagged ? c.flagged(op.a, i) : a[i];
+                    y[j - r0] += a[op.row_len ? j % op.row_len : j];
                 }
                 break;
             }
@@ -208,15 +169,6 @@ void epilogue(const tile_ctx & c, const segment & sg, float * y, int r0, int r1)
                 break;
             }
             case epi_kind::store: {
-                if (op.a.scratch == k_flagged) {
-                    uint64_t * o = c.ptr<uint64_t>(op.a);
-                    for (int j = r0; j < r1; j++) {
-                        uint32_t bits;
-                        memcpy(&bits, &y[j - r0], 4);
-                        o[j] = (uint64_t) bits | (uint64_t) c.flag << 32;
-                    }
-                    break;
-                }
                 float * o = c.ptr(op.a);
                 std::copy(y, y + (r1 - r0), o + r0);
                 break;
@@ -448,43 +400,18 @@ void run_tile(const tile_ctx & c, const instruction & in, int tile) {
     epilogue(c, sg, y.data(), r0, r1);
 }
 
-// Whether the flagged vectors tile t reads (its input, its residual add's rows) carry this step's flag: a tile may
-// run once they do and its instruction's dependencies are met, as on the GPU.
-bool flagged_inputs_written(const tile_ctx & c, const instruction & in, int t) {
-    if (in.kind == instr_kind::attn || in.kind == instr_kind::delta) {
-        return true;
-    }
-    if (in.in.src.scratch == k_flagged && !c.written(in.in.src, 0, in.in.n)) {
-        return false;
-    }
-    const tile_rows tr = rows_of(in, t);
-    const int r0 = in.kind == instr_kind::vec ? 0 : tr.r0, r1 = in.kind == instr_kind::vec ? in.in.n : tr.r1;
-    const segment & sg = in.seg[in.kind == instr_kind::glu ? 0 : tr.seg];
-    for (int k = 0; k < sg.n_epi; k++) {
-        const epi_op & op = sg.epi[k];
-        if (op.kind != epi_kind::add || op.a.scratch != k_flagged) {
-            continue;
-        }
-        if (op.row_len ? !c.written(op.a, 0, op.row_len) : !c.written(op.a, r0, r1)) {
-            return false;
-        }
-    }
-    return true;
-}
-
 }  // namespace
 
 void cpu_executor::run(const program & p, long long shuffle_seed) {
-    if (prog != &p) {  // a new program: fresh counters, and scratch without the last one's flags
+    if (prog != &p) {  // a new program: fresh counters
         prog = &p;
         counters.assign(p.instrs.size(), 0);
         epoch = 0;
-        scratch.assign(p.scratch_bytes, 0);
     }
     if (scratch.size() < p.scratch_bytes) {
         scratch.resize(p.scratch_bytes);
     }
-    tile_ctx c{p, scratch.data(), &k_before, &v_before, flag_of_step(epoch)};
+    tile_ctx c{p, scratch.data(), &k_before, &v_before};
     k_before.resize(p.attns.size());
     v_before.resize(p.attns.size());
     for (size_t a = 0; a < p.attns.size(); a++) {
@@ -516,9 +443,6 @@ void cpu_executor::run(const program & p, long long shuffle_seed) {
                 throw std::runtime_error(std::string("dependencies of ") + p.instrs[i].name + " not met in order");
             }
             for (int t = 0; t < p.instrs[i].n_tiles; t++) {
-                if (!flagged_inputs_written(c, p.instrs[i], t)) {
-                    throw std::runtime_error(std::string("flagged inputs of ") + p.instrs[i].name + " not written in order");
-                }
                 run_tile(c, p.instrs[i], t);
                 counters[i]++;
             }
@@ -545,15 +469,7 @@ void cpu_executor::run(const program & p, long long shuffle_seed) {
         };
         admit();
         while (!pool.empty()) {
-            // a random tile of those whose flagged inputs are written
-            const size_t k0 = rng() % pool.size();
-            size_t k = k0;
-            while (!flagged_inputs_written(c, p.instrs[pool[k].first], pool[k].second)) {
-                k = (k + 1) % pool.size();
-                if (k == k0) {
-                    throw std::runtime_error(std::string("flagged inputs of ") + p.instrs[pool[k].first].name + " never written");
-                }
-            }
+            size_t k = rng() % pool.size();
             std::pair<int, int> job = pool[k];
             pool[k] = pool.back();
             pool.pop_back();

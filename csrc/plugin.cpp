@@ -94,7 +94,6 @@ struct state {
     void * (*cuda_get_stream)(ggml_backend_t) = nullptr;  // patched ggml-cuda's stream getter, if any
     uint64_t gpu_steps = 0, gpu_failures = 0;
     uint64_t gpu_loads = 0, planar_bytes = 0;  // programs put on a GPU; planar weight bytes of the last one
-    int flagged_vectors = 0, flagged_deps = 0;  // the last one's flagged hand-overs (program::n_flagged)
     double gpu_load_ms = 0;                    // their total time (planar copies included)
     // Host wall time per executed GPU step: in the plugin's hook, over the steps that neither scanned a new graph
     // nor put a program on the GPU (those take milliseconds once), and in gpu_run (launch and the wait for the
@@ -247,8 +246,6 @@ bool take_graph(state & s, wrapped_backend & wb, ggml_backend_t backend, ggml_cg
             s.gpu_loads++;
             s.gpu_load_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
             s.planar_bytes = mk::gpu_planar_bytes(wb.gpu.get());
-            s.flagged_vectors = wb.prog->n_flagged;
-            s.flagged_deps = wb.prog->n_handoffs;
             if (!wb.gpu) {
                 sc.reason = "gpu-refused";
                 sc.detail = err;
@@ -599,8 +596,6 @@ size_t llama_mk_status_json(char * buf, size_t size) {
             ",\"gpu_loads\":" + std::to_string(s.gpu_loads) +
             ",\"gpu_load_ms\":" + std::to_string(s.gpu_load_ms) +
             ",\"planar_bytes\":" + std::to_string(s.planar_bytes) +
-            ",\"flagged_vectors\":" + std::to_string(s.flagged_vectors) +
-            ",\"flagged_deps_dropped\":" + std::to_string(s.flagged_deps) +
             ",\"gpu_hook_us_per_step\":" + per_step(s.gpu_hook_ms, s.gpu_hook_steps) +
             ",\"gpu_run_us_per_step\":" + per_step(s.gpu_run_ms, s.gpu_steps) +
             ",\"gpu_kernel_us_per_step\":" + per_step(s.gpu_kernel_ms, s.gpu_timed_steps) +

@@ -27,17 +27,9 @@ namespace mk {
 // within a step, so tiles of different instructions cannot overwrite each other's inputs).
 struct addr {
     uint64_t off     = 0;
-    uint8_t  scratch = 0;  // 1: `off` is a byte offset into the scratch arena; k_flagged: the same, flagged layout
+    uint8_t  scratch = 0;  // 1: `off` is a byte offset into the scratch arena
     MK_PROGRAM_HD bool null() const { return off == 0 && !scratch; }
 };
-
-// A flagged vector (compiler.h, flag_handoffs) keeps each float in the low half of an 8-byte word and the flag of
-// the step that wrote it in the high half, so a reader can tell this step's value from the last one's without a
-// counter: executors write flag_of_step(epoch) and read a word only once it carries that flag. Scratch starts
-// zeroed and the flag of a step is never 0.
-constexpr uint8_t k_flagged = 2;
-
-MK_PROGRAM_HD inline uint32_t flag_of_step(uint64_t epoch) { return (uint32_t) epoch + 1u; }
 
 // How an instruction forms its input vector x (n floats). Folding these into the consumer (each tile recomputes
 // them; the vectors are a few KiB) removes a serial edge per norm and per attention.
@@ -274,7 +266,6 @@ struct instruction {
     int32_t    attn = -1;        // index into program::attns, or program::deltas for a delta instruction
     int32_t    n_deps = 0;
     dep        deps[k_max_deps];
-    int32_t    handoff = -1;     // the writer of its flagged input, whose dependency the flags replaced (-1: none)
     char       name[64] = {0};   // the main ggml tensor it produces, for explain and error messages
 };
 

@@ -96,13 +96,11 @@ __global__ void __launch_bounds__(k_threads, 1) edges(probe_args a) {
             x0 = __uint_as_float((unsigned) w0); x1 = __uint_as_float((unsigned) w1);
             x2 = __uint_as_float((unsigned) w2); x3 = __uint_as_float((unsigned) w3);
         } else {
-            __shared__ int ok;
             if (t == 0) {
                 const unsigned long long deadline = global_ns() + 200000000ull;
                 while (ld_acquire(a.counters + e) < (unsigned long long) G) {
                     if (global_ns() > deadline) { *a.timeout = 1; break; }
                 }
-                ok = 1;
             }
             __syncthreads();
             const float4 v = __ldcg((const float4 *) (a.vec + (size_t) e * k_n) + t);

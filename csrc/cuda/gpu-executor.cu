@@ -119,60 +119,6 @@ __device__ __forceinline__ unsigned long long ld_acquire(const unsigned long lon
     return v;
 }
 
-// --- flagged values (program.h, k_flagged) ---------------------------------------------------------------------
-//
-// A reader polls the data itself: one round trip where the counter took two (the counter, then the data), and no
-// fence on the writer's side. A word is written once per step and 8-byte aligned accesses are single-copy atomic,
-// so a word that carries this step's flag carries this step's value.
-__device__ __forceinline__ uint32_t step_flag(const kernel_args & a) { return flag_of_step(a.epoch); }
-
-__device__ __forceinline__ void st_flagged(unsigned long long * p, float v, uint32_t flag) {
-    const unsigned long long w = (unsigned long long) __float_as_uint(v) | ((unsigned long long) flag << 32);
-    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(w) : "memory");
-}
-
-__device__ __forceinline__ unsigned long long ld_word(const unsigned long long * p) {
-    unsigned long long v;
-    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ bool has_flag(unsigned long long w, uint32_t flag) { return (uint32_t) (w >> 32) == flag; }
-
-__device__ __forceinline__ float word_value(unsigned long long w) { return __uint_as_float((uint32_t) w); }
-
-// Re-reads *p until it carries `flag`. Bounded: past the deadline (or once another block gave up) it marks the step
-// abandoned and returns what it has; the block leaves at its next dependency wait and the host recomputes the step.
-__device__ __noinline__ unsigned long long wait_word(const kernel_args & a, const unsigned long long * p, uint32_t flag) {
-    const unsigned long long deadline = global_ns() + a.timeout_ns;
-    unsigned long long w = ld_word(p);
-    for (int spins = 1; !has_flag(w, flag); spins++) {
-        if ((spins & 15) == 0) {
-            if (*(volatile int *) a.abort != 0) {
-                break;
-            }
-            if (global_ns() > deadline) {
-                if (atomicExch(a.abort, 1) == 0) {
-                    *(volatile int *) a.error = -1;  // gpu_run: a flagged value never arrived
-                    __threadfence_system();
-                }
-                break;
-            }
-        }
-        w = ld_word(p);
-    }
-    return w;
-}
-
-// Element i of a flagged vector.
-__device__ __forceinline__ float ld_flagged(const kernel_args & a, const unsigned long long * p, uint32_t flag) {
-    unsigned long long w = ld_word(p);
-    if (!has_flag(w, flag)) {
-        w = wait_word(a, p, flag);
-    }
-    return word_value(w);
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -257,27 +203,25 @@ __device__ __forceinline__ void prefetch_l2_evict_first(const void * p, int64_t 
 // --- waiting ---------------------------------------------------------------------------------------------------
 
 // True if the block may go on; false if the step is being abandoned (a wait timed out somewhere).
-// The counters of all dependencies are read together, each turn re-reading only those not yet met: one read after
-// another cost a round trip per dependency (~0.5-1 us each in the loaded kernel) even when all were long met.
-// LLAMA_MEGAKERNEL_SERIAL_POLL=1 polls them one after another as before (A/B runs).
+// The counters of all dependencies are read together, each turn re-reading only those not yet met: one after
+// another cost a round trip per dependency even when all were long met (attn_out and ffn_out wait on two each).
+// LLAMA_MEGAKERNEL_SERIAL_POLL=1 polls them one at a time as before (A/B runs).
 __device__ bool wait_deps(const kernel_args & a, const instruction & in, int self, volatile int * s_flag) {
     if (threadIdx.x == 0) {
         int ok = 1;
         const unsigned long long deadline = global_ns() + a.timeout_ns;
         int spins = 0;
+        const int nd = in.n_deps;
         unsigned long long target[k_max_deps];
         const unsigned long long * ctr[k_max_deps];
-        const int nd = in.n_deps;
 #pragma unroll
         for (int d = 0; d < k_max_deps; d++) {  // unrolled: the arrays stay in registers
-            const int p = d < nd ? in.deps[d].instr : 0;
             target[d] = d < nd ? a.epoch * (unsigned long long) in.deps[d].producer_tiles + in.deps[d].needed : 0;
-            ctr[d] = a.counters + p;
+            ctr[d] = a.counters + (d < nd ? in.deps[d].instr : 0);
         }
         unsigned pending = (1u << nd) - 1;
-        while (pending && ok) {
-            // serial_poll: only the first unmet one, as before
-            const unsigned look = a.serial_poll ? pending & (0u - pending) : pending;
+        while (pending) {
+            const unsigned look = a.serial_poll ? pending & (0u - pending) : pending;  // serial: the first unmet only
             unsigned long long v[k_max_deps];
 #pragma unroll
             for (int d = 0; d < k_max_deps; d++) {  // independent loads, in flight together
@@ -335,28 +279,6 @@ __device__ void tile_done(const kernel_args & a, int i) {
 // k_gather * k_threads values costs one memory round trip instead of one per value.
 constexpr int k_gather = 8;
 
-// A flagged vector of n values into x (shared memory), k_gather words per thread in flight at once. Not inlined:
-// the kernel's main loop has no registers to spare (inlined, this and the fused pass's copy took its spills from
-// 222 to 606 bytes).
-__device__ __noinline__ void load_flagged_x(const kernel_args & a, const addr & src, int n, float * x) {
-    const unsigned long long * s = (const unsigned long long *) resolve(a, src);
-    const uint32_t flag = step_flag(a);
-    for (int i0 = threadIdx.x; i0 < n; i0 += k_gather * k_threads) {
-        unsigned long long w[k_gather];
-#pragma unroll
-        for (int k = 0; k < k_gather; k++) {
-            w[k] = ld_word(s + min(i0 + k * k_threads, n - 1));  // clamped, not skipped: no branch between the loads
-        }
-#pragma unroll
-        for (int k = 0; k < k_gather; k++) {
-            const int i = i0 + k * k_threads;
-            if (i < n) {
-                x[i] = word_value(has_flag(w[k], flag) ? w[k] : wait_word(a, s + i, flag));
-            }
-        }
-    }
-}
-
 // Before the dependency wait: an RMS norm's weight (a constant of the model) into w, where form_input then finds
 // it. After the wait only x is still to load; the weight's load had been the forming's slowest, from HBM (the
 // weight streaming of the step before evicts it from L2). True if it did.
@@ -388,10 +310,6 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
     const int n = in.n, t = threadIdx.x;
     switch (in.kind) {
         case in_kind::plain: {
-            if (in.src.scratch == k_flagged) {
-                load_flagged_x(a, in.src, n, x);
-                break;
-            }
             const float * s = (const float *) resolve(a, in.src);
             for (int i0 = t; i0 < n; i0 += k_gather * k_threads) {
                 float r[k_gather];
@@ -412,20 +330,17 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
         }
         case in_kind::rms_norm: {
             // x and the norm's weight in one round trip; the sum of squares needs the whole vector first
+            const float * s = (const float *) resolve(a, in.src);
             const float * nw = in.w.null() ? nullptr : (const float *) resolve(a, in.w);
             const bool load_w = !w_ready && nw && in.norm_row == 0;
-            const bool flagged = in.src.scratch == k_flagged;
-            if (flagged) {
-                load_flagged_x(a, in.src, n, x);  // then only the weight below (x is stored again as read)
-            }
-            const float * s = (const float *) resolve(a, in.src);
+            const float * gw = load_w ? nw : s;
             for (int i0 = t; i0 < n; i0 += k_gather * k_threads) {
                 float r[k_gather], g[k_gather];
 #pragma unroll
                 for (int k = 0; k < k_gather; k++) {
                     const int i = i0 + k * k_threads;
-                    r[k] = flagged ? x[min(i, n - 1)] : ldcg_f(s + min(i, n - 1));
-                    g[k] = load_w ? __ldg(nw + min(i, n - 1)) : 1.0f;
+                    r[k] = ldcg_f(s + min(i, n - 1));
+                    g[k] = load_w ? __ldg(gw + min(i, n - 1)) : 1.0f;
                 }
 #pragma unroll
                 for (int k = 0; k < k_gather; k++) {
@@ -676,24 +591,6 @@ __device__ void preload_epi_inputs(const kernel_args & a, const segment & sg, in
     }
 }
 
-// The residual add and the store of a flagged vector (kept out of line: the main loop has no registers to spare).
-__device__ __noinline__ void add_flagged(const kernel_args & a, const epi_op & op, float * y, int r0, int nv) {
-    const unsigned long long * src = (const unsigned long long *) resolve(a, op.a);
-    const uint32_t flag = step_flag(a);
-    for (int j = threadIdx.x; j < nv; j += k_threads) {
-        const int g = r0 + j;
-        y[j] += ld_flagged(a, src + (op.row_len ? g % op.row_len : g), flag);
-    }
-}
-
-__device__ __noinline__ void store_flagged(const kernel_args & a, const epi_op & op, const float * y, int r0, int nv) {
-    unsigned long long * o = (unsigned long long *) resolve(a, op.a);
-    const uint32_t flag = step_flag(a);
-    for (int j = threadIdx.x; j < nv; j += k_threads) {
-        st_flagged(o + r0 + j, y[j], flag);
-    }
-}
-
 // `pre`: preload_epi_inputs ran for these rows (nullptr: the inputs are loaded here).
 __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, int r0, int r1, float * red,
                          const epi_inputs * pre) {
@@ -702,10 +599,6 @@ __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, i
         const epi_op & op = sg.epi[k];
         switch (op.kind) {
             case epi_kind::add: {
-                if (op.a.scratch == k_flagged) {
-                    add_flagged(a, op, y, r0, nv);
-                    break;
-                }
                 const float * src = (const float *) resolve(a, op.a);
                 for (int j = threadIdx.x; j < nv; j += k_threads) {
                     const int g = r0 + j;
@@ -761,10 +654,6 @@ __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, i
                 break;
             }
             case epi_kind::store: {
-                if (op.a.scratch == k_flagged) {
-                    store_flagged(a, op, y, r0, nv);
-                    break;
-                }
                 float * o = (float *) resolve(a, op.a);
                 for (int j = threadIdx.x; j < nv; j += k_threads) {
                     o[r0 + j] = y[j];
@@ -1291,14 +1180,7 @@ __device__ __forceinline__ bool form_round_q8_1(const kernel_args & a, const vec
         ((uintptr_t) s & 15) != 0) {
         return false;
     }
-    if (in.src.scratch == k_flagged) {  // x from its words, then rounded (plain) or normed and rounded below
-        load_flagged_x(a, in.src, n, x);
-        if (!rms) {
-            __syncthreads();
-            round_q8_1(x, xq, xd, xs, n);
-            return true;
-        }
-    } else for (int g0 = threadIdx.x - l; g0 < ng; g0 += k_threads) {  // warp-uniform, as round_q8_1
+    for (int g0 = threadIdx.x - l; g0 < ng; g0 += k_threads) {  // warp-uniform, as round_q8_1
         const int g = min(g0 + l, ng - 1);
         const float4 u = __ldcg((const float4 *) (s + 8 * g)), t = __ldcg((const float4 *) (s + 8 * g + 4));
         if (rms) {
@@ -2431,11 +2313,10 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
         host[o_ring + i] = ring_ok[i];
         memcpy(host.data() + o_tiles + i * sizeof(int32_t), &in.n_tiles, sizeof(int32_t));
     }
-    const uint64_t scratch_bytes = p.scratch_bytes;
     if ((e = cudaMalloc(&g->d_mem, total)) != cudaSuccess ||
         (e = cudaMemcpy(g->d_mem, host.data(), total, cudaMemcpyHostToDevice)) != cudaSuccess ||
-        (e = cudaMalloc(&g->d_scratch, std::max<uint64_t>(scratch_bytes, 256))) != cudaSuccess ||
-        (e = cudaMemset(g->d_scratch, 0, std::max<uint64_t>(scratch_bytes, 256))) != cudaSuccess ||
+        (e = cudaMalloc(&g->d_scratch, std::max<uint64_t>(p.scratch_bytes, 256))) != cudaSuccess ||
+        (e = cudaMemset(g->d_scratch, 0, std::max<uint64_t>(p.scratch_bytes, 256))) != cudaSuccess ||
         (e = cudaHostAlloc(&g->h_error, sizeof(int), cudaHostAllocMapped)) != cudaSuccess) {
         cudaGetLastError();
         err = cuda_err("allocating the program on the GPU", e);
@@ -2549,10 +2430,6 @@ bool gpu_run(gpu_program * g, void * stream_, std::string & err, float * kernel_
         return false;
     }
     const int code = *(volatile int *) g->h_error;
-    if (code < 0) {
-        err = "a flagged vector was not written within the wait timeout";
-        return false;
-    }
     if (code != 0) {
         err = "a dependency wait timed out in instruction " + std::to_string(code - 1) + " (" +
               (code - 1 < (int) g->names.size() ? g->names[code - 1] : std::string("?")) + ")";
@@ -2568,8 +2445,6 @@ bool gpu_run(gpu_program * g, void * stream_, std::string & err, float * kernel_
 uint64_t gpu_planar_bytes(const gpu_program * g) {
     return g ? g->planar_bytes : 0;
 }
-
-
 
 void gpu_free(gpu_program * g) {
     if (g == nullptr) {
