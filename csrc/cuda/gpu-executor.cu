@@ -203,9 +203,9 @@ __device__ __forceinline__ void prefetch_l2_evict_first(const void * p, int64_t 
 // --- waiting ---------------------------------------------------------------------------------------------------
 
 // True if the block may go on; false if the step is being abandoned (a wait timed out somewhere).
-// The counters of all dependencies are read together, each turn re-reading only those not yet met: one after
-// another cost a round trip per dependency even when all were long met (attn_out and ffn_out wait on two each).
-// LLAMA_MEGAKERNEL_SERIAL_POLL=1 polls them one at a time as before (A/B runs).
+// The counters of all dependencies are read together, each turn re-reading only those not yet met, so the wait
+// does not depend on the order of the list. (Against one at a time, LLAMA_MEGAKERNEL_SERIAL_POLL=1, it measured
+// within noise: the second dependency of attn_out and ffn_out is met long before; notes, session 16.)
 __device__ bool wait_deps(const kernel_args & a, const instruction & in, int self, volatile int * s_flag) {
     if (threadIdx.x == 0) {
         int ok = 1;
