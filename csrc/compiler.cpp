@@ -1466,7 +1466,6 @@ struct compiler {
                     fail("unsupported-pattern", std::string("instruction ") + in.name + " reads a later one");
                 }
                 in.deps[d].needed = p.instrs[in.deps[d].instr].n_tiles;
-                in.deps[d].producer_tiles = p.instrs[in.deps[d].instr].n_tiles;
             }
         }
     }

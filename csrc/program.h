@@ -251,7 +251,6 @@ enum class instr_kind : uint8_t {
 struct dep {
     int32_t instr = -1;   // producer instruction
     int32_t needed = 0;   // how many of its tiles must be done (this step)
-    int32_t producer_tiles = 0;  // the producer's n_tiles (its counter grows by that much per step)
 };
 
 struct instruction {

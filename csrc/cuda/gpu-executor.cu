@@ -69,7 +69,6 @@ struct kernel_args {
     int32_t preload_norm;     // before the wait: an RMS norm's weight into shared memory (preload_norm_weight) and
                               // the epilogue's graph inputs (preload_epi_inputs); LLAMA_MEGAKERNEL_PRELOAD_NORM=0: after
     int32_t fuse_round;       // form_round_q8_1 where it applies
-    int32_t serial_poll;      // wait_deps reads one dependency's counter at a time (LLAMA_MEGAKERNEL_SERIAL_POLL=1)
 };
 
 // Profile entries per (block, instruction): arrival, dependencies met (first tile), summed input-forming and
@@ -204,8 +203,8 @@ __device__ __forceinline__ void prefetch_l2_evict_first(const void * p, int64_t 
 
 // True if the block may go on; false if the step is being abandoned (a wait timed out somewhere).
 // The counters of all dependencies are read together, each turn re-reading only those not yet met, so the wait
-// does not depend on the order of the list. (Against one at a time, LLAMA_MEGAKERNEL_SERIAL_POLL=1, it measured
-// within noise: the second dependency of attn_out and ffn_out is met long before; notes, session 16.)
+// does not depend on the order of the list. (Against one at a time it measured within noise: the second
+// dependency of attn_out and ffn_out is met long before; notes, session 16.)
 __device__ bool wait_deps(const kernel_args & a, const instruction & in, int self, volatile int * s_flag) {
     if (threadIdx.x == 0) {
         int ok = 1;
@@ -216,20 +215,19 @@ __device__ bool wait_deps(const kernel_args & a, const instruction & in, int sel
         const unsigned long long * ctr[k_max_deps];
 #pragma unroll
         for (int d = 0; d < k_max_deps; d++) {  // unrolled: the arrays stay in registers
-            target[d] = d < nd ? a.epoch * (unsigned long long) in.deps[d].producer_tiles + in.deps[d].needed : 0;
+            target[d] = d < nd ? a.epoch * (unsigned long long) a.tiles[in.deps[d].instr] + in.deps[d].needed : 0;
             ctr[d] = a.counters + (d < nd ? in.deps[d].instr : 0);
         }
         unsigned pending = (1u << nd) - 1;
         while (pending) {
-            const unsigned look = a.serial_poll ? pending & (0u - pending) : pending;  // serial: the first unmet only
             unsigned long long v[k_max_deps];
 #pragma unroll
             for (int d = 0; d < k_max_deps; d++) {  // independent loads, in flight together
-                v[d] = (look >> d & 1) ? ld_acquire(ctr[d]) : 0;
+                v[d] = (pending >> d & 1) ? ld_acquire(ctr[d]) : 0;
             }
 #pragma unroll
             for (int d = 0; d < k_max_deps; d++) {
-                if ((look >> d & 1) && v[d] >= target[d]) {
+                if ((pending >> d & 1) && v[d] >= target[d]) {
                     pending &= ~(1u << d);
                 }
             }
@@ -2360,10 +2358,6 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.fuse_round = 1;
     if (const char * fr = getenv("LLAMA_MEGAKERNEL_FUSE_ROUND")) {  // 0: form_input then round_q8_1 (A/B)
         a.fuse_round = atoi(fr) != 0;
-    }
-    a.serial_poll = 0;
-    if (const char * sp = getenv("LLAMA_MEGAKERNEL_SERIAL_POLL")) {  // 1: one counter at a time, as before (A/B)
-        a.serial_poll = atoi(sp) != 0;
     }
     a.prefetch = 96 * 1024;
     if (const char * pf = getenv("LLAMA_MEGAKERNEL_PREFETCH")) {
