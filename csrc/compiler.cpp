@@ -1366,6 +1366,113 @@ struct compiler {
         }
     }
 
+    // Every address an instruction refers to (its own, its attention's or recurrence's, its ropes').
+    template <typename F> void each_addr(const instruction & in, F f) const {
+        for (const addr * a : {&in.in.src, &in.in.w, &in.in.gate, &in.in.idx, &in.down_acc}) f(*a);
+        for (int s = 0; s < k_max_segments; s++) {
+            const segment & sg = in.seg[s];
+            f(sg.w);
+            for (int e = 0; e < sg.n_epi; e++) {
+                const epi_op & op = sg.epi[e];
+                for (const addr * a : {&op.a, &op.b, &op.c, &op.idx}) f(*a);
+                if (op.kind == epi_kind::rope) {
+                    f(p.ropes[op.rope].pos);
+                    f(p.ropes[op.rope].freq_factors);
+                }
+            }
+        }
+        if (in.kind == instr_kind::attn) {
+            const attention & at = p.attns[in.attn];
+            for (const addr * a : {&at.q, &at.k, &at.v, &at.mask, &at.partials, &at.kv_row}) f(*a);
+        }
+        if (in.kind == instr_kind::delta) {
+            const delta_net & dn = p.deltas[in.attn];
+            for (const addr * a : {&dn.q, &dn.k, &dn.v, &dn.g, &dn.beta, &dn.state_in, &dn.state_idx, &dn.state_out, &dn.out}) f(*a);
+        }
+    }
+
+    // Weight types whose columns both executors can take in slices (the GPU: gpu-executor.cu, down_slice).
+    static bool down_slice_type(int32_t t) { return t == T_Q4_0 || t == T_Q8_0; }
+
+    // glu -> down matvec (+ epilogue) becomes one glu instruction with the down matrix as seg[2] (program.h,
+    // fused_down), where the glu result is read by that matvec alone, as a whole, and nothing else refers to it.
+    void fuse_down() {
+        for (size_t gi = 0; gi + 1 < p.instrs.size(); gi++) {
+            instruction & G = p.instrs[gi];
+            if (G.kind != instr_kind::glu || G.fused_down || G.seg[0].n_epi != 1 || G.seg[0].epi[0].kind != epi_kind::store ||
+                !G.seg[0].epi[0].a.scratch) {
+                continue;
+            }
+            const addr S = G.seg[0].epi[0].a;
+            const uint64_t s_lo = S.off, s_hi = S.off + (uint64_t) G.seg[0].rows * 4;
+            int di = -1, readers = 0;
+            for (size_t j = 0; j < p.instrs.size(); j++) {
+                int refs = 0;
+                each_addr(p.instrs[j], [&](const addr & a) {
+                    refs += a.scratch && a.off < s_hi && a.off + 1 > s_lo;
+                });
+                if (j == gi) {
+                    refs -= 1;  // its own store
+                }
+                if (refs > 0) {
+                    readers++;
+                    di = (int) j;
+                }
+            }
+            if (readers != 1 || di <= (int) gi) {
+                continue;
+            }
+            instruction & D = p.instrs[di];
+            const segment & w = D.seg[0];
+            if (D.kind != instr_kind::matvec || D.n_segments != 1 || D.in.kind != in_kind::plain || !same(D.in.src, S) ||
+                D.in.n != G.seg[0].rows || !down_slice_type(w.type) || !w.constant || w.row_group != 0 ||
+                G.seg[0].rows % info_of(w.type).block != 0 || G.n_segments != 2) {
+                continue;
+            }
+            // nothing between the two may depend on the glu (it would then wait for the whole fused instruction)
+            bool between = false;
+            for (int j = (int) gi + 1; j < di; j++) {
+                for (int d = 0; d < p.instrs[j].n_deps; d++) {
+                    between = between || p.instrs[j].deps[d].instr == (int) gi;
+                }
+            }
+            for (int d = 0; d < D.n_deps; d++) {  // and the down matvec may wait on nothing after the glu
+                between = between || D.deps[d].instr > (int) gi;
+            }
+            if (between) {
+                continue;
+            }
+            G.fused_down = true;
+            G.seg[0].n_epi = 0;
+            G.seg[2] = w;
+            G.down_acc = scratch_alloc((uint64_t) w.rows * 8 + 8);
+            for (int d = 0; d < D.n_deps; d++) {
+                add_dep((int) gi, D.deps[d].instr);
+            }
+            char name[sizeof(G.name)];
+            snprintf(name, sizeof(name), "%.40s+%.20s", G.name, D.name);
+            memcpy(G.name, name, sizeof(name));
+            // D goes; later instructions move up one, and whatever waited on D waits on the glu
+            p.instrs.erase(p.instrs.begin() + di);
+            for (size_t j = 0; j < p.instrs.size(); j++) {
+                instruction & in = p.instrs[j];
+                int n = 0;
+                for (int d = 0; d < in.n_deps; d++) {
+                    int k = in.deps[d].instr;
+                    k = k == di ? (int) gi : k > di ? k - 1 : k;
+                    bool dup = k == (int) j;
+                    for (int e = 0; e < n; e++) {
+                        dup = dup || in.deps[e].instr == k;
+                    }
+                    if (!dup) {
+                        in.deps[n++].instr = k;
+                    }
+                }
+                in.n_deps = n;
+            }
+        }
+    }
+
     // the memory of a graph input (not a weight, not the KV cache) that instruction `instr` reads
     void note_input(const ggml_tensor * t, int instr) {
         if (t == nullptr || is_weight(t) || t->buffer == nullptr ||
@@ -1382,7 +1489,7 @@ struct compiler {
         int tiles = 0;
         for (int s = 0; s < n_out; s++) {
             segment & sg = in.seg[s];
-            int align = 1;
+            int align = in.fused_down ? info_of(in.seg[2].type).block : 1;  // whole blocks of the down columns
             for (int e = 0; e < sg.n_epi; e++) {
                 if (sg.epi[e].kind == epi_kind::rope || sg.epi[e].kind == epi_kind::rms_norm) {
                     align = std::max(align, sg.epi[e].row_len);
@@ -1457,6 +1564,10 @@ struct compiler {
                 in.seg[1].rows_per_tile = in.seg[0].rows_per_tile;
                 in.seg[1].tile_begin = 0;
             }
+            if (in.fused_down) {  // its epilogue runs once, over the whole vector
+                in.seg[2].rows_per_tile = in.seg[2].rows;
+                in.seg[2].tile_begin = 0;
+            }
             in.n_tiles = tiles;
         }
         for (size_t i = 0; i < p.instrs.size(); i++) {
@@ -1492,6 +1603,9 @@ struct compiler {
         for (int s = 0; s < n; s++) {
             b += (uint64_t) in.seg[s].rows * in.seg[s].row_bytes;
         }
+        if (in.fused_down) {
+            b += (uint64_t) in.seg[2].rows * in.seg[2].row_bytes;
+        }
         return b;
     }
 
@@ -1526,6 +1640,9 @@ struct compiler {
         }
         outputs();
         order_output_writes();
+        if (tgt.fuse_down) {
+            fuse_down();
+        }
         tile();
         p.scratch_bytes = scratch;
         p.tgt = tgt;
@@ -1603,7 +1720,7 @@ std::string explain_json(const program & p) {
         const instruction & in = p.instrs[i];
         total += p.bytes_read[i];
         std::string segs = "[";
-        const int nseg = in.kind == instr_kind::vec ? 1 : in.n_segments;
+        const int nseg = in.kind == instr_kind::vec ? 1 : in.fused_down ? 3 : in.n_segments;
         for (int s = 0; s < nseg; s++) {
             const segment & sg = in.seg[s];
             std::string epi = "[";
@@ -1625,7 +1742,7 @@ std::string explain_json(const program & p) {
              ",\"name\":" + json_str(in.name) + ",\"layer\":" + std::to_string(in.layer) +
              ",\"input\":" + json_str(in_name(in.in.kind)) + ",\"tiles\":" + std::to_string(in.n_tiles) +
              ",\"bytes\":" + std::to_string(p.bytes_read[i]) + ",\"depth\":" + std::to_string(d[i]) +
-             ",\"deps\":" + deps + ",\"segments\":" + segs;
+             ",\"deps\":" + deps + ",\"segments\":" + segs + (in.fused_down ? ",\"fused_down\":true" : "");
         if (in.kind == instr_kind::attn) {
             const attention & at = p.attns[in.attn];
             o += ",\"n_kv\":" + std::to_string(at.n_kv) + ",\"n_split\":" + std::to_string(at.n_split) +

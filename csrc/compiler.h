@@ -2,6 +2,7 @@
 // (program.h). It fuses the llama layer into five instructions with one serial edge each:
 //   norm + QKV matvec + rope + KV append  ->  attention partials  ->  attention merge + O matvec + residual
 //   ->  norm + gate/up matvec + GLU  ->  down matvec + residual
+// and, where the down projection's weight type allows it (fuse_down), the last two as one instruction.
 // A graph it cannot express is refused with a reason (compile_error), and the plugin hands it back unchanged.
 #pragma once
 
@@ -20,6 +21,7 @@ namespace mk {
 struct target {
     int n_sm = 132;               // multiprocessors (one persistent block each)
     int smem_bytes = 227 * 1024;  // shared memory per block
+    bool fuse_down = true;        // fold the FFN down projection into the glu instruction (LLAMA_MEGAKERNEL_FUSE_DOWN=0: off)
 };
 
 struct program {

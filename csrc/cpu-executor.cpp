@@ -362,7 +362,36 @@ void run_delta_tile(const tile_ctx & c, const delta_net & dn, int tile) {
     }
 }
 
-void run_tile(const tile_ctx & c, const instruction & in, int tile) {
+// A fused down projection (program.h, fused_down): glu rows [r0, r1) times the same columns of seg[2], added into
+// the fixed-point sums; the step's last tile turns them into the vector and runs seg[2]'s epilogue on it.
+void down_partial(const tile_ctx & c, const instruction & in, const std::vector<float> & y, int r0, int r1, bool last) {
+    const segment & dw = in.seg[2];
+    act_vec buf;
+    const std::vector<float> & ya = act_for(dw, y, buf);  // tiles hold whole 32-blocks: as rounding the whole vector
+    long long * acc = c.ptr<long long>(in.down_acc);
+    const int block = info_of(dw.type).block, bytes = info_of(dw.type).bytes;
+    std::vector<float> w(r1 - r0);
+    for (int o = 0; o < dw.rows; o++) {
+        const uint8_t * wr = c.ptr<const uint8_t>(dw.w) + (uint64_t) o * dw.row_bytes + (uint64_t) (r0 / block) * bytes;
+        dequant_row(dw.type, wr, w.data(), r1 - r0);
+        double s = 0.0;
+        for (int j = 0; j < r1 - r0; j++) {
+            s += (double) w[j] * ya[j];
+        }
+        acc[o] += to_fixed((float) s);
+    }
+    if (last) {
+        std::vector<float> v(dw.rows);
+        for (int o = 0; o < dw.rows; o++) {
+            v[o] = from_fixed(acc[o]);
+            acc[o] = 0;
+        }
+        epilogue(c, dw, v.data(), 0, dw.rows);
+    }
+}
+
+// last: no other tile of the instruction is still to run in this step
+void run_tile(const tile_ctx & c, const instruction & in, int tile, bool last) {
     if (in.kind == instr_kind::attn) {
         run_attn_tile(c, c.p.attns[in.attn], in.attn, tile);
         return;
@@ -398,6 +427,9 @@ void run_tile(const tile_ctx & c, const instruction & in, int tile) {
         }
     }
     epilogue(c, sg, y.data(), r0, r1);
+    if (in.fused_down) {
+        down_partial(c, in, y, r0, r1, last);
+    }
 }
 
 }  // namespace
@@ -407,6 +439,9 @@ void cpu_executor::run(const program & p, long long shuffle_seed) {
         prog = &p;
         counters.assign(p.instrs.size(), 0);
         epoch = 0;
+    }
+    if (epoch == 0) {  // a new program: zeroed scratch (the fused down projections' sums start at 0)
+        scratch.assign(std::max<size_t>(scratch.size(), p.scratch_bytes), 0);
     }
     if (scratch.size() < p.scratch_bytes) {
         scratch.resize(p.scratch_bytes);
@@ -443,7 +478,7 @@ void cpu_executor::run(const program & p, long long shuffle_seed) {
                 throw std::runtime_error(std::string("dependencies of ") + p.instrs[i].name + " not met in order");
             }
             for (int t = 0; t < p.instrs[i].n_tiles; t++) {
-                run_tile(c, p.instrs[i], t);
+                run_tile(c, p.instrs[i], t, t + 1 == p.instrs[i].n_tiles);
                 counters[i]++;
             }
         }
@@ -473,7 +508,8 @@ void cpu_executor::run(const program & p, long long shuffle_seed) {
             std::pair<int, int> job = pool[k];
             pool[k] = pool.back();
             pool.pop_back();
-            run_tile(c, p.instrs[job.first], job.second);
+            const uint64_t T = (uint64_t) p.instrs[job.first].n_tiles;
+            run_tile(c, p.instrs[job.first], job.second, counters[job.first] + 1 == (epoch + 1) * T);
             counters[job.first]++;
             admit();
         }

@@ -152,6 +152,9 @@ mk::target target_for(const wrapped_backend & wb) {
     if (const char * e = getenv("LLAMA_MEGAKERNEL_TARGET_SMS")) {  // size the tiling for another GPU
         t.n_sm = std::max(1, atoi(e));
     }
+    if (const char * e = getenv("LLAMA_MEGAKERNEL_FUSE_DOWN")) {
+        t.fuse_down = atoi(e) != 0;
+    }
     return t;
 }
 

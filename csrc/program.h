@@ -259,6 +259,12 @@ struct instruction {
     int32_t    layer = -1;       // model layer, from the graph's tensor names (-1: outside the layers)
     int32_t    glu_op = 0;       // ggml_glu_op
     bool       glu_swapped = false;
+    // glu with the down projection fused in (compiler: fuse_down): seg[2] is the down matrix. A tile that made glu
+    // rows [r0, r1) multiplies them with those columns of seg[2] and adds the partial sums into down_acc (int64
+    // fixed point, see to_fixed); the tile that arrives last turns the sums into floats and runs seg[2]'s epilogue
+    // on the whole vector. One serial edge per layer less than a separate down instruction.
+    bool       fused_down = false;
+    addr       down_acc;         // fused_down: int64 [seg[2].rows] sums, then a uint64 arrival counter (monotonic)
     vec_in     in;
     int32_t    n_segments = 0;
     segment    seg[k_max_segments];
@@ -267,6 +273,22 @@ struct instruction {
     dep        deps[k_max_deps];
     char       name[64] = {0};   // the main ggml tensor it produces, for explain and error messages
 };
+
+// The partial sums of a fused down projection are added as fixed-point integers (value * 2^32 in an int64), so the
+// total does not depend on the order in which tiles arrive: both executors add exactly, and each partial is rounded
+// once to a step of 2^-32 (finer than a float's for |values| above 2^-9). Values are clamped to +-2^31.
+constexpr float k_fix_one = 4294967296.0f;  // 2^32
+MK_PROGRAM_HD inline long long to_fixed(float v) {
+    v = fminf(fmaxf(v, -2147483520.0f), 2147483520.0f) * k_fix_one;
+#if defined(__CUDA_ARCH__)
+    return __float2ll_rn(v);
+#else
+    return llrintf(v);
+#endif
+}
+MK_PROGRAM_HD inline float from_fixed(long long q) {
+    return (float) q * (1.0f / k_fix_one);
+}
 
 // The segment and rows [r0, r1) of it that tile t of a vec/matvec/glu instruction covers (glu: the same rows of
 // both segments).

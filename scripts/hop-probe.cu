@@ -5,6 +5,11 @@
 //            counter; consumers' thread 0 polls it with ld.acquire.gpu, a barrier, then ld.global.cg of the vector
 //   flagged: each value travels with its edge number in one 8-byte word (st.relaxed.gpu.u64); every consumer
 //            thread polls its own words until all carry the current edge (no counter, no fence, no poll barrier)
+//   reduce:  every block adds a partial of the whole vector (2,048 values, as a down projection split over its
+//            input would) into one accumulator with red.global.add.u64 on fixed-point values (value * 2^32, so
+//            the sum does not depend on the order the adds land in), then the counter as above; consumers read
+//            the 16 KiB of int64 and convert
+//   reduce_f32: the same with red.global.add.v4.f32 (sm_90; four floats per add, order-dependent sums)
 // Optionally each block also streams `kb` KiB of weights per edge from a buffer larger than L2 (ld.global.cs),
 // dotted with x, as a matvec tile would between reading x and writing its slice.
 // Build and run on the GPU machine: nvcc -arch=sm_90 -O3 -o /tmp/hop-probe scripts/hop-probe.cu && /tmp/hop-probe
@@ -50,10 +55,10 @@ __device__ __forceinline__ float block_sum(float v, float * red) {
 
 struct probe_args {
     float * vec;                   // counter mode: [k_edges][k_n]
-    unsigned long long * words;    // flagged mode: [k_edges][k_n] (value bits | edge << 32)
+    unsigned long long * words;    // flagged mode: [k_edges][k_n] (value bits | edge << 32); reduce: the int64 sums
     unsigned long long * counters; // [k_edges]
     const uint4 * weights;         // [grid][k_edges][kb * 64] uint4
-    int kb, flagged;
+    int kb, flagged;  // flagged: 0 counter, 1 flagged, 2 reduce, 3 reduce_f32
     unsigned long long * t_out;    // block 0: start, end
     float * sink;
     int * timeout;
@@ -68,7 +73,19 @@ __global__ void __launch_bounds__(k_threads, 1) edges(probe_args a) {
     const int per_thread = a.kb * 64 / k_threads;  // uint4 loads per thread per edge
     for (int e = 0; e < k_edges; e++) {
         // produce: this block's slice of edge e's vector
-        if (t < hi - lo) {
+        if (a.flagged == 2) {
+            for (int j = t; j < k_n; j += k_threads) {
+                const float v = carry * (float) (j + 1) * 1e-4f / G;
+                const long long q = __float2ll_rn(v * 4294967296.0f);
+                asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(a.words + (size_t) e * k_n + j), "l"(q) : "memory");
+            }
+        } else if (a.flagged == 3) {
+#if __CUDA_ARCH__ >= 900
+            const float v = carry * (float) (4 * t + 1) * 1e-4f / G;
+            asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(a.vec + (size_t) e * k_n + 4 * t),
+                         "f"(v), "f"(v), "f"(v), "f"(v) : "memory");
+#endif
+        } else if (t < hi - lo) {
             const float v = carry * (float) (lo + t + 1) * 1e-4f;
             if (a.flagged) {
                 st_relaxed(a.words + (size_t) e * k_n + lo + t, (unsigned long long) __float_as_uint(v) | ((unsigned long long) (e + 1) << 32));
@@ -76,13 +93,13 @@ __global__ void __launch_bounds__(k_threads, 1) edges(probe_args a) {
                 a.vec[(size_t) e * k_n + lo + t] = v;
             }
         }
-        if (!a.flagged) {
+        if (a.flagged != 1) {
             __syncthreads();
             if (t == 0) asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(a.counters + e) : "memory");
         }
         // consume: the whole vector (4 values per thread)
         float x0, x1, x2, x3;
-        if (a.flagged) {
+        if (a.flagged == 1) {
             const unsigned long long * p = a.words + (size_t) e * k_n + 4 * t;
             const unsigned long long deadline = global_ns() + 200000000ull;
             unsigned long long w0, w1, w2, w3;
@@ -103,8 +120,15 @@ __global__ void __launch_bounds__(k_threads, 1) edges(probe_args a) {
                 }
             }
             __syncthreads();
-            const float4 v = __ldcg((const float4 *) (a.vec + (size_t) e * k_n) + t);
-            x0 = v.x; x1 = v.y; x2 = v.z; x3 = v.w;
+            if (a.flagged == 2) {
+                const longlong2 * p = (const longlong2 *) (a.words + (size_t) e * k_n) + 2 * t;
+                const longlong2 u = __ldcg(p), w = __ldcg(p + 1);
+                const float k = 2.3283064365386963e-10f;  // 2^-32
+                x0 = __ll2float_rn(u.x) * k; x1 = __ll2float_rn(u.y) * k; x2 = __ll2float_rn(w.x) * k; x3 = __ll2float_rn(w.y) * k;
+            } else {
+                const float4 v = __ldcg((const float4 *) (a.vec + (size_t) e * k_n) + t);
+                x0 = v.x; x1 = v.y; x2 = v.z; x3 = v.w;
+            }
         }
         float acc = x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3;
         if (a.kb) {  // a matvec tile's weights, dotted with x so that the loads are used
@@ -149,10 +173,12 @@ int main(int argc, char ** argv) {
     a.weights = wts;
     printf("{\"sms\": %d, \"n\": %d, \"edges\": %d, \"runs\": [\n", sms, k_n, k_edges);
     bool first = true;
+    const char * modes[] = {"counter", "flagged", "reduce", "reduce_f32"};
     for (int kb : {0, 16, 64}) {
         for (int rep = 0; rep < 3; rep++) {
-            for (int flagged = 0; flagged < 2; flagged++) {
+            for (int flagged = 0; flagged < 4; flagged++) {
                 cudaMemset(a.words, 0, sizeof(unsigned long long) * k_edges * k_n);
+                cudaMemset(a.vec, 0, sizeof(float) * k_edges * k_n);
                 cudaMemset(a.counters, 0, sizeof(unsigned long long) * k_edges);
                 cudaMemset(a.timeout, 0, 4);
                 a.kb = kb;
@@ -166,7 +192,7 @@ int main(int argc, char ** argv) {
                 cudaMemcpy(&to, a.timeout, 4, cudaMemcpyDeviceToHost);
                 if (err != cudaSuccess) { printf("error: %s\n", cudaGetErrorString(err)); return 1; }
                 printf("%s  {\"mode\": \"%s\", \"kb\": %d, \"rep\": %d, \"us_per_edge\": %.3f, \"timeout\": %d}",
-                       first ? "" : ",\n", flagged ? "flagged" : "counter", kb, rep, (tt[1] - tt[0]) / 1000.0 / k_edges, to);
+                       first ? "" : ",\n", modes[flagged], kb, rep, (tt[1] - tt[0]) / 1000.0 / k_edges, to);
                 first = false;
             }
         }

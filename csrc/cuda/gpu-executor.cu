@@ -1671,6 +1671,69 @@ __device__ void delta_tile(const kernel_args & a, const delta_net & dn, int tile
     __syncthreads();
 }
 
+// --- the fused down projection (program.h: fused_down) ---------------------------------------------------------
+// gpu_load copies the down matrix into slices, one per tile of the glu: the tile's columns of every row, as one
+// planar row of nbs * D units in which unit j * D + o is block j of row o. Thread k then takes rows k, k + 512, ...:
+// a warp's 16-byte quant loads read 512 contiguous bytes, and x (the tile's glu values, rounded to q8_1 as
+// ggml-cuda rounds the down projection's input) is the same for every thread (shared-memory broadcasts).
+template <typename W>
+__device__ void slice_rows(const uint8_t * base, int nb, int nbs, int D, const int8_t * xq, const float * xd,
+                           unsigned long long * acc) {
+    constexpr int k_rows = 4;  // rows per thread in flight
+    for (int o0 = threadIdx.x; o0 < D; o0 += k_rows * k_threads) {
+        float s[k_rows];
+#pragma unroll
+        for (int k = 0; k < k_rows; k++) s[k] = 0.0f;
+        for (int j = 0; j < nbs; j++) {
+            const typename W::xunit xu = W::xload(xq, xd, j);
+#pragma unroll
+            for (int k = 0; k < k_rows; k++) {
+                const int o = o0 + k * k_threads;
+                if (o < D) s[k] += W::udot(base, nb, j * D + o, xu);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < k_rows; k++) {
+            const int o = o0 + k * k_threads;
+            if (o < D) {
+                asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(acc + o), "l"(to_fixed(s[k])) : "memory");
+            }
+        }
+    }
+}
+
+// After a fused glu tile's glu rows [r0, r1) are in y: their partial down projection into the sums, then, in the
+// step's last tile to arrive, the vector and seg[2]'s epilogue. Inlined: as a call (__noinline__) ptxas saved so
+// much around it that the kernel's frame grew from 224 to 704 bytes (inlined: 272).
+__device__ __forceinline__ void down_slice(const kernel_args & a, const instruction & in, float * y, int r0, int r1, int t,
+                                        float * x, int8_t * xq, float * xd, float * xs, float * red, volatile int * s_last) {
+    const segment & dw = in.seg[2];
+    const int D = dw.rows, nbs_full = in.seg[0].rows_per_tile / 32;
+    round_q8_1(y, xq, xd, xs, r1 - r0);  // (ends with a barrier)
+    unsigned long long * acc = (unsigned long long *) resolve(a, in.down_acc);
+    const uint8_t * base = resolve(a, dw.w) + (uint64_t) t * dw.row_bytes;  // gpu_load: row_bytes is the slice size
+    if (dw.type == dev::k_planar + T_Q8_0) {
+        slice_rows<dev::w_q8_0_planar>(base, nbs_full * D, (r1 - r0) / 32, D, xq, xd, acc);
+    } else {
+        slice_rows<dev::w_q4_0_planar>(base, nbs_full * D, (r1 - r0) / 32, D, xq, xd, acc);
+    }
+    __syncthreads();  // the block's adds before thread 0's release
+    if (threadIdx.x == 0) {
+        unsigned long long old;
+        asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], 1;" : "=l"(old) : "l"(acc + D) : "memory");
+        *s_last = old + 1 == (a.epoch + 1) * (unsigned long long) in.n_tiles;
+    }
+    __syncthreads();
+    if (*s_last) {  // every other tile's adds are visible (their release, this acquire, the barrier)
+        for (int o = threadIdx.x; o < D; o += k_threads) {
+            x[o] = from_fixed((long long) __ldcg(acc + o));
+            acc[o] = 0;  // for the next step (a later launch)
+        }
+        __syncthreads();
+        epilogue(a, dw, x, 0, D, red, nullptr);
+    }
+}
+
 __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
     extern __shared__ __align__(128) float smem[];
     __shared__ float s_red[k_warps];
@@ -1757,6 +1820,13 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                         }
 #endif
                     }
+                    if (in.fused_down) {  // the tile's down slice (contiguous)
+                        const uint8_t * p0 = resolve(a, in.seg[2].w) + (uint64_t) t * in.seg[2].row_bytes;
+                        const int64_t nbytes = min((int64_t) in.seg[2].row_bytes, (int64_t) a.prefetch);
+                        for (int64_t o = (int64_t) threadIdx.x * 128; o < nbytes; o += (int64_t) k_threads * 128) {
+                            prefetch_l2(p0 + o);
+                        }
+                    }
                 }
                 // only single-chunk tiles: at depth 4096 (5 chunks a tile) prestaging the first chunk measured
                 // 3.5% slower (546 against 566 tok/s), while at 256 cells it gained 1.5-8%
@@ -1825,6 +1895,9 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                     }
                     pc.t = prof ? global_ns() : 0;
                     epilogue(a, sg, y, r0, r1, s_red, a.preload_norm ? &s_epi : nullptr);
+                    if (in.fused_down) {
+                        down_slice(a, in, y, r0, r1, t, x, xq, xd, xs, s_red, &s_flag);
+                    }
                     pc.mark(2);
                 }
             }
@@ -1859,6 +1932,7 @@ std::string cuda_err(const char * what, cudaError_t e) {
 struct gpu_program {
     int device = 0;
     uint8_t * d_planar = nullptr;  // the repacked (planar) copies of this program's quantized matrices
+    uint8_t * d_slices = nullptr;  // the fused down projections' slices (slice_repack)
     uint64_t planar_bytes = 0;
     int grid = 0;
     size_t smem = 0;
@@ -1970,6 +2044,23 @@ __global__ void planar_repack(int t, const uint8_t * src, uint64_t src_stride, u
     planar_block(t, b, dst + (uint64_t) r * dst_stride, nb, blk, true);
 }
 
+// The down matrix of a fused glu (program.h: fused_down) into its slices (see slice_rows): one thread per block.
+__global__ void slice_repack(int t, const uint8_t * src, uint64_t src_stride, uint8_t * dst, uint64_t slice_bytes,
+                             int D, int nb_row, int nbs) {
+    const int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (int64_t) D * nb_row) {
+        return;
+    }
+    const int o = (int) (i / nb_row), kb = (int) (i % nb_row);
+    const int bytes = info_of(t).bytes;
+    uint8_t b[64];
+    const uint8_t * sb = src + (uint64_t) o * src_stride + (uint64_t) kb * bytes;
+    for (int j = 0; j < bytes; j++) {
+        b[j] = sb[j];
+    }
+    planar_block(t, b, dst + (uint64_t) (kb / nbs) * slice_bytes, (int64_t) nbs * D, (int64_t) (kb % nbs) * D + o, true);
+}
+
 // The matrices of a program that get planar copies: constant Q4_0/Q8_0/Q4_K/Q6_K matvec weights whose instruction
 // rounds its input to q8_1 (the planar dots have no float path) and whose rows are plain (no strided row groups).
 struct planar_job {
@@ -2053,6 +2144,13 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
             continue;
         }
         x_f = std::max(x_f, (size_t) in.in.n);
+        if (in.fused_down) {  // the last tile forms the whole output vector in x; xq holds a tile's glu values
+            if (in.seg[2].type != T_Q4_0 && in.seg[2].type != T_Q8_0) {
+                err = std::string("fused down projection of type ") + std::to_string(in.seg[2].type) + " in " + in.name;
+                return nullptr;
+            }
+            x_f = std::max({x_f, (size_t) in.seg[2].rows, (size_t) in.seg[0].rows_per_tile});
+        }
         if (in.in.kind == in_kind::attn_reduce) {  // (max, sum) and the weight of every (head, split)
             w_f = std::max(w_f, 3 * (size_t) in.in.n_head * in.in.n_split);
         }
@@ -2282,6 +2380,52 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
         }
         cudaGetLastError();
     }
+    // The slices of fused down projections (slice_rows): the kernel has no other way to read them, so without the
+    // memory for them the program is refused (and the graph stays on the stock path).
+    {
+        instruction * hi = (instruction *) (host.data() + o_instr);
+        std::vector<uint64_t> off(p.instrs.size(), 0);
+        uint64_t total = 0;
+        for (size_t i = 0; i < p.instrs.size(); i++) {
+            if (hi[i].fused_down) {
+                const segment & dw = hi[i].seg[2];
+                const int nbs = hi[i].seg[0].rows_per_tile / 32;
+                off[i] = total;
+                total += (uint64_t) hi[i].n_tiles * align_up(planar_row_bytes(dw.type, (int64_t) nbs * dw.rows));
+            }
+        }
+        if (total > 0) {
+            e = cudaMalloc(&g->d_slices, total);
+            cudaStream_t rs = nullptr;
+            if (e == cudaSuccess) e = cudaDeviceSynchronize();
+            if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&rs, cudaStreamNonBlocking);
+            for (size_t i = 0; i < p.instrs.size() && e == cudaSuccess; i++) {
+                if (!hi[i].fused_down) {
+                    continue;
+                }
+                segment & dw = hi[i].seg[2];
+                const int nbs = hi[i].seg[0].rows_per_tile / 32, nb_row = hi[i].seg[0].rows / 32;
+                const uint64_t slice = align_up(planar_row_bytes(dw.type, (int64_t) nbs * dw.rows));
+                const int64_t n = (int64_t) dw.rows * nb_row;
+                slice_repack<<<(unsigned) ((n + 255) / 256), 256, 0, rs>>>(dw.type, (const uint8_t *) (uintptr_t) dw.w.off,
+                    dw.row_bytes, g->d_slices + off[i], slice, dw.rows, nb_row, nbs);
+                e = cudaGetLastError();
+                dw.w.off = (uint64_t) (uintptr_t) (g->d_slices + off[i]);
+                dw.w.scratch = 0;
+                dw.type = dev::k_planar + dw.type;
+                dw.row_bytes = slice;
+            }
+            if (e == cudaSuccess) e = cudaStreamSynchronize(rs);
+            if (rs) cudaStreamDestroy(rs);
+            if (e != cudaSuccess) {
+                cudaGetLastError();
+                err = cuda_err("copying the fused down projections' slices", e);
+                gpu_free(g);
+                return nullptr;
+            }
+            g->planar_bytes += total;
+        }
+    }
     // the matvec split per segment (plan_rows); LLAMA_MEGAKERNEL_SPLIT_ROWS=0: the earlier one (for A/B runs)
     if (const char * sr = getenv("LLAMA_MEGAKERNEL_SPLIT_ROWS"); !sr || atoi(sr) != 0) {
         instruction * hi = (instruction *) (host.data() + o_instr);
@@ -2455,6 +2599,7 @@ void gpu_free(gpu_program * g) {
     if (g->h_error) cudaFreeHost(g->h_error);
     if (g->d_prof) cudaFree(g->d_prof);
     if (g->d_planar) cudaFree(g->d_planar);
+    if (g->d_slices) cudaFree(g->d_slices);
     cudaGetLastError();
     delete g;
 }
