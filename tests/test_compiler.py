@@ -208,10 +208,12 @@ def test_qwen35_recurrent_state_does_not_drift_over_2000_steps(tmp_path):
 
 
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["no-fa", "fa"])
-def test_shuffled_tile_order_gives_identical_results(flash_attn, tmp_path):
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q4_0"])
+def test_shuffled_tile_order_gives_identical_results(quant, flash_attn, tmp_path):
     """Any order the dependency counters allow computes the same thing: a missing dependency would let a tile
-    read a value before it is written and change the logits."""
-    model = tiny_model("llama", "Q4_K_M")
+    read a value before it is written and change the logits. Q4_0's fused down projection adds its partial sums
+    in whatever order the tiles arrive, and its last tile finishes the vector: bit-identical all the same."""
+    model = tiny_model("llama", quant)
     canon = greedy(model, tmp_path / "a.npz", 12, plugin=True, flash_attn=flash_attn, extra=CPU)
     seed = random.randrange(1 << 30)
     shuf = greedy(model, tmp_path / "b.npz", 12, plugin=True, flash_attn=flash_attn,
@@ -277,9 +279,11 @@ def test_unsupported_graph_handed_back_unchanged(tmp_path):
     assert np.array_equal(stock["logits"], ours["logits"])
 
 
-def test_explain_llama_1b_shape_has_five_edges_per_layer(tmp_path):
+def test_explain_llama_1b_shape_has_four_edges_per_layer(tmp_path):
     """The compiler's verdict on a Llama-3.2-1B-shaped decode graph (tiny vocabulary keeps the file small is not
-    possible: the shape is real, so this test makes the F16 file once and caches it with the other models)."""
+    possible: the shape is real, so this test makes the F16 file once and caches it with the other models). Q4_0's
+    down projection is fused into the glu instruction (4 edges per layer); LLAMA_MEGAKERNEL_FUSE_DOWN=0 gives the
+    separate down instruction back (5)."""
     pytest.importorskip("gguf")
     from conftest import _model_cache
     from llama_megakernel import models
@@ -289,15 +293,25 @@ def test_explain_llama_1b_shape_has_five_edges_per_layer(tmp_path):
         base = tmp_path / "base.gguf"
         models.make_model("llama", "llama-3.2-1b", "F16", base)
         models.quantize(base, path, "Q4_0")
-    r = run_py(f"""
+    code = f"""
 import sys
 from llama_megakernel.cli import main
 sys.exit(main(["explain", {str(path)!r}, "--json"]))
-""")
+"""
+    r = run_py(code)
     assert r.returncode == 0, r.stderr
     prog = json.loads(r.stdout[r.stdout.index("{"):])
     assert prog["n_layers"] == 16
-    assert max(prog["edges_per_layer"]) <= 5, prog["edges_per_layer"]
+    assert prog["edges_per_layer"] == [4] * 15, prog["edges_per_layer"]
+    fused = [i for i in prog["instructions"] if i.get("fused_down")]
+    assert len(fused) == 16 and all(i["kind"] == "glu" and len(i["segments"]) == 3 for i in fused), fused
+    assert all(i["segments"][0]["rows_per_tile"] % 32 == 0 for i in fused), fused  # whole Q4_0 blocks per slice
+    r = run_py(code, env={"LLAMA_MEGAKERNEL_FUSE_DOWN": "0"})
+    assert r.returncode == 0, r.stderr
+    unfused = json.loads(r.stdout[r.stdout.index("{"):])
+    assert unfused["edges_per_layer"] == [5] * 15 and not any(i.get("fused_down") for i in unfused["instructions"])
+    # the same weights, read once either way (the fused instruction no longer reads the 8,192-value glu result)
+    assert abs(unfused["bytes_per_token"] - prog["bytes_per_token"]) < 0.001 * prog["bytes_per_token"]
     # every attention knows the cell its step appends, so the GPU executor may stage the rest before its wait
     attns = [i for i in prog["instructions"] if i["kind"] == "attn"]
     assert len(attns) == 16 and all(i["kv_row_known"] for i in attns), attns

@@ -591,9 +591,9 @@ __device__ void preload_epi_inputs(const kernel_args & a, const segment & sg, in
 
 // `pre`: preload_epi_inputs ran for these rows (nullptr: the inputs are loaded here).
 __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, int r0, int r1, float * red,
-                         const epi_inputs * pre) {
+                         const epi_inputs * pre, int first_op = 0) {
     const int nv = r1 - r0;
-    for (int k = 0; k < sg.n_epi; k++) {
+    for (int k = first_op; k < sg.n_epi; k++) {
         const epi_op & op = sg.epi[k];
         switch (op.kind) {
             case epi_kind::add: {
@@ -1725,12 +1725,16 @@ __device__ __forceinline__ void down_slice(const kernel_args & a, const instruct
     }
     __syncthreads();
     if (*s_last) {  // every other tile's adds are visible (their release, this acquire, the barrier)
+        // a residual add first (the llama layer's) is loaded with the sums: one round trip instead of two
+        const bool add0 = dw.n_epi > 0 && dw.epi[0].kind == epi_kind::add && dw.epi[0].row_len == 0;
+        const float * res = add0 ? (const float *) resolve(a, dw.epi[0].a) : nullptr;
         for (int o = threadIdx.x; o < D; o += k_threads) {
-            x[o] = from_fixed((long long) __ldcg(acc + o));
+            const float v = from_fixed((long long) __ldcg(acc + o));
+            x[o] = res ? v + ldcg_f(res + o) : v;
             acc[o] = 0;  // for the next step (a later launch)
         }
         __syncthreads();
-        epilogue(a, dw, x, 0, D, red, nullptr);
+        epilogue(a, dw, x, 0, D, red, nullptr, add0 ? 1 : 0);
     }
 }
 
