@@ -1429,6 +1429,12 @@ struct compiler {
                 G.seg[0].rows % info_of(w.type).block != 0 || G.n_segments != 2) {
                 continue;
             }
+            // the epilogue the last tile runs: [a residual add of the whole vector,] a store (the GPU kernel's
+            // down_slice does only these)
+            const bool add0 = w.n_epi == 2 && w.epi[0].kind == epi_kind::add && w.epi[0].row_len == 0;
+            if (!(w.n_epi == 1 || add0) || w.epi[w.n_epi - 1].kind != epi_kind::store) {
+                continue;
+            }
             // nothing between the two may depend on the glu (it would then wait for the whole fused instruction)
             bool between = false;
             for (int j = (int) gi + 1; j < di; j++) {

@@ -591,9 +591,9 @@ __device__ void preload_epi_inputs(const kernel_args & a, const segment & sg, in
 
 // `pre`: preload_epi_inputs ran for these rows (nullptr: the inputs are loaded here).
 __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, int r0, int r1, float * red,
-                         const epi_inputs * pre, int first_op = 0) {
+                         const epi_inputs * pre) {
     const int nv = r1 - r0;
-    for (int k = first_op; k < sg.n_epi; k++) {
+    for (int k = 0; k < sg.n_epi; k++) {
         const epi_op & op = sg.epi[k];
         switch (op.kind) {
             case epi_kind::add: {
@@ -1703,10 +1703,10 @@ __device__ void slice_rows(const uint8_t * base, int nb, int nbs, int D, const i
 }
 
 // After a fused glu tile's glu rows [r0, r1) are in y: their partial down projection into the sums, then, in the
-// step's last tile to arrive, the vector and seg[2]'s epilogue. Inlined: as a call (__noinline__) ptxas saved so
+// step's last tile to arrive, the vector and seg[2]'s epilogue ([residual add,] store). Inlined: as a call (__noinline__) ptxas saved so
 // much around it that the kernel's frame grew from 224 to 704 bytes (inlined: 272).
 __device__ __forceinline__ void down_slice(const kernel_args & a, const instruction & in, float * y, int r0, int r1, int t,
-                                        float * x, int8_t * xq, float * xd, float * xs, float * red, volatile int * s_last) {
+                                           int8_t * xq, float * xd, float * xs, volatile int * s_last) {
     const segment & dw = in.seg[2];
     const int D = dw.rows, nbs_full = in.seg[0].rows_per_tile / 32;
     round_q8_1(y, xq, xd, xs, r1 - r0);  // (ends with a barrier)
@@ -1725,16 +1725,16 @@ __device__ __forceinline__ void down_slice(const kernel_args & a, const instruct
     }
     __syncthreads();
     if (*s_last) {  // every other tile's adds are visible (their release, this acquire, the barrier)
-        // a residual add first (the llama layer's) is loaded with the sums: one round trip instead of two
-        const bool add0 = dw.n_epi > 0 && dw.epi[0].kind == epi_kind::add && dw.epi[0].row_len == 0;
+        // the epilogue is [residual add,] store (the compiler fuses no other): the residual is loaded with the
+        // sums, one round trip, and no second copy of epilogue() in the kernel
+        const bool add0 = dw.epi[0].kind == epi_kind::add;
         const float * res = add0 ? (const float *) resolve(a, dw.epi[0].a) : nullptr;
+        float * out = (float *) resolve(a, dw.epi[add0 ? 1 : 0].a);
         for (int o = threadIdx.x; o < D; o += k_threads) {
             const float v = from_fixed((long long) __ldcg(acc + o));
-            x[o] = res ? v + ldcg_f(res + o) : v;
+            out[o] = res ? v + ldcg_f(res + o) : v;
             acc[o] = 0;  // for the next step (a later launch)
         }
-        __syncthreads();
-        epilogue(a, dw, x, 0, D, red, nullptr, add0 ? 1 : 0);
     }
 }
 
@@ -1900,7 +1900,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                     pc.t = prof ? global_ns() : 0;
                     epilogue(a, sg, y, r0, r1, s_red, a.preload_norm ? &s_epi : nullptr);
                     if (in.fused_down) {
-                        down_slice(a, in, y, r0, r1, t, x, xq, xd, xs, s_red, &s_flag);
+                        down_slice(a, in, y, r0, r1, t, xq, xd, xs, &s_flag);
                     }
                     pc.mark(2);
                 }
