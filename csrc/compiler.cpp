@@ -1489,21 +1489,31 @@ struct compiler {
         input_ranges[{lo, lo + ggml_nbytes(t)}].insert(instr);
     }
 
+    // The rows a tile must hold together for epilogue op `op`: a norm needs its whole row (a head), a rope of
+    // adjacent pairs (mode 0, llama's) only its pair, the other ropes (halves of a head) the whole head.
+    int rows_needed(const epi_op & op) const {
+        if (op.kind == epi_kind::rms_norm) {
+            return op.row_len;
+        }
+        if (op.kind == epi_kind::rope) {
+            const rope_params & rp = p.ropes[op.rope];
+            return rp.mode == 0 && rp.n_offs % 2 == 0 && op.row_len % 2 == 0 ? 2 : op.row_len;
+        }
+        return 1;
+    }
+
     // Rows per tile of each output segment of a matvec/glu instruction for a target of `base` rows, aligned to
-    // whole rows of any row-wise epilogue op (rope and norms need a whole head in one tile); returns the tiles.
+    // the rows any epilogue op needs in one tile (rows_needed); returns the tiles.
     int tile_segments(instruction & in, int n_out, int64_t base) {
         int tiles = 0;
         for (int s = 0; s < n_out; s++) {
             segment & sg = in.seg[s];
             int align = in.fused_down ? info_of(in.seg[2].type).block : 1;  // whole blocks of the down columns
             for (int e = 0; e < sg.n_epi; e++) {
-                if (sg.epi[e].kind == epi_kind::rope || sg.epi[e].kind == epi_kind::rms_norm) {
-                    align = std::max(align, sg.epi[e].row_len);
-                }
+                align = std::max(align, rows_needed(sg.epi[e]));
             }
             for (int e = 0; e < sg.n_epi; e++) {
-                const epi_op & op = sg.epi[e];
-                if ((op.kind == epi_kind::rope || op.kind == epi_kind::rms_norm) && align % op.row_len != 0) {
+                if (align % rows_needed(sg.epi[e]) != 0) {
                     fail("unsupported-pattern", std::string("row-wise ops of different lengths in ") + in.name);
                 }
             }

@@ -92,15 +92,17 @@ void form_input(const tile_ctx & c, const vec_in & in, std::vector<float> & x) {
     }
 }
 
-// pos: the position streams (one for the plain modes, four for the multi-section ones)
-void rope_row(const rope_params & rp, const int32_t * pos, float * y) {
+// pos: the position streams (one for the plain modes, four for the multi-section ones). y holds columns [c0, c1)
+// of one head's row: the whole row, or with adjacent pairs (mode 0) any even-aligned part of it (a tile may end
+// inside a head); theta is iterated from the row's first pair either way, as ggml-cpu does.
+void rope_row(const rope_params & rp, const int32_t * pos, float * y, int c0, int c1) {
     const bool multi = rp.mode == 8 || rp.mode == 40;
     float thetas[4];  // iterated separately, as ggml does, for the same rounding
     for (int k = 0; k < 4; k++) {
         thetas[k] = (float) pos[multi ? k : 0];
     }
     const float * ff = rp.freq_factors.null() ? nullptr : (const float *) (uintptr_t) rp.freq_factors.off;
-    float * v = y + rp.n_offs;
+    float * v = y + rp.n_offs - c0;  // v[i] is column n_offs + i; only columns in [c0, c1) are touched
     for (int i0 = 0; i0 < rp.n_dims; i0 += 2) {
         const float theta = thetas[rope_stream(rp, i0 / 2)];
         const float theta_extrap = theta / (ff ? ff[i0 / 2] : 1.0f);
@@ -115,9 +117,11 @@ void rope_row(const rope_params & rp, const int32_t * pos, float * y) {
         const float cs = cosf(th) * mscale, sn = sinf(th) * mscale;
         const int a = rp.mode == 0 ? i0 : i0 / 2;           // normal: adjacent pairs; others: first and second half
         const int b = rp.mode == 0 ? i0 + 1 : i0 / 2 + rp.n_dims / 2;
-        const float x0 = v[a], x1 = v[b];
-        v[a] = x0 * cs - x1 * sn;
-        v[b] = x0 * sn + x1 * cs;
+        if (rp.n_offs + a >= c0 && rp.n_offs + b < c1) {
+            const float x0 = v[a], x1 = v[b];
+            v[a] = x0 * cs - x1 * sn;
+            v[b] = x0 * sn + x1 * cs;
+        }
         for (float & t : thetas) {
             t *= rp.theta_scale;
         }
@@ -163,8 +167,13 @@ void epilogue(const tile_ctx & c, const segment & sg, float * y, int r0, int r1)
             case epi_kind::rope: {
                 const rope_params & rp = c.p.ropes[op.rope];
                 const int32_t * pos = c.ptr<const int32_t>(rp.pos);
-                for (int j = r0; j < r1; j += op.row_len) {
-                    rope_row(rp, pos, y + (j - r0));
+                for (int j = r0; j < r1;) {  // head by head; the first and last may be partial (mode 0 only)
+                    const int c0 = j % op.row_len, c1 = std::min(op.row_len, c0 + (r1 - j));
+                    if ((c0 != 0 || c1 != op.row_len) && (rp.mode != 0 || c0 % 2 != 0 || c1 % 2 != 0)) {
+                        throw std::runtime_error("rope over part of a head in a mode that pairs its halves");
+                    }
+                    rope_row(rp, pos, y + (j - r0), c0, c1);
+                    j += c1 - c0;
                 }
                 break;
             }

@@ -312,6 +312,11 @@ sys.exit(main(["explain", {str(path)!r}, "--json"]))
     assert unfused["edges_per_layer"] == [5] * 15 and not any(i.get("fused_down") for i in unfused["instructions"])
     # the same weights, read once either way (the fused instruction no longer reads the 8,192-value glu result)
     assert abs(unfused["bytes_per_token"] - prog["bytes_per_token"]) < 0.001 * prog["bytes_per_token"]
+    # llama's rope turns adjacent pairs, so a QKV tile need not hold whole heads: the 3,072 rows fill one wave
+    # of tiles (with whole 64-row heads Q and K took 40 tiles of 64 rows and V 22 of 24: 62 tiles on 132)
+    qkv = [i for i in prog["instructions"] if i["name"].startswith("Qcur-")]
+    assert len(qkv) == 16 and all(prog["n_sm"] * 0.9 <= i["tiles"] <= prog["n_sm"] for i in qkv), qkv[0]
+    assert any(s["rows_per_tile"] % 64 != 0 for s in qkv[0]["segments"] if "rope" in s["epilogue"]), qkv[0]
     # every attention knows the cell its step appends, so the GPU executor may stage the rest before its wait
     attns = [i for i in prog["instructions"] if i["kind"] == "attn"]
     assert len(attns) == 16 and all(i["kv_row_known"] for i in attns), attns

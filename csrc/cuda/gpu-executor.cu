@@ -66,6 +66,8 @@ struct kernel_args {
     int32_t prefetch;         // bytes per segment of a tile's weights to L2-prefetch before its dependency wait
                               // (LLAMA_MEGAKERNEL_PREFETCH=KiB; 0: none)
     int32_t attn_prestage;    // attention tiles stage their first chunk before the wait (attn_prestage)
+    int32_t attn_prefetch;    // attention tiles of several chunks pull their cells into L2 before the wait
+                              // (attn_prefetch; LLAMA_MEGAKERNEL_ATTN_PREFETCH=0: not)
     int32_t preload_norm;     // before the wait: an RMS norm's weight into shared memory (preload_norm_weight) and
                               // the epilogue's graph inputs (preload_epi_inputs); LLAMA_MEGAKERNEL_PRELOAD_NORM=0: after
     int32_t fuse_round;       // form_round_q8_1 where it applies
@@ -636,18 +638,31 @@ __device__ void epilogue(const kernel_args & a, const segment & sg, float * y, i
                 const rope_params & rp = a.ropes[op.rope];
                 const int32_t * pos_all = (const int32_t *) resolve(a, rp.pos);
                 const float * ff = rp.freq_factors.null() ? nullptr : (const float *) resolve(a, rp.freq_factors);
-                const int half = rp.n_dims / 2, rows = nv / op.row_len;
+                const int half = rp.n_dims / 2;
+                if (rp.mode == 0) {  // adjacent pairs: the tile may start or end inside a head (compiler: rows_needed)
+                    for (int e = threadIdx.x; 2 * e < nv; e += k_threads) {
+                        const int i0 = (r0 + 2 * e) % op.row_len - rp.n_offs;
+                        if (i0 < 0 || i0 >= rp.n_dims) {
+                            continue;
+                        }
+                        float cs, sn;
+                        rope_pair(rp, (float) (pre ? pre->v[k][0] : __ldcg(pos_all)), ff, i0, cs, sn);
+                        const float x0 = y[2 * e], x1 = y[2 * e + 1];
+                        y[2 * e] = x0 * cs - x1 * sn;
+                        y[2 * e + 1] = x0 * sn + x1 * cs;
+                    }
+                    break;
+                }
+                const int rows = nv / op.row_len;  // halves of a head: whole heads
                 for (int e = threadIdx.x; e < rows * half; e += k_threads) {
                     const int r = e / half, i0 = 2 * (e % half);
                     float * v = y + r * op.row_len + rp.n_offs;
                     float cs, sn;
                     const int stream = rope_stream(rp, i0 / 2);
                     rope_pair(rp, (float) (pre ? pre->v[k][stream] : __ldcg(pos_all + stream)), ff, i0, cs, sn);
-                    const int ia = rp.mode == 0 ? i0 : i0 / 2;
-                    const int ib = rp.mode == 0 ? i0 + 1 : i0 / 2 + half;
-                    const float x0 = v[ia], x1 = v[ib];
-                    v[ia] = x0 * cs - x1 * sn;
-                    v[ib] = x0 * sn + x1 * cs;
+                    const float x0 = v[i0 / 2], x1 = v[i0 / 2 + half];
+                    v[i0 / 2] = x0 * cs - x1 * sn;
+                    v[i0 / 2 + half] = x0 * sn + x1 * cs;
                 }
                 break;
             }
@@ -1423,6 +1438,36 @@ __device__ __noinline__ void attn_prestage(const kernel_args & a, const attentio
     stage_kv(at, sp, attn_layout(at, smem), sp.c0, min(k_attn_chunk, sp.c1 - sp.c0), nullptr, nullptr);
 }
 
+// Before the wait, for a tile of several chunks (long contexts): every cell's K and V rows and its mask entries
+// towards L2, so that each chunk's staging after the wait reads L2 instead of HBM. Prestaging the first chunk into
+// shared memory instead measured slower at 5 chunks a tile (see the call site); this issues one prefetch per
+// 128-byte line, ~600 a tile at depth 4096 on the 1B shape, and holds no registers across the wait.
+__device__ __noinline__ void attn_prefetch(const kernel_args & a, const attention & at, int tile) {
+    const attn_span sp(a, at, tile);
+    const int ts_k = at.k_type == T_F32 ? 4 : 2, ts_v = at.v_type == T_F32 ? 4 : 2, n = sp.c1 - sp.c0;
+    const int lk = (at.head_dim_k * ts_k + 127) / 128 + 1;  // lines of one cell's K row (+1: it may straddle)
+    for (int e = threadIdx.x; e < n * lk; e += k_threads) {
+        prefetch_l2(sp.kb + (uint64_t) (sp.c0 + e / lk) * at.k_nb_cell + (uint64_t) min(128 * (e % lk), at.head_dim_k * ts_k - 1));
+    }
+    if (sp.v_by_cell) {  // transposed V: per dimension, the cells are one contiguous run
+        const int lv = (n * ts_v + 127) / 128 + 1;
+        for (int e = threadIdx.x; e < at.head_dim_v * lv; e += k_threads) {
+            prefetch_l2(sp.vb + (uint64_t) (e / lv) * at.v_nb_dim + (uint64_t) sp.c0 * ts_v + min(128 * (e % lv), n * ts_v - 1));
+        }
+    } else {
+        const int lv = (at.head_dim_v * ts_v + 127) / 128 + 1;
+        for (int e = threadIdx.x; e < n * lv; e += k_threads) {
+            prefetch_l2(sp.vb + (uint64_t) (sp.c0 + e / lv) * at.v_nb_cell + (uint64_t) min(128 * (e % lv), at.head_dim_v * ts_v - 1));
+        }
+    }
+    if (sp.mb) {
+        const int tm = at.mask_type == T_F16 ? 2 : 4;
+        for (int o = 128 * (int) threadIdx.x; o < n * tm + 128; o += 128 * k_threads) {
+            prefetch_l2(sp.mb + (uint64_t) sp.c0 * tm + min(o, n * tm - 1));
+        }
+    }
+}
+
 // One KV head over cells [c0, c1): chunks of K and V are staged in shared memory by all threads (coalesced,
 // independent loads), then scores, an online softmax per query head of the group, and the accumulators. With
 // `prestaged` the first chunk was staged by attn_prestage before the wait.
@@ -1838,6 +1883,8 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                     s_at.cells_per_split <= k_attn_chunk) {
                     attn_prestage(a, s_at, t, smem, &s_kv_row);
                     prestaged = true;
+                } else if (in.kind == instr_kind::attn && a.attn_prefetch && s_at.cells_per_split > k_attn_chunk) {
+                    attn_prefetch(a, s_at, t);
                 }
                 if (in.kind != instr_kind::attn && in.kind != instr_kind::delta && a.preload_norm) {
                     w_ready = preload_norm_weight(a, in.in, w);  // w stays untouched through the instruction's tiles
@@ -2495,6 +2542,10 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.x_floats = (int32_t) x_f;
     a.y_floats = (int32_t) y_f;
     a.w_floats = (int32_t) w_f;
+    a.attn_prefetch = 1;
+    if (const char * ap = getenv("LLAMA_MEGAKERNEL_ATTN_PREFETCH")) {  // 0: no L2 prefetch of long tiles' cells (A/B)
+        a.attn_prefetch = atoi(ap) != 0;
+    }
     a.attn_prestage = 1;
     if (const char * ps = getenv("LLAMA_MEGAKERNEL_ATTN_PRESTAGE")) {  // 0: stage after the wait (for A/B runs)
         a.attn_prestage = atoi(ps) != 0;
