@@ -452,6 +452,19 @@ def main() -> int:
                     log(f"profile {name}{variant}: step {prof['step_us']} us")
                 else:
                     log(f"profile {name}{variant}: no profile written (rc {r.returncode}) {r.stderr[-500:]}")
+        # MK_PROFILE_DEPTH=N: the 1B Q4_0 model's decode after an N-token prompt too (attention over long contexts)
+        depth = int(os.environ.get("MK_PROFILE_DEPTH", "0") or 0)
+        for variant, extra in variants if depth and have("llama-llama-3.2-1b-Q4_0") else []:
+            name = "llama-llama-3.2-1b-Q4_0"
+            pf = out.parent / f"profile-{name}-d{depth}{variant}.json"
+            cmd = [str(tool), str(M / f"{name}.gguf"), "--steps", "64", "--prompt", str(depth), "--ctx", str(depth + 320)]
+            r = sh(cmd, env=env_for(True, extra={"LLAMA_MEGAKERNEL_PROFILE": str(pf), **extra}), timeout=560)
+            if pf.is_file():
+                prof = json.loads(pf.read_text())
+                result.setdefault("profiles", {})[f"{name}-d{depth}{variant}"] = {"step_us": prof["step_us"], "file": pf.name}
+                log(f"profile {name}-d{depth}{variant}: step {prof['step_us']} us")
+            else:
+                log(f"profile {name}-d{depth}{variant}: no profile written (rc {r.returncode}) {r.stderr[-500:]}")
         save()
 
     if "ncu" in a.stages:  # Nsight Compute on one megakernel launch: where the time goes inside it
