@@ -155,6 +155,9 @@ mk::target target_for(const wrapped_backend & wb) {
     if (const char * e = getenv("LLAMA_MEGAKERNEL_FUSE_DOWN")) {
         t.fuse_down = atoi(e) != 0;
     }
+    if (const char * e = getenv("LLAMA_MEGAKERNEL_ROPE_PAIRS")) {
+        t.rope_pairs = atoi(e) != 0;
+    }
     return t;
 }
 

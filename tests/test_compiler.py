@@ -312,11 +312,17 @@ sys.exit(main(["explain", {str(path)!r}, "--json"]))
     assert unfused["edges_per_layer"] == [5] * 15 and not any(i.get("fused_down") for i in unfused["instructions"])
     # the same weights, read once either way (the fused instruction no longer reads the 8,192-value glu result)
     assert abs(unfused["bytes_per_token"] - prog["bytes_per_token"]) < 0.001 * prog["bytes_per_token"]
-    # llama's rope turns adjacent pairs, so a QKV tile need not hold whole heads: the 3,072 rows fill one wave
-    # of tiles (with whole 64-row heads Q and K took 40 tiles of 64 rows and V 22 of 24: 62 tiles on 132)
+    # llama's rope turns adjacent pairs, so a QKV tile need not hold whole heads (with whole 64-row heads Q and K
+    # took 40 tiles and V 22: 62 on 132 SMs); its tiles leave the next attention's blocks free
     qkv = [i for i in prog["instructions"] if i["name"].startswith("Qcur-")]
-    assert len(qkv) == 16 and all(prog["n_sm"] * 0.9 <= i["tiles"] <= prog["n_sm"] for i in qkv), qkv[0]
+    attn_tiles = next(i["tiles"] for i in prog["instructions"] if i["kind"] == "attn")
+    assert len(qkv) == 16 and all(80 <= i["tiles"] <= prog["n_sm"] - attn_tiles for i in qkv), (qkv[0], attn_tiles)
     assert any(s["rows_per_tile"] % 64 != 0 for s in qkv[0]["segments"] if "rope" in s["epilogue"]), qkv[0]
+    r = run_py(code, env={"LLAMA_MEGAKERNEL_ROPE_PAIRS": "0"})
+    assert r.returncode == 0, r.stderr
+    heads = json.loads(r.stdout[r.stdout.index("{"):])
+    qkv0 = next(i for i in heads["instructions"] if i["name"] == "Qcur-0")
+    assert all(s["rows_per_tile"] % 64 == 0 for s in qkv0["segments"] if "rope" in s["epilogue"]), qkv0
     # every attention knows the cell its step appends, so the GPU executor may stage the rest before its wait
     attns = [i for i in prog["instructions"] if i["kind"] == "attn"]
     assert len(attns) == 16 and all(i["kv_row_known"] for i in attns), attns

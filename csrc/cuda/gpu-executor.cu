@@ -66,9 +66,6 @@ struct kernel_args {
     int32_t prefetch;         // bytes per segment of a tile's weights to L2-prefetch before its dependency wait
                               // (LLAMA_MEGAKERNEL_PREFETCH=KiB; 0: none)
     int32_t attn_prestage;    // attention tiles stage their first chunk before the wait (attn_prestage)
-    int32_t attn_prefetch;    // attention tiles of several chunks: bit 0 pull their cells into L2 before the wait
-                              // (attn_prefetch), bit 1 load each next chunk into registers while computing one
-                              // (kv_regs); LLAMA_MEGAKERNEL_ATTN_PREFETCH=0..3, default 3
     int32_t preload_norm;     // before the wait: an RMS norm's weight into shared memory (preload_norm_weight) and
                               // the epilogue's graph inputs (preload_epi_inputs); LLAMA_MEGAKERNEL_PRELOAD_NORM=0: after
     int32_t fuse_round;       // form_round_q8_1 where it applies
@@ -1348,89 +1345,6 @@ __device__ void stage_chunk(const attention & at, const uint8_t * kb, const uint
     }
 }
 
-// The next chunk's K, V (F16) and mask entries in registers, loaded while the current chunk is computed. Each
-// thread loads pairs of neighbouring values as one 32-bit word (two dimensions of a cell's K or V row, or, with V
-// transposed, two cells of one dimension) and converts them only at the store, so that nothing waits on the loads
-// before then and the pass holds 9 registers (16-bit loads one by one: 17, and 80 more bytes of spills).
-constexpr int k_kv_words = 4;
-struct kv_regs {
-    uint32_t k[k_kv_words], v[k_kv_words];
-    uint32_t m;
-};
-
-__device__ __forceinline__ bool kv_regs_fit(const attention & at) {
-    const int hk = at.head_dim_k, hv = at.head_dim_v;
-    const bool v_by_cell = at.v_nb_cell < at.v_nb_dim;
-    return at.k_type == T_F16 && at.v_type == T_F16 && at.k_nb_dim == 2 && hk % 2 == 0 && hv % 2 == 0 &&
-           at.k_nb_cell % 4 == 0 && at.k_nb_head % 4 == 0 && at.v_nb_head % 4 == 0 &&
-           (v_by_cell ? at.v_nb_cell == 2 && at.v_nb_dim % 4 == 0 : at.v_nb_dim == 2 && at.v_nb_cell % 4 == 0) &&
-           at.n_kv % 2 == 0 && at.cells_per_split % 2 == 0 && (k_threads * 2) % hk == 0 && (k_threads * 2) % hv == 0 &&
-           k_attn_chunk * hk <= 2 * k_kv_words * k_threads && k_attn_chunk * hv <= 2 * k_kv_words * k_threads;
-}
-
-// Word w of thread t: K (and V not transposed) dimensions 2p, 2p + 1 of cell c; V transposed: cells 2p, 2p + 1 of
-// dimension c. Cell and dimension counts are even (kv_regs_fit), so no pair straddles the chunk's end.
-struct kv_walk {
-    int p, c, dc;
-    __device__ kv_walk(int pairs) : p((int) threadIdx.x % pairs), c((int) threadIdx.x / pairs), dc(k_threads / pairs) {}
-};
-
-__device__ __forceinline__ void kv_regs_load(const attention & at, const uint8_t * kb, const uint8_t * vb, const uint8_t * mb,
-                                             int cb, int nc, bool v_by_cell, kv_regs & r) {
-    const int hk = at.head_dim_k, hv = at.head_dim_v;
-    const kv_walk wk(hk / 2), wv(v_by_cell ? k_attn_chunk / 2 : hv / 2);
-#pragma unroll
-    for (int k = 0; k < k_kv_words; k++) {
-        const int c = min(wk.c + k * wk.dc, nc - 1);
-        r.k[k] = __ldcg((const unsigned int *) (kb + (uint64_t) (cb + c) * at.k_nb_cell + 4 * wk.p));
-    }
-#pragma unroll
-    for (int k = 0; k < k_kv_words; k++) {
-        const int j = wv.c + k * wv.dc;
-        r.v[k] = v_by_cell ? __ldcg((const unsigned int *) (vb + (uint64_t) min(j, hv - 1) * at.v_nb_dim + 2 * (uint64_t) (cb + min(2 * wv.p, nc - 2))))
-                           : __ldcg((const unsigned int *) (vb + (uint64_t) (cb + min(j, nc - 1)) * at.v_nb_cell + 4 * wv.p));
-    }
-    const int cm = min((int) threadIdx.x, nc - 1);
-    r.m = !mb ? 0u : at.mask_type == T_F16 ? (uint32_t) __ldcg((const unsigned short *) mb + cb + cm)
-                                           : __ldcg((const unsigned int *) mb + cb + cm);
-}
-
-__device__ __forceinline__ float2 f16x2(uint32_t w) {
-    return make_float2(__half2float(__ushort_as_half((unsigned short) (w & 0xffffu))),
-                       __half2float(__ushort_as_half((unsigned short) (w >> 16))));
-}
-
-__device__ __forceinline__ void kv_regs_store(const attention & at, const kv_regs & r, bool has_mask, int nc,
-                                              bool v_by_cell, float * ks, float * vs, float * msk) {
-    const int hk = at.head_dim_k, hv = at.head_dim_v;
-    const kv_walk wk(hk / 2), wv(v_by_cell ? k_attn_chunk / 2 : hv / 2);
-#pragma unroll
-    for (int k = 0; k < k_kv_words; k++) {
-        const int c = wk.c + k * wk.dc;
-        if (c < nc) {
-            const float2 f = f16x2(r.k[k]);
-            ks[c * (hk + 1) + 2 * wk.p] = f.x;
-            ks[c * (hk + 1) + 2 * wk.p + 1] = f.y;
-        }
-    }
-#pragma unroll
-    for (int k = 0; k < k_kv_words; k++) {
-        const int j = wv.c + k * wv.dc;
-        const float2 f = f16x2(r.v[k]);
-        if (v_by_cell && j < hv && 2 * wv.p < nc) {
-            vs[2 * wv.p * (hv + 1) + j] = f.x;
-            vs[(2 * wv.p + 1) * (hv + 1) + j] = f.y;
-        } else if (!v_by_cell && j < nc) {
-            vs[j * (hv + 1) + 2 * wv.p] = f.x;
-            vs[j * (hv + 1) + 2 * wv.p + 1] = f.y;
-        }
-    }
-    if ((int) threadIdx.x < nc) {
-        msk[threadIdx.x] = !has_mask ? 0.0f : at.mask_type == T_F16 ? __half2float(__ushort_as_half((unsigned short) r.m))
-                                                                  : __uint_as_float(r.m);
-    }
-}
-
 // Shared memory (floats) an attention tile needs.
 __host__ __device__ inline size_t attn_smem_floats(const attention & at) {
     const int group = at.n_head / at.n_head_kv;
@@ -1522,36 +1436,6 @@ __device__ __noinline__ void attn_prestage(const kernel_args & a, const attentio
     stage_kv(at, sp, attn_layout(at, smem), sp.c0, min(k_attn_chunk, sp.c1 - sp.c0), nullptr, nullptr);
 }
 
-// Before the wait, for a tile of several chunks (long contexts): every cell's K and V rows and its mask entries
-// towards L2, so that each chunk's staging after the wait reads L2 instead of HBM. Prestaging the first chunk into
-// shared memory instead measured slower at 5 chunks a tile (see the call site); this issues one prefetch per
-// 128-byte line, ~600 a tile at depth 4096 on the 1B shape, and holds no registers across the wait.
-__device__ __noinline__ void attn_prefetch(const kernel_args & a, const attention & at, int tile) {
-    const attn_span sp(a, at, tile);
-    const int ts_k = at.k_type == T_F32 ? 4 : 2, ts_v = at.v_type == T_F32 ? 4 : 2, n = sp.c1 - sp.c0;
-    const int lk = (at.head_dim_k * ts_k + 127) / 128 + 1;  // lines of one cell's K row (+1: it may straddle)
-    for (int e = threadIdx.x; e < n * lk; e += k_threads) {
-        prefetch_l2(sp.kb + (uint64_t) (sp.c0 + e / lk) * at.k_nb_cell + (uint64_t) min(128 * (e % lk), at.head_dim_k * ts_k - 1));
-    }
-    if (sp.v_by_cell) {  // transposed V: per dimension, the cells are one contiguous run
-        const int lv = (n * ts_v + 127) / 128 + 1;
-        for (int e = threadIdx.x; e < at.head_dim_v * lv; e += k_threads) {
-            prefetch_l2(sp.vb + (uint64_t) (e / lv) * at.v_nb_dim + (uint64_t) sp.c0 * ts_v + min(128 * (e % lv), n * ts_v - 1));
-        }
-    } else {
-        const int lv = (at.head_dim_v * ts_v + 127) / 128 + 1;
-        for (int e = threadIdx.x; e < n * lv; e += k_threads) {
-            prefetch_l2(sp.vb + (uint64_t) (sp.c0 + e / lv) * at.v_nb_cell + (uint64_t) min(128 * (e % lv), at.head_dim_v * ts_v - 1));
-        }
-    }
-    if (sp.mb) {
-        const int tm = at.mask_type == T_F16 ? 2 : 4;
-        for (int o = 128 * (int) threadIdx.x; o < n * tm + 128; o += 128 * k_threads) {
-            prefetch_l2(sp.mb + (uint64_t) sp.c0 * tm + min(o, n * tm - 1));
-        }
-    }
-}
-
 // One KV head over cells [c0, c1): chunks of K and V are staged in shared memory by all threads (coalesced,
 // independent loads), then scores, an online softmax per query head of the group, and the accumulators. With
 // `prestaged` the first chunk was staged by attn_prestage before the wait.
@@ -1578,16 +1462,10 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
             q[i] = ldcg_f(qg + i);
         }
     }
-    // several chunks: each next chunk's loads go out before the current one is computed (kv_regs)
-    const bool pipelined = fast && (a.attn_prefetch & 2) && c1 - c0 > k_attn_chunk && kv_regs_fit(at);
-    kv_regs nx;
-    bool have_next = false;
     for (int cb = c0; cb < c1; cb += k_attn_chunk) {
         const int nc = min(k_attn_chunk, c1 - cb);
         __syncthreads();
-        if (have_next) {
-            kv_regs_store(at, nx, sp.mb != nullptr, nc, sp.v_by_cell, ks, vs, msk);
-        } else if (cb == c0 && prestaged) {
+        if (cb == c0 && prestaged) {
             // the query rows, and the appended cell's K and V rows if they fall in this chunk (one round trip)
             const int64_t row = *kv_row;  // read by attn_prestage, before the wait's barrier
             const bool mine = row >= cb && row < cb + nc;
@@ -1627,11 +1505,6 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
         }
         __syncthreads();
         pc.mark(0);
-        have_next = pipelined && cb + k_attn_chunk < c1;
-        if (have_next) {
-            kv_regs_load(at, sp.kb, sp.vb, sp.mb, cb + k_attn_chunk, min(k_attn_chunk, c1 - cb - k_attn_chunk),
-                         sp.v_by_cell, nx);
-        }
         // Scores: two neighbouring threads per (query head, cell), each over half of the dimensions with four
         // independent sums, combined with one shuffle. Items are laid out g * k_attn_chunk + c so that whole warps
         // share the loop bounds (the shuffle needs every lane).
@@ -1978,8 +1851,6 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                     s_at.cells_per_split <= k_attn_chunk) {
                     attn_prestage(a, s_at, t, smem, &s_kv_row);
                     prestaged = true;
-                } else if (in.kind == instr_kind::attn && (a.attn_prefetch & 1) && s_at.cells_per_split > k_attn_chunk) {
-                    attn_prefetch(a, s_at, t);
                 }
                 if (in.kind != instr_kind::attn && in.kind != instr_kind::delta && a.preload_norm) {
                     w_ready = preload_norm_weight(a, in.in, w);  // w stays untouched through the instruction's tiles
@@ -2637,10 +2508,6 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.x_floats = (int32_t) x_f;
     a.y_floats = (int32_t) y_f;
     a.w_floats = (int32_t) w_f;
-    a.attn_prefetch = 3;
-    if (const char * ap = getenv("LLAMA_MEGAKERNEL_ATTN_PREFETCH")) {  // A/B: bit 0 the L2 prefetch of long tiles'
-        a.attn_prefetch = atoi(ap);                                  // cells, bit 1 their next chunk in registers
-    }
     a.attn_prestage = 1;
     if (const char * ps = getenv("LLAMA_MEGAKERNEL_ATTN_PRESTAGE")) {  // 0: stage after the wait (for A/B runs)
         a.attn_prestage = atoi(ps) != 0;
