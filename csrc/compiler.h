@@ -22,7 +22,8 @@ struct target {
     int n_sm = 132;               // multiprocessors (one persistent block each)
     int smem_bytes = 227 * 1024;  // shared memory per block
     bool fuse_down = true;        // fold the FFN down projection into the glu instruction (LLAMA_MEGAKERNEL_FUSE_DOWN=0: off)
-    bool rope_pairs = true;       // tiles may split a head where its rope turns adjacent pairs (LLAMA_MEGAKERNEL_ROPE_PAIRS=0: whole heads)
+    int rope_pairs = 1;           // where a head's rope turns adjacent pairs, tiles may split it: 1 large heads only,
+                                  // 2 any, 0 none (LLAMA_MEGAKERNEL_ROPE_PAIRS)
 };
 
 struct program {

@@ -156,7 +156,7 @@ mk::target target_for(const wrapped_backend & wb) {
         t.fuse_down = atoi(e) != 0;
     }
     if (const char * e = getenv("LLAMA_MEGAKERNEL_ROPE_PAIRS")) {
-        t.rope_pairs = atoi(e) != 0;
+        t.rope_pairs = std::min(2, std::max(0, atoi(e)));
     }
     return t;
 }

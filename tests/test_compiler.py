@@ -208,6 +208,24 @@ def test_qwen35_recurrent_state_does_not_drift_over_2000_steps(tmp_path):
 
 
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["no-fa", "fa"])
+def test_rope_over_part_of_a_head_matches_ggml_cpu(flash_attn, tmp_path, monkeypatch):
+    """With LLAMA_MEGAKERNEL_ROPE_PAIRS=2 every QKV tile of the tiny model ends inside a head (8 rows of 64), so
+    the CPU executor rotates pairs of part of a head per tile, iterating theta from the head's first pair as
+    ggml-cpu does: the same agreement with ggml-cpu as with whole heads."""
+    monkeypatch.setenv("LLAMA_MEGAKERNEL_ROPE_PAIRS", "2")
+    model = tiny_model("llama", "Q4_0")
+    r = run_py(f"""
+import sys
+from llama_megakernel.cli import main
+sys.exit(main(["explain", {str(model)!r}, "--json"]))
+""")
+    assert r.returncode == 0, r.stderr
+    qkv = next(i for i in json.loads(r.stdout[r.stdout.index("{"):])["instructions"] if i["name"] == "Qcur-0")
+    assert all(s["rows_per_tile"] % 64 != 0 for s in qkv["segments"] if "rope" in s["epilogue"]), qkv
+    _end_to_end("llama", "Q4_0", flash_attn, 32, tmp_path)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["no-fa", "fa"])
 @pytest.mark.parametrize("quant", ["Q4_K_M", "Q4_0"])
 def test_shuffled_tile_order_gives_identical_results(quant, flash_attn, tmp_path):
     """Any order the dependency counters allow computes the same thing: a missing dependency would let a tile
@@ -312,17 +330,17 @@ sys.exit(main(["explain", {str(path)!r}, "--json"]))
     assert unfused["edges_per_layer"] == [5] * 15 and not any(i.get("fused_down") for i in unfused["instructions"])
     # the same weights, read once either way (the fused instruction no longer reads the 8,192-value glu result)
     assert abs(unfused["bytes_per_token"] - prog["bytes_per_token"]) < 0.001 * prog["bytes_per_token"]
-    # llama's rope turns adjacent pairs, so a QKV tile need not hold whole heads (with whole 64-row heads Q and K
-    # took 40 tiles and V 22: 62 on 132 SMs); its tiles leave the next attention's blocks free
-    qkv = [i for i in prog["instructions"] if i["name"].startswith("Qcur-")]
+    # The QKV tiles leave the next attention's blocks free. A Q4_0 head (64 rows, 72 KiB) stays in one tile;
+    # llama's rope turns adjacent pairs, so LLAMA_MEGAKERNEL_ROPE_PAIRS=2 may split it (by default only heads of
+    # more than 128 KiB are: BF16's)
     attn_tiles = next(i["tiles"] for i in prog["instructions"] if i["kind"] == "attn")
-    assert len(qkv) == 16 and all(80 <= i["tiles"] <= prog["n_sm"] - attn_tiles for i in qkv), (qkv[0], attn_tiles)
-    assert any(s["rows_per_tile"] % 64 != 0 for s in qkv[0]["segments"] if "rope" in s["epilogue"]), qkv[0]
-    r = run_py(code, env={"LLAMA_MEGAKERNEL_ROPE_PAIRS": "0"})
-    assert r.returncode == 0, r.stderr
-    heads = json.loads(r.stdout[r.stdout.index("{"):])
-    qkv0 = next(i for i in heads["instructions"] if i["name"] == "Qcur-0")
-    assert all(s["rows_per_tile"] % 64 == 0 for s in qkv0["segments"] if "rope" in s["epilogue"]), qkv0
+    for pairs, split in (("1", False), ("2", True)):
+        r = run_py(code, env={"LLAMA_MEGAKERNEL_ROPE_PAIRS": pairs})
+        assert r.returncode == 0, r.stderr
+        qkv = [i for i in json.loads(r.stdout[r.stdout.index("{"):])["instructions"] if i["name"].startswith("Qcur-")]
+        assert len(qkv) == 16 and all(i["tiles"] <= prog["n_sm"] - attn_tiles for i in qkv), (qkv[0], attn_tiles)
+        ropes = [s for s in qkv[0]["segments"] if "rope" in s["epilogue"]]
+        assert len(ropes) == 2 and any(s["rows_per_tile"] % 64 != 0 for s in ropes) == split, (pairs, qkv[0])
     # every attention knows the cell its step appends, so the GPU executor may stage the rest before its wait
     attns = [i for i in prog["instructions"] if i["kind"] == "attn"]
     assert len(attns) == 16 and all(i["kv_row_known"] for i in attns), attns

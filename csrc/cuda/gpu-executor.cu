@@ -302,6 +302,14 @@ __device__ bool preload_norm_weight(const kernel_args & a, const vec_in & in, fl
     return true;
 }
 
+// Splits of an attention merged per round trip in form_input's attn_reduce: at depth 4,096 (16 splits) four a
+// round took 11.8 us of the O projection's tile against 3.8 us for the 4 splits at 256 cells (profile of
+// 9acbca9). -DMK_MERGE_SPLITS=4 builds the earlier width for A/B runs.
+#ifndef MK_MERGE_SPLITS
+#define MK_MERGE_SPLITS 8
+#endif
+constexpr int k_merge = MK_MERGE_SPLITS;
+
 // x as the instruction's input defines it. With `w_ready` preload_norm_weight has put the norm's weight in w (the
 // barrier of the wait lies between).
 __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, float * w, bool w_ready) {
@@ -384,8 +392,8 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
             const float * gate = in.gate.null() ? nullptr : (const float *) resolve(a, in.gate);
             if (in.head_dim % 4 == 0) {
                 // Four values of one head per thread. A split's (max, sum) and its four accumulators are loaded with
-                // those of up to three more splits, all in flight at once, and merged in registers: one memory round
-                // trip per four splits and no barrier (the two-pass form below took ~6 us of the O projection's
+                // those of up to k_merge - 1 more splits, all in flight at once, and merged in registers: one memory
+                // round trip per k_merge splits and no barrier (the two-pass form below took ~6 us of the O projection's
                 // tile on the 1B shape: two round trips and three barriers).
                 const int stride = in.head_dim + 2, ns = in.n_split;
                 for (int e0 = 4 * t; e0 < n; e0 += 4 * k_threads) {
@@ -399,10 +407,10 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
                         }
                     }
                     float M = -INFINITY, den = 0.0f, v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                    for (int s0 = 0; s0 < ns; s0 += 4) {
-                        float m[4], l[4], r[4][4];
+                    for (int s0 = 0; s0 < ns; s0 += k_merge) {
+                        float m[k_merge], l[k_merge], r[k_merge][4];
 #pragma unroll
-                        for (int k = 0; k < 4; k++) {
+                        for (int k = 0; k < k_merge; k++) {
                             const float * o = ph + (size_t) min(s0 + k, ns - 1) * stride;
                             m[k] = ldcg_f(o);
                             l[k] = ldcg_f(o + 1);
@@ -413,7 +421,7 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
                         }
                         float mb = M;
 #pragma unroll
-                        for (int k = 0; k < 4; k++) {
+                        for (int k = 0; k < k_merge; k++) {
                             mb = s0 + k < ns ? fmaxf(mb, m[k]) : mb;
                         }
                         if (mb == -INFINITY) {
@@ -426,7 +434,7 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
                             v[j] *= c;
                         }
 #pragma unroll
-                        for (int k = 0; k < 4; k++) {
+                        for (int k = 0; k < k_merge; k++) {
                             const float wk = s0 + k < ns && m[k] != -INFINITY ? __expf(m[k] - mb) : 0.0f;
                             den += wk * l[k];
 #pragma unroll
@@ -1244,7 +1252,13 @@ __device__ __forceinline__ unsigned long long form_x(const kernel_args & a, cons
     return t;
 }
 
-constexpr int k_attn_chunk = 64;  // KV cells staged in shared memory at a time
+// KV cells staged in shared memory at a time. Each chunk costs a staging round trip and four barriers: at depth
+// 4,096 (288 cells a tile on the 1B shape) 64-cell chunks spent 15.4 us a tile staging and 8.7 us in scores and
+// softmax (profile of 9acbca9). -DMK_ATTN_CHUNK=64 builds the earlier size for A/B runs.
+#ifndef MK_ATTN_CHUNK
+#define MK_ATTN_CHUNK 128
+#endif
+constexpr int k_attn_chunk = MK_ATTN_CHUNK;
 
 template <int T> __device__ __forceinline__ float ld_kv_t(const uint8_t * p) {
     if constexpr (T == T_F16) {
@@ -1283,7 +1297,7 @@ struct stage_walk {
 template <int T>
 __device__ void stage_chunk(const attention & at, const uint8_t * kb, const uint8_t * vb, const uint8_t * mb, float * ks,
                             float * vs, float * msk, int cb, int nc, bool v_by_cell, float * q, const float * qg, int nq) {
-    constexpr int N = 8;
+    constexpr int N = k_attn_chunk / 8;  // a whole chunk of head size 64 in one pass of loads (one round trip)
     const int t = threadIdx.x, hk = at.head_dim_k, hv = at.head_dim_v;
     // K: a thread keeps one dimension and walks the cells; V the same, or, transposed (cells contiguous), it keeps
     // one cell and walks the dimensions, so that neighbouring threads read neighbouring addresses either way.
