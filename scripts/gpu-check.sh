@@ -15,6 +15,8 @@
 #   MK_STAGES=bisect MK_BISECT_TYPES="Q4_0 Q4_1"              the 1B shape in BF16 with one matrix group quantized
 #                                                              (MK_BISECT_GROUPS="qkv o gateup down head", MK_BISECT_STEPS)
 #   MK_PROFILE_VARIANTS="a:VAR=v;b:VAR=v"                     more profiled variants
+#   MK_PROFILE_DEPTH=4000                                      also profile the 1B Q4_0 decode after a 4,000-token prompt
+#   (a call returns at most 8 files from $OUT: tar the profile-*.json files there before it ends)
 #   MK_PLUGIN2_FLAGS="-DX"                                     a second plugin build in /tmp/mk/plugin2, for A/B of a
 #                                                              compile flag (MK_BENCH_VARIANT="x:GGML_BACKEND_PATH=...")
 #   MK_PLUGIN2_REF=<sha>                                       ... or of an earlier commit (with MK_PLUGIN2_FLAGS if set)
@@ -61,7 +63,10 @@ export LLAMA_MEGAKERNEL_PLUGIN=$W/plugin/libggml-megakernel.so
 if [ -n "${MK_PLUGIN2_FLAGS:-}${MK_PLUGIN2_REF:-}" ]; then  # a second build for A/B: MK_BENCH_VARIANT="name:GGML_BACKEND_PATH=$W/plugin2/..."
   SRC2=.
   if [ -n "${MK_PLUGIN2_REF:-}" ]; then  # an earlier commit's plugin (one the GPU machine's .git holds)
-    rm -rf $W/src2 && mkdir -p $W/src2 && git archive "$MK_PLUGIN2_REF" | tar -x -C $W/src2 && SRC2=$W/src2
+    rm -rf $W/src2 && mkdir -p $W/src2
+    # a failed archive used to leave SRC2=. and build this tree again under the other arm's name (session 18)
+    git archive "$MK_PLUGIN2_REF" | tar -x -C $W/src2 || { echo "MK_PLUGIN2_REF=$MK_PLUGIN2_REF is not in this machine's git"; exit 1; }
+    SRC2=$W/src2
   fi
   stamp "second plugin: ${MK_PLUGIN2_REF:-this tree} with CUDA flags '${MK_PLUGIN2_FLAGS:-}'"
   cmake -S $SRC2 -B $W/plugin2 -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_MK_CUDA=ON "-DCMAKE_CUDA_FLAGS=${MK_PLUGIN2_FLAGS:-}" > $W/plugin2-cmake.log

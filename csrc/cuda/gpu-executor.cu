@@ -302,11 +302,11 @@ __device__ bool preload_norm_weight(const kernel_args & a, const vec_in & in, fl
     return true;
 }
 
-// Splits of an attention merged per round trip in form_input's attn_reduce: at depth 4,096 (16 splits) four a
-// round took 11.8 us of the O projection's tile against 3.8 us for the 4 splits at 256 cells (profile of
-// 9acbca9). -DMK_MERGE_SPLITS=4 builds the earlier width for A/B runs.
+// Splits of an attention merged per round trip in form_input's attn_reduce. At depth 4,096 (16 splits) the merge
+// takes 11.9 us of each O projection tile against 3.8 us for the 4 splits at 256 cells; 8 a round
+// (-DMK_MERGE_SPLITS=8, with 128-cell chunks) took 10.8 us, so the rounds are not what costs.
 #ifndef MK_MERGE_SPLITS
-#define MK_MERGE_SPLITS 8
+#define MK_MERGE_SPLITS 4
 #endif
 constexpr int k_merge = MK_MERGE_SPLITS;
 
@@ -1253,10 +1253,12 @@ __device__ __forceinline__ unsigned long long form_x(const kernel_args & a, cons
 }
 
 // KV cells staged in shared memory at a time. Each chunk costs a staging round trip and four barriers: at depth
-// 4,096 (288 cells a tile on the 1B shape) 64-cell chunks spent 15.4 us a tile staging and 8.7 us in scores and
-// softmax (profile of 9acbca9). -DMK_ATTN_CHUNK=64 builds the earlier size for A/B runs.
+// 4,096 (288 cells a tile on the 1B shape) 64-cell chunks spend 15.3 us a tile staging and 8.8 us in scores and
+// softmax. 128-cell chunks (-DMK_ATTN_CHUNK=128, a chunk staged in one pass of 32 loads a thread) cut that to 12.5
+// and 6.9 us, but the kernel's spills grew from 242/320 to 350/628 bytes and every other phase slowed: 1B Q4_0
+// step 834 -> 961 us at 256 cells, 1,316 -> 1,285 us after 4,000 tokens (docs/gpu-executor-notes.md, session 18).
 #ifndef MK_ATTN_CHUNK
-#define MK_ATTN_CHUNK 128
+#define MK_ATTN_CHUNK 64
 #endif
 constexpr int k_attn_chunk = MK_ATTN_CHUNK;
 
