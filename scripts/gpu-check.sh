@@ -16,7 +16,7 @@
 #                                                              (MK_BISECT_GROUPS="qkv o gateup down head", MK_BISECT_STEPS)
 #   MK_PROFILE_VARIANTS="a:VAR=v;b:VAR=v"                     more profiled variants
 #   MK_PROFILE_DEPTH=4000                                      also profile the 1B Q4_0 decode after a 4,000-token prompt
-#   (a call returns at most 8 files from $OUT: tar the profile-*.json files there before it ends)
+#                                                              (the profiles come back as $OUT/profiles.tgz)
 #   MK_PLUGIN2_FLAGS="-DX"                                     a second plugin build in /tmp/mk/plugin2, for A/B of a
 #                                                              compile flag (MK_BENCH_VARIANT="x:GGML_BACKEND_PATH=...")
 #   MK_PLUGIN2_REF=<sha>                                       ... or of an earlier commit (with MK_PLUGIN2_FLAGS if set)
@@ -130,5 +130,9 @@ if [[ " $STAGES " == *" harness "* ]]; then  # the user-facing comparison, exact
   stamp "llama-megakernel bench (depth 4096, prefill)"
   python3 -m llama_megakernel bench $M/llama-llama-3.2-1b-Q4_0.gguf -n 128 -p 512 -d 4096 --llama-bench $B \
     --rounds ${MK_ROUNDS:-3} --out "$OUT/bench-depth4096" || true
+fi
+# a call returns at most 8 files from $OUT: the per-instruction profiles travel as one archive
+if ls "$OUT"/profile-*.json > /dev/null 2>&1; then
+  (cd "$OUT" && tar czf profiles.tgz profile-*.json && rm -f profile-*.json)
 fi
 stamp "done"
