@@ -1493,7 +1493,7 @@ struct compiler {
     // the ropes that turn halves of a head the whole head, a rope of adjacent pairs (mode 0, llama's) only its pair.
     // Whole heads are kept there too unless a head's rows are more than 128 KiB of weights: smaller tiles pay only
     // when a tile is weight-streaming bound (1B shape, heads split over 97 instead of 57 tiles: BF16, 256 KiB a
-    // head, +1.0% tok/s; Q4_0, 72 KiB, -1.3%; the SmolLM2 shape, 20 KiB, -3.0%; Q4_K_M, 80 KiB, +0.7%).
+    // head, +1.0% tok/s; Q4_0, 72 KiB, -1.3%; Q4_K_M, 72 KiB, +0.7%; the SmolLM2 shape, 20 KiB, -3.0%).
     int rows_needed(const segment & sg, const epi_op & op) const {
         if (op.kind == epi_kind::rms_norm) {
             return op.row_len;
