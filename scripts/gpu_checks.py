@@ -438,33 +438,27 @@ def main() -> int:
                      for k in os.environ.get("MK_PROFILE_PREFETCH", "").split()]
         variants += [(f"-{n}", e) for n, e in bench_variants()]  # the bench's other arms, profiled too
         variants += [(f"-{n}", e) for n, e in env_arms("MK_PROFILE_VARIANTS")]
-        for name in ["llama-smollm2-135m-Q4_0", "llama-llama-3.2-1b-Q4_0", "llama-llama-3.2-1b-BF16",
-                     *os.environ.get("MK_EXTRA_BENCH", "").split()]:
+        # (label, model, extra arguments): each model at 256 cells; with MK_PROFILE_DEPTH=N also the 1B Q4_0
+        # model's decode after an N-token prompt (attention over long contexts)
+        runs = [(name, name, []) for name in ["llama-smollm2-135m-Q4_0", "llama-llama-3.2-1b-Q4_0",
+                                              "llama-llama-3.2-1b-BF16", *os.environ.get("MK_EXTRA_BENCH", "").split()]]
+        depth = int(os.environ.get("MK_PROFILE_DEPTH", "0") or 0)
+        if depth:
+            runs.append((f"llama-llama-3.2-1b-Q4_0-d{depth}", "llama-llama-3.2-1b-Q4_0",
+                         ["--prompt", str(depth), "--ctx", str(depth + 320)]))
+        for label, name, args in runs:
             for variant, extra in variants:
                 if not have(name):
                     continue
-                pf = out.parent / f"profile-{name}{variant}.json"
-                cmd = [str(tool), str(M / f"{name}.gguf"), "--steps", "64"]
-                r = sh(cmd, env=env_for(True, extra={"LLAMA_MEGAKERNEL_PROFILE": str(pf), **extra}))
+                pf = out.parent / f"profile-{label}{variant}.json"
+                cmd = [str(tool), str(M / f"{name}.gguf"), "--steps", "64", *args]
+                r = sh(cmd, env=env_for(True, extra={"LLAMA_MEGAKERNEL_PROFILE": str(pf), **extra}), timeout=560)
                 if pf.is_file():
                     prof = json.loads(pf.read_text())
-                    result.setdefault("profiles", {})[name + variant] = {"step_us": prof["step_us"], "file": pf.name}
-                    log(f"profile {name}{variant}: step {prof['step_us']} us")
+                    result.setdefault("profiles", {})[label + variant] = {"step_us": prof["step_us"], "file": pf.name}
+                    log(f"profile {label}{variant}: step {prof['step_us']} us")
                 else:
-                    log(f"profile {name}{variant}: no profile written (rc {r.returncode}) {r.stderr[-500:]}")
-        # MK_PROFILE_DEPTH=N: the 1B Q4_0 model's decode after an N-token prompt too (attention over long contexts)
-        depth = int(os.environ.get("MK_PROFILE_DEPTH", "0") or 0)
-        for variant, extra in variants if depth and have("llama-llama-3.2-1b-Q4_0") else []:
-            name = "llama-llama-3.2-1b-Q4_0"
-            pf = out.parent / f"profile-{name}-d{depth}{variant}.json"
-            cmd = [str(tool), str(M / f"{name}.gguf"), "--steps", "64", "--prompt", str(depth), "--ctx", str(depth + 320)]
-            r = sh(cmd, env=env_for(True, extra={"LLAMA_MEGAKERNEL_PROFILE": str(pf), **extra}), timeout=560)
-            if pf.is_file():
-                prof = json.loads(pf.read_text())
-                result.setdefault("profiles", {})[f"{name}-d{depth}{variant}"] = {"step_us": prof["step_us"], "file": pf.name}
-                log(f"profile {name}-d{depth}{variant}: step {prof['step_us']} us")
-            else:
-                log(f"profile {name}-d{depth}{variant}: no profile written (rc {r.returncode}) {r.stderr[-500:]}")
+                    log(f"profile {label}{variant}: no profile written (rc {r.returncode}) {r.stderr[-500:]}")
         save()
 
     if "ncu" in a.stages:  # Nsight Compute on one megakernel launch: where the time goes inside it
