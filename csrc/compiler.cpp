@@ -344,12 +344,16 @@ struct compiler {
                 break;
             case val::attn_out: {
                 const attention & at = p.attns[v.attn];
+                x.gate = v.gate;
+                if (!at.merged.null()) {  // merged by the attention itself
+                    x.src = at.merged;
+                    break;
+                }
                 x.kind = in_kind::attn_reduce;
                 x.src = at.partials;
                 x.n_head = at.n_head;
                 x.head_dim = at.head_dim_v;
                 x.n_split = at.n_split;
-                x.gate = v.gate;
                 break;
             }
             case val::state_row:
@@ -1087,6 +1091,14 @@ struct compiler {
         at.cells_per_split = cps;
         at.n_split = (at.n_kv + cps - 1) / cps;
         at.partials = scratch_alloc((uint64_t) n_head * at.n_split * (at.head_dim_v + 2) * 4);
+        // Merged once, in each KV head's last split, where the consumer's tiles would otherwise each merge many
+        // splits: after 4,000 tokens (16 splits) every one of the 1B shape's 128 O-projection tiles spent 11.9 us
+        // merging all heads, against 3.8 us for 4 splits (256 cells), where the extra arrival and merge on the
+        // attention's critical path would not pay (docs/gpu-executor-notes.md, session 18).
+        if (at.head_dim_v % 4 == 0 && (tgt.attn_merge == 2 || (tgt.attn_merge == 1 && at.n_split > 4))) {
+            at.merged = scratch_alloc((uint64_t) n_head * at.head_dim_v * 4);
+            at.arrivals = scratch_alloc((uint64_t) n_head_kv * 8);
+        }
         p.attns.push_back(at);
 
         int i = new_instr(instr_kind::attn, named);
@@ -1383,7 +1395,7 @@ struct compiler {
         }
         if (in.kind == instr_kind::attn) {
             const attention & at = p.attns[in.attn];
-            for (const addr * a : {&at.q, &at.k, &at.v, &at.mask, &at.partials, &at.kv_row}) f(*a);
+            for (const addr * a : {&at.q, &at.k, &at.v, &at.mask, &at.partials, &at.kv_row, &at.merged, &at.arrivals}) f(*a);
         }
         if (in.kind == instr_kind::delta) {
             const delta_net & dn = p.deltas[in.attn];
@@ -1786,7 +1798,8 @@ std::string explain_json(const program & p) {
             const attention & at = p.attns[in.attn];
             o += ",\"n_kv\":" + std::to_string(at.n_kv) + ",\"n_split\":" + std::to_string(at.n_split) +
                  ",\"heads\":" + std::to_string(at.n_head) + ",\"kv_heads\":" + std::to_string(at.n_head_kv) +
-                 ",\"kv_row_known\":" + (at.kv_row.null() ? "false" : "true");
+                 ",\"kv_row_known\":" + (at.kv_row.null() ? "false" : "true") +
+                 ",\"merged_in_last_split\":" + (at.merged.null() ? "false" : "true");
         }
         o += "}";
     }

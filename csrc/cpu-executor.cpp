@@ -19,18 +19,47 @@ struct tile_ctx {
     const program & p;
     uint8_t * scratch;
     const std::vector<std::vector<uint8_t>> * k_before = nullptr, * v_before = nullptr;
+    uint64_t epoch = 0;  // steps run before this one (the attention arrival counters are monotonic)
 
     template <typename T = float> T * ptr(const addr & a) const {
         return (T *) (a.scratch ? scratch + a.off : (uint8_t *) (uintptr_t) a.off);
     }
 };
 
+// Head h of an attention's partials (n_split of them, head_dim values each) merged into out[0, head_dim).
+void merge_head(const float * part, int h, int n_split, int head_dim, float * out) {
+    const int stride = head_dim + 2;
+    float m = -INFINITY;
+    for (int s = 0; s < n_split; s++) {
+        m = std::max(m, part[(h * n_split + s) * stride]);
+    }
+    double den = 0.0;
+    std::vector<double> num(head_dim, 0.0);
+    for (int s = 0; s < n_split; s++) {
+        const float * ps = part + (h * n_split + s) * stride;
+        if (ps[0] == -INFINITY) {
+            continue;
+        }
+        const double f = exp((double) ps[0] - m);
+        den += f * ps[1];
+        for (int d = 0; d < head_dim; d++) {
+            num[d] += f * ps[2 + d];
+        }
+    }
+    for (int d = 0; d < head_dim; d++) {
+        out[d] = den > 0 ? (float) (num[d] / den) : 0.0f;
+    }
+}
+
 void form_input(const tile_ctx & c, const vec_in & in, std::vector<float> & x) {
     x.resize(in.n);
     switch (in.kind) {
         case in_kind::plain: {
             const float * s = c.ptr(in.src);
-            std::copy(s, s + in.n, x.begin());
+            const float * gate = in.gate.null() ? nullptr : c.ptr(in.gate);
+            for (int i = 0; i < in.n; i++) {
+                x[i] = s[i] * (gate ? gate[i] : 1.0f);
+            }
             return;
         }
         case in_kind::rms_norm: {
@@ -53,28 +82,8 @@ void form_input(const tile_ctx & c, const vec_in & in, std::vector<float> & x) {
         }
         case in_kind::attn_reduce: {
             const float * part = c.ptr(in.src);
-            const int stride = in.head_dim + 2;
             for (int h = 0; h < in.n_head; h++) {
-                float m = -INFINITY;
-                for (int s = 0; s < in.n_split; s++) {
-                    m = std::max(m, part[(h * in.n_split + s) * stride]);
-                }
-                double den = 0.0;
-                std::vector<double> num(in.head_dim, 0.0);
-                for (int s = 0; s < in.n_split; s++) {
-                    const float * ps = part + (h * in.n_split + s) * stride;
-                    if (ps[0] == -INFINITY) {
-                        continue;
-                    }
-                    const double f = exp((double) ps[0] - m);
-                    den += f * ps[1];
-                    for (int d = 0; d < in.head_dim; d++) {
-                        num[d] += f * ps[2 + d];
-                    }
-                }
-                for (int d = 0; d < in.head_dim; d++) {
-                    x[h * in.head_dim + d] = den > 0 ? (float) (num[d] / den) : 0.0f;
-                }
+                merge_head(part, h, in.n_split, in.head_dim, x.data() + (size_t) h * in.head_dim);
             }
             if (!in.gate.null()) {
                 const float * gate = c.ptr(in.gate);
@@ -316,6 +325,14 @@ void run_attn_tile(const tile_ctx & c, const attention & at, int a_index, int ti
             o[2 + d] = (float) acc[d];
         }
     }
+    if (!at.merged.null()) {  // the head group's last split to finish merges it (tiles may run in any order)
+        uint64_t & arrived = c.ptr<uint64_t>(at.arrivals)[kvh];
+        if (++arrived == (c.epoch + 1) * (uint64_t) at.n_split) {
+            for (int h = kvh * group; h < (kvh + 1) * group; h++) {
+                merge_head(part, h, at.n_split, at.head_dim_v, c.ptr(at.merged) + (size_t) h * at.head_dim_v);
+            }
+        }
+    }
 }
 
 // q or k of one head, with its rms_norm and scale (the L2 norm) applied as ggml does.
@@ -455,7 +472,7 @@ void cpu_executor::run(const program & p, long long shuffle_seed) {
     if (scratch.size() < p.scratch_bytes) {
         scratch.resize(p.scratch_bytes);
     }
-    tile_ctx c{p, scratch.data(), &k_before, &v_before};
+    tile_ctx c{p, scratch.data(), &k_before, &v_before, epoch};
     k_before.resize(p.attns.size());
     v_before.resize(p.attns.size());
     for (size_t a = 0; a < p.attns.size(); a++) {

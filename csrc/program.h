@@ -34,7 +34,7 @@ struct addr {
 // How an instruction forms its input vector x (n floats). Folding these into the consumer (each tile recomputes
 // them; the vectors are a few KiB) removes a serial edge per norm and per attention.
 enum class in_kind : uint8_t {
-    plain,        // x = src (F32)
+    plain,        // x = src (F32) [* gate]
     rms_norm,     // x = src / sqrt(mean(src^2) + eps) [* w], per group of norm_row values (0: the whole vector)
     attn_reduce,  // x = merge of an attention instruction's partial results (src), n = n_head * head_dim
     embed_row,    // x = row idx[0] of a weight matrix (src), dequantized
@@ -47,7 +47,7 @@ struct vec_in {
     addr     w;               // rms_norm: optional F32 weight, of norm_row values (or n when norm_row is 0)
     float    eps = 0.0f;
     int32_t  norm_row = 0;    // rms_norm: length of the groups normalised separately (Gated DeltaNet's per head)
-    addr     gate;            // rms_norm, attn_reduce: optional F32 [n] the result is multiplied by (an output gate)
+    addr     gate;            // plain, rms_norm, attn_reduce: optional F32 [n] the result is multiplied by (an output gate)
     int32_t  n_head = 0;      // attn_reduce
     int32_t  head_dim = 0;    // attn_reduce
     int32_t  n_split = 0;     // attn_reduce
@@ -192,6 +192,11 @@ struct attention {
     int32_t  n_split = 1, cells_per_split = 0;
     float    scale = 1, softcap = 0;
     addr     partials;          // scratch: [n_head][n_split] x (max, sum, acc[head_dim_v])
+    // Non-null: the split of each KV head that finishes last merges the head group's partials into `merged`
+    // (F32 [n_head * head_dim_v], the attention's output), counted on `arrivals` (scratch: n_head_kv uint64,
+    // monotonic: at step e all splits of head h have arrived when arrivals[h] reads (e + 1) * n_split). The
+    // consumer then reads a plain vector instead of merging every head itself (in_kind::attn_reduce).
+    addr     merged, arrivals;
     // The cell this step appends (the KV append's row index, an I32 or I64 graph input), or null if the compiler
     // could not tie it to K. Every other cell is unchanged during the step, so an executor may read those before
     // its dependencies are met and read only this one after.

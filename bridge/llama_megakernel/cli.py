@@ -342,7 +342,8 @@ def cmd_explain(args) -> int:
         if i["layer"] != 0:
             continue
         epi = " | ".join(",".join(sg["epilogue"]) or "-" for sg in i["segments"]) if i["kind"] != "attn" else \
-            f"{i['heads']} heads / {i['kv_heads']} KV heads, {i['n_kv']} cells in {i['n_split']} splits"
+            f"{i['heads']} heads / {i['kv_heads']} KV heads, {i['n_kv']} cells in {i['n_split']} splits" + \
+            (", merged in the last split" if i.get("merged_in_last_split") else "")
         _say(f"  {k:>3} {i['kind']:<7} {i['name'][:18]:<18} {i['input']:<12} {i['tiles']:>5} "
              f"{i['bytes'] / 1024:>9.1f} {i['depth']:>5}  {epi}")
     edges = prog["edges_per_layer"]

@@ -310,6 +310,95 @@ __device__ bool preload_norm_weight(const kernel_args & a, const vec_in & in, fl
 #endif
 constexpr int k_merge = MK_MERGE_SPLITS;
 
+// Heads [h0, h0 + nh) of an attention's partials (ns splits each, head sizes hd a multiple of 4) merged into out
+// (nh * hd values, [* gate]). Four values of one head per thread; where the block has threads to spare, `lanes`
+// neighbouring threads share four values, each over every lanes-th split, and are combined by shuffles. A thread's
+// splits are loaded k_merge at a time, all in flight at once, and merged in registers: one memory round trip per
+// k_merge splits and no barrier (a two-pass form took ~6 us of the O projection's tile on the 1B shape: two round
+// trips and three barriers).
+__device__ __forceinline__ void merge_splits(const float * part, int ns, int hd, int h0, int nh, const float * gate,
+                                             float * out) {
+    const int quads = nh * hd / 4, stride = hd + 2;
+    int lanes = 1;
+    while (lanes < 32 && 2 * lanes * quads <= k_threads && lanes < ns) {
+        lanes *= 2;
+    }
+    const int sub = threadIdx.x & (lanes - 1), per_pass = k_threads / lanes;
+    for (int base = 0; base < quads; base += per_pass) {  // block-uniform: the shuffles below need whole warps
+        const int qd = base + threadIdx.x / lanes;
+        const int e0 = 4 * min(qd, quads - 1), h = h0 + e0 / hd, d = e0 % hd;
+        const float * ph = part + (size_t) h * ns * stride;
+        float g4[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+        if (gate) {
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                g4[j] = ldcg_f(gate + e0 + j);
+            }
+        }
+        float M = -INFINITY, den = 0.0f, v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int s0 = sub; s0 < ns; s0 += k_merge * lanes) {
+            float m[k_merge], l[k_merge], r[k_merge][4];
+#pragma unroll
+            for (int k = 0; k < k_merge; k++) {
+                const float * o = ph + (size_t) min(s0 + k * lanes, ns - 1) * stride;
+                m[k] = ldcg_f(o);
+                l[k] = ldcg_f(o + 1);
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    r[k][j] = ldcg_f(o + 2 + d + j);
+                }
+            }
+            float mb = M;
+#pragma unroll
+            for (int k = 0; k < k_merge; k++) {
+                mb = s0 + k * lanes < ns ? fmaxf(mb, m[k]) : mb;
+            }
+            if (mb == -INFINITY) {
+                continue;  // every split so far saw only masked cells
+            }
+            const float c = M == -INFINITY ? 0.0f : __expf(M - mb);
+            den *= c;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                v[j] *= c;
+            }
+#pragma unroll
+            for (int k = 0; k < k_merge; k++) {
+                const float wk = s0 + k * lanes < ns && m[k] != -INFINITY ? __expf(m[k] - mb) : 0.0f;
+                den += wk * l[k];
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    v[j] += wk * r[k][j];
+                }
+            }
+            M = mb;
+        }
+        for (int off = 1; off < lanes; off <<= 1) {
+            const float Mo = __shfl_xor_sync(0xffffffffu, M, off), dn = __shfl_xor_sync(0xffffffffu, den, off);
+            float vo[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                vo[j] = __shfl_xor_sync(0xffffffffu, v[j], off);
+            }
+            const float mb = fmaxf(M, Mo);
+            const float c = M == -INFINITY ? 0.0f : __expf(M - mb), co = Mo == -INFINITY ? 0.0f : __expf(Mo - mb);
+            den = den * c + dn * co;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                v[j] = v[j] * c + vo[j] * co;
+            }
+            M = mb;
+        }
+        if (qd < quads && sub == 0) {
+            const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                out[e0 + j] = v[j] * inv * g4[j];
+            }
+        }
+    }
+}
+
 // x as the instruction's input defines it. With `w_ready` preload_norm_weight has put the norm's weight in w (the
 // barrier of the wait lies between).
 __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, float * w, bool w_ready) {
@@ -317,12 +406,19 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
     switch (in.kind) {
         case in_kind::plain: {
             const float * s = (const float *) resolve(a, in.src);
+            const float * gate = in.gate.null() ? nullptr : (const float *) resolve(a, in.gate);
             for (int i0 = t; i0 < n; i0 += k_gather * k_threads) {
                 float r[k_gather];
 #pragma unroll
                 for (int k = 0; k < k_gather; k++) {
                     const int i = i0 + k * k_threads;
                     r[k] = ldcg_f(s + min(i, n - 1));  // clamped, not skipped: no branch between the loads
+                }
+                if (gate) {
+#pragma unroll
+                    for (int k = 0; k < k_gather; k++) {
+                        r[k] *= ldcg_f(gate + min(i0 + k * k_threads, n - 1));
+                    }
                 }
 #pragma unroll
                 for (int k = 0; k < k_gather; k++) {
@@ -391,67 +487,7 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
             const float * part = (const float *) resolve(a, in.src);
             const float * gate = in.gate.null() ? nullptr : (const float *) resolve(a, in.gate);
             if (in.head_dim % 4 == 0) {
-                // Four values of one head per thread. A split's (max, sum) and its four accumulators are loaded with
-                // those of up to k_merge - 1 more splits, all in flight at once, and merged in registers: one memory
-                // round trip per k_merge splits and no barrier (the two-pass form below took ~6 us of the O projection's
-                // tile on the 1B shape: two round trips and three barriers).
-                const int stride = in.head_dim + 2, ns = in.n_split;
-                for (int e0 = 4 * t; e0 < n; e0 += 4 * k_threads) {
-                    const int h = e0 / in.head_dim, d = e0 % in.head_dim;
-                    const float * ph = part + (size_t) h * ns * stride;
-                    float g4[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-                    if (gate) {
-#pragma unroll
-                        for (int j = 0; j < 4; j++) {
-                            g4[j] = ldcg_f(gate + e0 + j);
-                        }
-                    }
-                    float M = -INFINITY, den = 0.0f, v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                    for (int s0 = 0; s0 < ns; s0 += k_merge) {
-                        float m[k_merge], l[k_merge], r[k_merge][4];
-#pragma unroll
-                        for (int k = 0; k < k_merge; k++) {
-                            const float * o = ph + (size_t) min(s0 + k, ns - 1) * stride;
-                            m[k] = ldcg_f(o);
-                            l[k] = ldcg_f(o + 1);
-#pragma unroll
-                            for (int j = 0; j < 4; j++) {
-                                r[k][j] = ldcg_f(o + 2 + d + j);
-                            }
-                        }
-                        float mb = M;
-#pragma unroll
-                        for (int k = 0; k < k_merge; k++) {
-                            mb = s0 + k < ns ? fmaxf(mb, m[k]) : mb;
-                        }
-                        if (mb == -INFINITY) {
-                            continue;  // every split so far saw only masked cells
-                        }
-                        const float c = M == -INFINITY ? 0.0f : __expf(M - mb);
-                        den *= c;
-#pragma unroll
-                        for (int j = 0; j < 4; j++) {
-                            v[j] *= c;
-                        }
-#pragma unroll
-                        for (int k = 0; k < k_merge; k++) {
-                            const float wk = s0 + k < ns && m[k] != -INFINITY ? __expf(m[k] - mb) : 0.0f;
-                            den += wk * l[k];
-#pragma unroll
-                            for (int j = 0; j < 4; j++) {
-                                v[j] += wk * r[k][j];
-                            }
-                        }
-                        M = mb;
-                    }
-                    const float inv = den > 0.0f ? 1.0f / den : 0.0f;
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        if (e0 + j < n) {
-                            x[e0 + j] = v[j] * inv * g4[j];
-                        }
-                    }
-                }
+                merge_splits(part, in.n_split, in.head_dim, 0, in.n_head, gate, x);
                 break;
             }
             // Other head sizes: the weights of each split, exp(m_s - M) / sum_s(exp(m_s - M) l_s), then one pass
@@ -1195,7 +1231,7 @@ __device__ __forceinline__ bool form_round_q8_1(const kernel_args & a, const vec
     const int n = in.n, ng = n / 8, l = threadIdx.x % 32;
     const bool rms = in.kind == in_kind::rms_norm;
     const float * s = (const float *) resolve(a, in.src);
-    if ((in.kind != in_kind::plain && !(rms && in.norm_row == 0 && in.gate.null())) || n % 32 != 0 ||
+    if ((in.kind != in_kind::plain && !(rms && in.norm_row == 0)) || !in.gate.null() || n % 32 != 0 ||
         ((uintptr_t) s & 15) != 0) {
         return false;
     }
@@ -1452,6 +1488,14 @@ __device__ __noinline__ void attn_prestage(const kernel_args & a, const attentio
     stage_kv(at, sp, attn_layout(at, smem), sp.c0, min(k_attn_chunk, sp.c1 - sp.c0), nullptr, nullptr);
 }
 
+// The merge of KV head kvh's query heads into attention::merged, in the split that finished last. A call of its own:
+// inlined, it raised the kernel's spills from 246/316 to 286/416 bytes (stores/loads) though it runs once a head.
+__device__ __noinline__ void merge_group(const kernel_args & a, const attention & at, int kvh) {
+    const int group = at.n_head / at.n_head_kv, hv = at.head_dim_v;
+    merge_splits((const float *) resolve(a, at.partials), at.n_split, hv, kvh * group, group, nullptr,
+                 (float *) resolve(a, at.merged) + (size_t) kvh * group * hv);
+}
+
 // One KV head over cells [c0, c1): chunks of K and V are staged in shared memory by all threads (coalesced,
 // independent loads), then scores, an online softmax per query head of the group, and the accumulators. With
 // `prestaged` the first chunk was staged by attn_prestage before the wait.
@@ -1614,6 +1658,20 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
         if (d == 0) {
             o[0] = mx[g];
             o[1] = sm[g];
+        }
+    }
+    if (!at.merged.null()) {  // the head group's last split to finish merges it (attention::merged)
+        __shared__ int s_last;
+        __syncthreads();  // the block's partials before thread 0's release
+        if (threadIdx.x == 0) {
+            unsigned long long old;
+            unsigned long long * arrivals = (unsigned long long *) resolve(a, at.arrivals) + kvh;
+            asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], 1;" : "=l"(old) : "l"(arrivals) : "memory");
+            s_last = old + 1 == (a.epoch + 1) * (unsigned long long) at.n_split;
+        }
+        __syncthreads();
+        if (s_last) {  // the other splits' partials are visible (their release, this acquire, the barrier)
+            merge_group(a, at, kvh);
         }
     }
     pc.mark(2);
