@@ -1091,11 +1091,11 @@ struct compiler {
         at.cells_per_split = cps;
         at.n_split = (at.n_kv + cps - 1) / cps;
         at.partials = scratch_alloc((uint64_t) n_head * at.n_split * (at.head_dim_v + 2) * 4);
-        // Merged once, in each KV head's last split, where the consumer's tiles would otherwise each merge many
-        // splits: after 4,000 tokens (16 splits) every one of the 1B shape's 128 O-projection tiles spent 11.9 us
-        // merging all heads, against 3.8 us for 4 splits (256 cells), where the extra arrival and merge on the
-        // attention's critical path would not pay (docs/gpu-executor-notes.md, session 18).
-        if (at.head_dim_v % 4 == 0 && (tgt.attn_merge == 2 || (tgt.attn_merge == 1 && at.n_split > 4))) {
+        // Merged once, in each KV head's last split, instead of in every consumer tile: each of the 1B shape's 128
+        // O-projection tiles spent 11.9 us merging all heads' 16 splits after 4,000 tokens, 3.8 us for 4 splits at
+        // 256 cells. Merging in the attention costs it 2.5-3.4 us a layer and saves the O projection 5.5-13 us
+        // (1B Q4_0 step -2.7% at 256 cells, -9.8% after 4,000 tokens; docs/gpu-executor-notes.md, session 19).
+        if (at.head_dim_v % 4 == 0 && tgt.attn_merge) {
             at.merged = scratch_alloc((uint64_t) n_head * at.head_dim_v * 4);
             at.arrivals = scratch_alloc((uint64_t) n_head_kv * 8);
         }
@@ -1571,6 +1571,16 @@ struct compiler {
                     dep = dep || nx.deps[d].instr == (int) i;
                 }
                 reserve[i] = dep && 2 * n <= tgt.n_sm ? n : 0;
+            }
+            // A one-tile vec instruction after it that does not wait on it (the final norm stored as a graph output,
+            // after the LM head) runs on a block of its own beside it instead of after one of its tiles: the LM
+            // head's 132 tiles left result_norm 5.7 us at the end of the 1B step.
+            bool waits = false;
+            for (int d = 0; d < nx.n_deps; d++) {
+                waits = waits || nx.deps[d].instr == (int) i;
+            }
+            if (nx.kind == instr_kind::vec && !waits && p.instrs[i].kind != instr_kind::attn) {
+                reserve[i] = 1;
             }
         }
         for (instruction & in : p.instrs) {

@@ -2,7 +2,7 @@
 // (program.h). It fuses the llama layer into five instructions with one serial edge each:
 //   norm + QKV matvec + rope + KV append  ->  attention partials  ->  attention merge + O matvec + residual
 //   ->  norm + gate/up matvec + GLU  ->  down matvec + residual
-// (the attention merge moves into the attention's last split per KV head at long contexts: attention::merged)
+// (the attention merge is done once, in the attention's last split per KV head: attention::merged)
 // and, where the down projection's weight type allows it (fuse_down), the last two as one instruction.
 // A graph it cannot express is refused with a reason (compile_error), and the plugin hands it back unchanged.
 #pragma once
@@ -25,8 +25,8 @@ struct target {
     bool fuse_down = true;        // fold the FFN down projection into the glu instruction (LLAMA_MEGAKERNEL_FUSE_DOWN=0: off)
     int rope_pairs = 1;           // where a head's rope turns adjacent pairs, tiles may split it: 1 large heads only,
                                   // 2 any, 0 none (LLAMA_MEGAKERNEL_ROPE_PAIRS)
-    int attn_merge = 1;           // an attention's last split per KV head merges its partials (attention::merged):
-                                  // 1 where it has more than 4 splits, 2 always, 0 never (LLAMA_MEGAKERNEL_ATTN_MERGE)
+    bool attn_merge = true;       // an attention's last split per KV head merges its partials (attention::merged);
+                                  // LLAMA_MEGAKERNEL_ATTN_MERGE=0: every consumer tile merges them
 };
 
 struct program {

@@ -159,7 +159,7 @@ mk::target target_for(const wrapped_backend & wb) {
         t.rope_pairs = std::min(2, std::max(0, atoi(e)));
     }
     if (const char * e = getenv("LLAMA_MEGAKERNEL_ATTN_MERGE")) {
-        t.attn_merge = std::min(2, std::max(0, atoi(e)));
+        t.attn_merge = atoi(e) != 0;
     }
     return t;
 }

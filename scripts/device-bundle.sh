@@ -12,7 +12,12 @@ PY=${PYTHON:-python3}
 tree=$($PY bridge/llama_megakernel/pinned.py tree)
 sdist=$($PY -c 'import sys; sys.path.insert(0, "bridge"); from llama_megakernel import pinned; print(pinned.sdist_path())')
 cache=$($PY -c 'import sys; sys.path.insert(0, "bridge"); from llama_megakernel import pinned; print(pinned.cache_dir())')
+# the llama.cpp binaries a GPU call returned (.device/prebuilt) survive a re-bundle: they cost ~5 device minutes
+keep=$(mktemp -d)
+if [ -d .device/prebuilt ]; then mv .device/prebuilt "$keep/"; fi
 rm -rf .device && mkdir -p .device/wheels .device/cache
+if [ -d "$keep/prebuilt" ]; then mv "$keep/prebuilt" .device/; fi
+rmdir "$keep"
 echo "[bundle] trimming $tree"
 tar -C "$(dirname "$tree")" -czf .device/llama.cpp.tar.gz \
     --exclude='*/docs' --exclude='*/tests' --exclude='*/examples' --exclude='*/benches' --exclude='*/conversion' \

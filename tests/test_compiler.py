@@ -243,11 +243,11 @@ def test_shuffled_tile_order_gives_identical_results(quant, flash_attn, tmp_path
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["no-fa", "fa"])
 @pytest.mark.parametrize("arch,quant", [("llama", "Q4_0"), ("qwen35", "F16")])
 def test_attention_merged_in_its_last_split_gives_identical_results(arch, quant, flash_attn, tmp_path, monkeypatch):
-    """With LLAMA_MEGAKERNEL_ATTN_MERGE=2 every attention's last split per KV head (counted on its arrival
+    """By default every attention's last split per KV head (counted on its arrival
     counter) merges the head group's partials, and the O projection reads the plain vector (Qwen3.5's with its
     output gate). The executor merges with the same arithmetic either way, so in shuffled tile order, over 11
-    steps of the monotonic counters, the logits must equal those of consumers that merge (ATTN_MERGE=0)
-    bit for bit; a split counted twice or a merge before the last split would not."""
+    steps of the monotonic counters, the logits must equal those of consumers that merge
+    (LLAMA_MEGAKERNEL_ATTN_MERGE=0) bit for bit; a split counted twice or a merge before the last split would not."""
     model = tiny_model(arch, quant)
     code = f"""
 import sys
@@ -255,11 +255,11 @@ from llama_megakernel.cli import main
 sys.exit(main(["explain", {str(model)!r}, "--json"]))
 """
     progs = {}
-    for merge in ("0", "2"):
+    for merge in ("0", "1"):
         r = run_py(code, env={"LLAMA_MEGAKERNEL_ATTN_MERGE": merge})
         assert r.returncode == 0, r.stderr
         progs[merge] = json.loads(r.stdout[r.stdout.index("{"):])["instructions"]
-    for merge, merged in (("0", False), ("2", True)):
+    for merge, merged in (("0", False), ("1", True)):
         ins = progs[merge]
         attns = [k for k, i in enumerate(ins) if i["kind"] == "attn"]
         assert attns and all(ins[k]["merged_in_last_split"] == merged for k in attns), merge
@@ -268,7 +268,7 @@ sys.exit(main(["explain", {str(model)!r}, "--json"]))
         assert readers and all(i["input"] == ("plain" if merged else "attn_reduce") for i in readers), readers
     monkeypatch.setenv("LLAMA_MEGAKERNEL_ATTN_MERGE", "0")
     canon = greedy(model, tmp_path / "a.npz", 12, plugin=True, flash_attn=flash_attn, extra=CPU)
-    monkeypatch.setenv("LLAMA_MEGAKERNEL_ATTN_MERGE", "2")
+    monkeypatch.delenv("LLAMA_MEGAKERNEL_ATTN_MERGE")  # the default
     seed = random.randrange(1 << 30)
     shuf = greedy(model, tmp_path / "b.npz", 12, plugin=True, flash_attn=flash_attn,
                   extra=CPU + ["--shuffle", str(seed), "--force-tokens", str(tmp_path / "a.npz")])
