@@ -1563,23 +1563,22 @@ struct compiler {
         std::vector<int> reserve(p.instrs.size(), 0);
         for (size_t i = 0; i + 1 < p.instrs.size(); i++) {
             const instruction & nx = p.instrs[i + 1];
-            if (nx.kind == instr_kind::attn && p.instrs[i].kind != instr_kind::attn) {
+            if (p.instrs[i].kind == instr_kind::attn) {
+                continue;
+            }
+            bool waits = false;  // nx waits on this instruction
+            for (int d = 0; d < nx.n_deps; d++) {
+                waits = waits || nx.deps[d].instr == (int) i;
+            }
+            if (nx.kind == instr_kind::attn) {
                 const attention & at = p.attns[nx.attn];
                 const int n = at.n_head_kv * at.n_split;
-                bool dep = false;
-                for (int d = 0; d < nx.n_deps; d++) {
-                    dep = dep || nx.deps[d].instr == (int) i;
-                }
-                reserve[i] = dep && 2 * n <= tgt.n_sm ? n : 0;
+                reserve[i] = waits && 2 * n <= tgt.n_sm ? n : 0;
             }
             // A one-tile vec instruction after it that does not wait on it (the final norm stored as a graph output,
             // after the LM head) runs on a block of its own beside it instead of after one of its tiles: the LM
             // head's 132 tiles left result_norm 5.7 us at the end of the 1B step.
-            bool waits = false;
-            for (int d = 0; d < nx.n_deps; d++) {
-                waits = waits || nx.deps[d].instr == (int) i;
-            }
-            if (nx.kind == instr_kind::vec && !waits && p.instrs[i].kind != instr_kind::attn) {
+            if (nx.kind == instr_kind::vec && !waits) {
                 reserve[i] = 1;
             }
         }
