@@ -51,7 +51,7 @@ def env_for(plugin: bool, status_file: Path | None = None, extra: dict | None = 
 
 
 def compare(tool: Path, model: Path, fa: int, steps: int, prompt: int = 8, cpu_steps: int = 0,
-            timeout: int = 300, extra: list[str] | None = None, ref_cpu: int = 0) -> dict:
+            timeout: int = 300, extra: list[str] | None = None, ref_cpu: int = 0, env: dict | None = None) -> dict:
     cmd = [str(tool), str(model), "--steps", str(steps), "--fa", str(fa), "--prompt", str(prompt), *(extra or [])]
     if cpu_steps:
         cmd += ["--cpu-steps", str(cpu_steps)]
@@ -59,8 +59,9 @@ def compare(tool: Path, model: Path, fa: int, steps: int, prompt: int = 8, cpu_s
         cmd += ["--ref-cpu", str(ref_cpu)]
     if prompt + steps > 4000:
         cmd += ["--ctx", str(prompt + steps + 256)]
-    r = sh(cmd, env=env_for(True), timeout=timeout)
-    res = {"model": model.stem, "flash_attn": fa, "steps": steps, "prompt": prompt, "command": " ".join(cmd)}
+    r = sh(cmd, env=env_for(True, extra=env), timeout=timeout)
+    res = {"model": model.stem, "flash_attn": fa, "steps": steps, "prompt": prompt,
+           "command": " ".join([*(f"{k}={v}" for k, v in (env or {}).items()), *cmd])}
     if r.returncode != 0 or not r.stdout.strip():
         res.update(passed=False, error=(r.stderr or "")[-2000:], rc=r.returncode)
         return res
@@ -94,21 +95,29 @@ def compare(tool: Path, model: Path, fa: int, steps: int, prompt: int = 8, cpu_s
     return res
 
 
-def sanitize(tool: Path, model: Path, which: str) -> dict:
+# Tiling for 8 multiprocessors gives the tiny model's attention 2 splits of 128 cells at 256 cells of context: tiles
+# of several chunks, which the GPU copies whole into shared memory before their wait (attn_prestage_all), a path
+# that otherwise only depth runs take.
+SMALL_TILING = {"LLAMA_MEGAKERNEL_TARGET_SMS": "8"}
+
+
+def sanitize(tool: Path, model: Path, which: str, env: dict | None = None, suffix: str = "") -> dict:
     cmd = ["compute-sanitizer", "--tool", which, "--print-limit", "20", str(tool), str(model), "--steps", "4",
            "--prompt", "4"]
+    check = f"compute-sanitizer-{which}{suffix}"
     try:
         # stock's CUDA graphs off: their (handled) cudaGraphExecUpdate failures are reported as API errors
-        r = sh(cmd, env=env_for(True, extra={"LLAMA_MEGAKERNEL_WAIT_TIMEOUT_MS": "300000", "GGML_CUDA_DISABLE_GRAPHS": "1"}),
+        r = sh(cmd, env=env_for(True, extra={"LLAMA_MEGAKERNEL_WAIT_TIMEOUT_MS": "300000", "GGML_CUDA_DISABLE_GRAPHS": "1",
+                                             **(env or {})}),
                timeout=int(os.environ.get("MK_SANITIZE_TIMEOUT", "560")))
     except subprocess.TimeoutExpired:
-        return {"model": model.stem, "check": f"compute-sanitizer-{which}", "command": " ".join(cmd), "passed": False,
+        return {"model": model.stem, "check": check, "command": " ".join(cmd), "passed": False,
                 "error": "timed out"}
     text = r.stdout + r.stderr
     m = (re.search(r"ERROR SUMMARY: (\d+) error", text)
          or re.search(r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error", text))
     ran = '"executed"' in r.stdout
-    res = {"model": model.stem, "check": f"compute-sanitizer-{which}", "command": " ".join(cmd),
+    res = {"model": model.stem, "check": check, "command": " ".join([*(f"{k}={v}" for k, v in (env or {}).items()), *cmd]),
            "errors": int(m.group(1)) if m else None, "megakernel_ran": ran, "rc": r.returncode,
            "report": [ln for ln in text.splitlines() if ln.startswith("=========")][:80]}
     res["passed"] = bool(m and int(m.group(1)) == 0 and ran and r.returncode == 0)
@@ -333,15 +342,18 @@ def main() -> int:
             plan += [(f"{arch}-{shape}-{q}", 64 if shape == "tiny" else 256, 32 if shape == "tiny" else 0)
                      for q in types.split(",")]
         only = re.compile(os.environ.get("MK_CORRECT_ONLY", ""))  # e.g. "real": only the models whose name matches
-        for name, steps, cpu in plan:
+        # the tiny Q4_0 model once more with the attention in tiles of several chunks (SMALL_TILING)
+        plan += [("llama-tiny-Q4_0", 64, 32, "small-tiling")]
+        for name, steps, cpu, *arm in plan:
             if not have(name) or not only.search(name):
                 continue
             for fa in (0, 1):
                 try:
-                    res = compare(tool, M / f"{name}.gguf", fa, steps, cpu_steps=cpu, ref_cpu=ref_cpu(name, steps))
+                    res = compare(tool, M / f"{name}.gguf", fa, steps, cpu_steps=cpu, ref_cpu=ref_cpu(name, steps),
+                                  env=SMALL_TILING if arm else None)
                 except subprocess.TimeoutExpired:
                     res = {"model": name, "flash_attn": fa, "passed": False, "error": "timeout"}
-                res["check"] = f"vs-stock-{steps}-steps-fa{fa}"
+                res["check"] = f"vs-stock-{steps}-steps-fa{fa}" + (f"-{arm[0]}" if arm else "")
                 result["correctness"].append(res)
                 log(f"{name} fa={fa}: " + json.dumps({k: res.get(k) for k in (
                     "passed", "teacher_forced", "free_greedy_identical_steps", "executed", "gpu_failures",
@@ -498,10 +510,11 @@ def main() -> int:
     for name in os.environ.get("MK_SANITIZE_MODELS", "llama-tiny-Q4_0").split():
         if "sanitize" not in a.stages or not have(name):
             continue
-        for which in ("memcheck", "racecheck"):
-            res = sanitize(tool, M / f"{name}.gguf", which)
+        for which, env, suffix in (("memcheck", None, ""), ("racecheck", None, ""),
+                                   ("memcheck", SMALL_TILING, "-small-tiling"), ("racecheck", SMALL_TILING, "-small-tiling")):
+            res = sanitize(tool, M / f"{name}.gguf", which, env, suffix)
             result["correctness"].append(res)
-            log(f"sanitize {which}: " + json.dumps({k: res.get(k) for k in ("passed", "errors", "megakernel_ran", "rc")}))
+            log(f"sanitize {which}{suffix}: " + json.dumps({k: res.get(k) for k in ("passed", "errors", "megakernel_ran", "rc")}))
             save()
 
     if "bench" in a.stages:

@@ -66,6 +66,8 @@ struct kernel_args {
     int32_t prefetch;         // bytes per segment of a tile's weights to L2-prefetch before its dependency wait
                               // (LLAMA_MEGAKERNEL_PREFETCH=KiB; 0: none)
     int32_t attn_prestage;    // attention tiles stage their first chunk before the wait (attn_prestage)
+    int32_t attn_raw_off;     // bytes into shared memory: the region attn_prestage_all copies a tile's cells into
+    int32_t attn_raw_bytes;   // its size (0: every tile stages its chunks after the wait)
     int32_t preload_norm;     // before the wait: an RMS norm's weight into shared memory (preload_norm_weight) and
                               // the epilogue's graph inputs (preload_epi_inputs); LLAMA_MEGAKERNEL_PRELOAD_NORM=0: after
     int32_t fuse_round;       // form_round_q8_1 where it applies
@@ -1335,7 +1337,7 @@ struct stage_walk {
 template <int T>
 __device__ void stage_chunk(const attention & at, const uint8_t * kb, const uint8_t * vb, const uint8_t * mb, float * ks,
                             float * vs, float * msk, int cb, int nc, bool v_by_cell, float * q, const float * qg, int nq) {
-    constexpr int N = k_attn_chunk / 8;  // a whole chunk of head size 64 in one pass of loads (one round trip)
+    constexpr int N = 8;  // a 64-cell chunk of head size 64 in one pass of loads (one round trip); 128 cells in two
     const int t = threadIdx.x, hk = at.head_dim_k, hv = at.head_dim_v;
     // K: a thread keeps one dimension and walks the cells; V the same, or, transposed (cells contiguous), it keeps
     // one cell and walks the dimensions, so that neighbouring threads read neighbouring addresses either way.
@@ -1488,6 +1490,201 @@ __device__ __noinline__ void attn_prestage(const kernel_args & a, const attentio
     stage_kv(at, sp, attn_layout(at, smem), sp.c0, min(k_attn_chunk, sp.c1 - sp.c0), nullptr, nullptr);
 }
 
+// --- the whole tile's K, V and mask copied before the wait (multi-chunk tiles) ----------------------------------
+// At depth 4,096 an attention tile of the 1B shape has 288 cells in 5 chunks, and staging each chunk after the wait
+// was one memory round trip apiece: 15.6 us of the tile's 27 (docs/gpu-executor-notes.md, session 19). The cells'
+// raw bytes (73.7 KB there) are instead copied into shared memory with cp.async before the wait, which holds no
+// registers while the copies are in flight; after the wait each chunk is only converted from shared memory. As
+// with attn_prestage, only the appended cell can still change: it is re-read after the wait.
+
+// Where the raw copies of a tile's cells lie in their shared-memory region (bytes from its start): K rows of hk
+// values; V rows of hv values, or, transposed, hv rows of the split's cells; the mask's cells; then the appended
+// cell's K and V as floats (read after the wait).
+struct attn_raw {
+    int esz, mesz;                 // bytes per K/V value, per mask value
+    int k_pitch, v_pitch;          // bytes from one row to the next
+    int k_off, v_off, m_off, cell_off, bytes;
+    __host__ __device__ attn_raw(const attention & at) {
+        esz = at.k_type == T_F32 ? 4 : 2;
+        mesz = at.mask_type == T_F16 ? 2 : 4;
+        const bool vt = at.v_nb_cell < at.v_nb_dim;  // transposed V (flash attention off): cells contiguous
+        const int cps = at.cells_per_split;
+        auto up16 = [](int v) { return (v + 15) / 16 * 16; };
+        k_pitch = at.head_dim_k * esz;
+        v_pitch = vt ? up16(cps * esz) : at.head_dim_v * esz;
+        k_off = 0;
+        v_off = up16(cps * k_pitch);
+        m_off = v_off + up16((vt ? at.head_dim_v : cps) * v_pitch);
+        cell_off = m_off + up16(cps * mesz);
+        bytes = cell_off + (at.head_dim_k + at.head_dim_v) * 4;
+    }
+};
+
+// Shared memory a tile of this attention needs for its raw cells, or 0 if it does not take this path: single-chunk
+// tiles (attn_prestage stages them), no known appended cell, K and V of different types or dimensions that are not
+// contiguous, or head sizes the fast staging path does not take.
+__host__ __device__ inline int attn_raw_need(const attention & at) {
+    const bool vt = at.v_nb_cell < at.v_nb_dim;
+    const int esz = at.k_type == T_F32 ? 4 : 2;
+    const int group = at.n_head_kv > 0 ? at.n_head / at.n_head_kv : 0;
+    if (at.cells_per_split <= k_attn_chunk || at.kv_row.null() || at.k_type != at.v_type ||
+        at.k_nb_dim != (uint64_t) esz || (vt ? at.v_nb_cell : at.v_nb_dim) != (uint64_t) esz ||
+        (at.head_dim_k * esz) % 4 != 0 || (at.head_dim_v * esz) % 4 != 0 ||
+        at.head_dim_k <= 0 || at.head_dim_v <= 0 || k_threads % at.head_dim_k != 0 || k_threads % at.head_dim_v != 0 ||
+        group * at.head_dim_k > 2 * k_threads) {
+        return 0;
+    }
+    return attn_raw(at).bytes;
+}
+
+// rows x len bytes from src (rows `stride` apart) to dst (rows `pitch` apart) with cp.async, in the widest unit
+// that every address and length allows (the caller checked 4-byte alignment). All threads of the block.
+__device__ void copy_rows_async(uint8_t * dst, int pitch, const uint8_t * src, uint64_t stride, int rows, int len) {
+    const uint64_t al = (uint64_t) (uintptr_t) src | stride | (uint64_t) len | (uint64_t) (uintptr_t) dst | (uint64_t) pitch;
+    const int shift = (al & 15) == 0 ? 4 : (al & 7) == 0 ? 3 : 2;
+    const int per_row = len >> shift, n = rows * per_row;
+    for (int e = threadIdx.x; e < n; e += k_threads) {
+        const int r = e / per_row, o = (e - r * per_row) << shift;
+        const unsigned d = (unsigned) __cvta_generic_to_shared(dst + (size_t) r * pitch + o);
+        const uint8_t * s = src + (uint64_t) r * stride + o;
+        if (shift == 4) {
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(s) : "memory");
+        } else if (shift == 3) {
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(d), "l"(s) : "memory");
+        } else {
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(s) : "memory");
+        }
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// Before the wait: the tile's cells into the raw region, if this tile takes the path (same answer in every thread).
+__device__ __noinline__ bool attn_prestage_all(const kernel_args & a, const attention & at, int tile, uint8_t * raw,
+                                               long long * kv_row) {
+    const int need = attn_raw_need(at);
+    if (need == 0 || need > a.attn_raw_bytes) {
+        return false;
+    }
+    const attn_span sp(a, at, tile);
+    const attn_raw R(at);
+    const int n = sp.c1 - sp.c0;
+    const uint8_t * k0 = sp.kb + (uint64_t) sp.c0 * at.k_nb_cell;
+    // sp.v_by_cell: V transposed, each dimension's cells contiguous
+    const uint8_t * v0 = sp.vb + (uint64_t) sp.c0 * (sp.v_by_cell ? (uint64_t) R.esz : at.v_nb_cell);
+    const uint8_t * m0 = sp.mb ? sp.mb + (uint64_t) sp.c0 * R.mesz : nullptr;
+    const uint64_t al = (uint64_t) (uintptr_t) k0 | at.k_nb_cell | (uint64_t) (uintptr_t) v0 |
+                        (sp.v_by_cell ? (at.v_nb_dim | (uint64_t) (n * R.esz)) : at.v_nb_cell) |
+                        (m0 ? ((uint64_t) (uintptr_t) m0 | (uint64_t) (n * R.mesz)) : 0);
+    if (!sp.fast || n <= 0 || (al & 3) != 0) {
+        return false;
+    }
+    if (threadIdx.x == 0) {
+        *kv_row = at.kv_row_type == T_I64 ? *(const long long *) resolve(a, at.kv_row)
+                                          : *(const int32_t *) resolve(a, at.kv_row);
+    }
+    copy_rows_async(raw + R.k_off, R.k_pitch, k0, at.k_nb_cell, n, R.k_pitch);
+    if (sp.v_by_cell) {
+        copy_rows_async(raw + R.v_off, R.v_pitch, v0, at.v_nb_dim, at.head_dim_v, n * R.esz);
+    } else {
+        copy_rows_async(raw + R.v_off, R.v_pitch, v0, at.v_nb_cell, n, at.head_dim_v * R.esz);
+    }
+    if (m0) {
+        copy_rows_async(raw + R.m_off, 0, m0, 0, 1, n * R.mesz);
+    }
+    return true;
+}
+
+// After the wait: the copies complete, and the query rows and the appended cell's K and V (if it is one of the
+// tile's cells) read, in one round trip. Ends with the block's barrier.
+// Inlined, with the tile rather than attn_tile's structs as arguments: as __noinline__ calls taking those by reference
+// the kernel went from 246/316 to 246/348 bytes of spills, and taking the tile to 632/1,244; inlined it is at 240/304.
+__device__ __forceinline__ void attn_after_wait_all(const kernel_args & a, const attention & at, int tile, float * smem,
+                                                 uint8_t * raw, long long row) {
+    cp_async_wait_all();
+    const attn_span sp(a, at, tile);
+    const attn_layout L(at, smem);
+    const attn_raw R(at);
+    const float * qg = (const float *) resolve(a, at.q) + (size_t) sp.kvh * (at.n_head / at.n_head_kv) * at.head_dim_k;
+    const int t = threadIdx.x, group = at.n_head / at.n_head_kv, hk = at.head_dim_k, hv = at.head_dim_v;
+    const bool mine = row >= sp.c0 && row < sp.c1;
+    const float rq0 = ldcg_f(qg + min(t, group * hk - 1));
+    const float rq1 = ldcg_f(qg + min(t + k_threads, group * hk - 1));
+    float rk = 0.0f, rv = 0.0f;
+    if (mine) {
+        rk = ld_kv(at.k_type, sp.kb + (uint64_t) row * at.k_nb_cell + (uint64_t) min(t, hk - 1) * at.k_nb_dim);
+        rv = ld_kv(at.v_type, sp.vb + (uint64_t) row * at.v_nb_cell + (uint64_t) min(t, hv - 1) * at.v_nb_dim);
+    }
+    if (t < group * hk) {
+        L.q[t] = rq0;
+    }
+    if (t + k_threads < group * hk) {
+        L.q[t + k_threads] = rq1;
+    }
+    float * cell = (float *) (raw + R.cell_off);
+    if (mine && t < hk) {
+        cell[t] = rk;
+    }
+    if (mine && t < hv) {
+        cell[hk + t] = rv;
+    }
+    __syncthreads();
+}
+
+template <int T> __device__ __forceinline__ float ld_raw(const uint8_t * p) {
+    if constexpr (T == T_F16) {
+        return __half2float(*(const __half *) p);
+    } else if constexpr (T == T_BF16) {
+        return dev::b2f(*(const unsigned short *) p);
+    } else {
+        return *(const float *) p;
+    }
+}
+
+// Cells [cb, cb + nc) from the raw region into the chunk's float rows (as stage_chunk lays them out), the appended
+// cell `row` from its re-read copy.
+template <int T>
+__device__ void convert_chunk_t(const attention & at, const attn_span & sp, const attn_layout & L, const uint8_t * raw,
+                                int cb, int nc, long long row) {
+    const attn_raw R(at);
+    const int t = threadIdx.x, hk = at.head_dim_k, hv = at.head_dim_v, r0 = cb - sp.c0;
+    const int ci = row >= cb && row < cb + nc ? (int) (row - cb) : -1;
+    const float * cell = (const float *) (raw + R.cell_off);
+    {
+        const int d = t % hk;
+        for (int c = t / hk; c < nc; c += k_threads / hk) {
+            L.ks[c * (hk + 1) + d] = c == ci ? cell[d] : ld_raw<T>(raw + R.k_off + (size_t) (r0 + c) * R.k_pitch + d * R.esz);
+        }
+    }
+    if (sp.v_by_cell) {  // transposed: neighbouring threads take neighbouring cells of one dimension
+        const int c = t % k_attn_chunk;
+        for (int d = t / k_attn_chunk; d < hv && c < nc; d += k_threads / k_attn_chunk) {
+            L.vs[c * (hv + 1) + d] = c == ci ? cell[hk + d] : ld_raw<T>(raw + R.v_off + (size_t) d * R.v_pitch + (size_t) (r0 + c) * R.esz);
+        }
+    } else {
+        const int d = t % hv;
+        for (int c = t / hv; c < nc; c += k_threads / hv) {
+            L.vs[c * (hv + 1) + d] = c == ci ? cell[hk + d] : ld_raw<T>(raw + R.v_off + (size_t) (r0 + c) * R.v_pitch + d * R.esz);
+        }
+    }
+    if (t < nc) {
+        L.msk[t] = !sp.mb ? 0.0f : at.mask_type == T_F16 ? __half2float(*(const __half *) (raw + R.m_off + (size_t) (r0 + t) * 2))
+                                                         : *(const float *) (raw + R.m_off + (size_t) (r0 + t) * 4);
+    }
+}
+
+__device__ __forceinline__ void convert_chunk(const kernel_args & a, const attention & at, int tile, float * smem,
+                                           const uint8_t * raw, int cb, int nc, long long row) {
+    const attn_span sp(a, at, tile);
+    const attn_layout L(at, smem);
+    switch (at.k_type) {
+        case T_F16:  convert_chunk_t<T_F16>(at, sp, L, raw, cb, nc, row); break;
+        case T_BF16: convert_chunk_t<T_BF16>(at, sp, L, raw, cb, nc, row); break;
+        default:     convert_chunk_t<T_F32>(at, sp, L, raw, cb, nc, row); break;
+    }
+}
+
 // The merge of KV head kvh's query heads into attention::merged, in the split that finished last. A call of its own:
 // inlined, it raised the kernel's spills from 246/316 to 286/416 bytes (stores/loads) though it runs once a head.
 __device__ __noinline__ void merge_group(const kernel_args & a, const attention & at, int kvh) {
@@ -1499,8 +1696,9 @@ __device__ __noinline__ void merge_group(const kernel_args & a, const attention 
 // One KV head over cells [c0, c1): chunks of K and V are staged in shared memory by all threads (coalesced,
 // independent loads), then scores, an online softmax per query head of the group, and the accumulators. With
 // `prestaged` the first chunk was staged by attn_prestage before the wait.
+// With `all` every cell of the tile was copied into `raw` by attn_prestage_all.
 __device__ void attn_tile(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc,
-                          bool prestaged, const long long * kv_row) {
+                          bool prestaged, bool all, uint8_t * raw, const long long * kv_row) {
     const attn_span sp(a, at, tile);
     const attn_layout L(at, smem);
     const int c0 = sp.c0, c1 = sp.c1, kvh = sp.kvh, split = sp.split;
@@ -1522,10 +1720,15 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
             q[i] = ldcg_f(qg + i);
         }
     }
+    if (all) {
+        attn_after_wait_all(a, at, tile, smem, raw, *kv_row);
+    }
     for (int cb = c0; cb < c1; cb += k_attn_chunk) {
         const int nc = min(k_attn_chunk, c1 - cb);
         __syncthreads();
-        if (cb == c0 && prestaged) {
+        if (all) {
+            convert_chunk(a, at, tile, smem, raw, cb, nc, *kv_row);
+        } else if (cb == c0 && prestaged) {
             // the query rows, and the appended cell's K and V rows if they fall in this chunk (one round trip)
             const int64_t row = *kv_row;  // read by attn_prestage, before the wait's barrier
             const bool mine = row >= cb && row < cb + nc;
@@ -1568,9 +1771,11 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
         // Scores: two neighbouring threads per (query head, cell), each over half of the dimensions with four
         // independent sums, combined with one shuffle. Items are laid out g * k_attn_chunk + c so that whole warps
         // share the loop bounds (the shuffle needs every lane).
-        for (int e = threadIdx.x; e < 2 * group * k_attn_chunk; e += k_threads) {
+        // (Chunks above 64 cells score only the chunk's cells, rounded up to whole warps' 16 items.)
+        const int ncr = k_attn_chunk > 64 ? (nc + 15) & ~15 : k_attn_chunk;
+        for (int e = threadIdx.x; e < 2 * group * ncr; e += k_threads) {
             const int item = e >> 1, half = e & 1;
-            const int g = item / k_attn_chunk, c = item % k_attn_chunk;
+            const int g = item / ncr, c = item % ncr;
             const int cc = c < nc ? c : 0;
             const float * qq = q + g * hk;
             const float * kk = ks + cc * (hk + 1);
@@ -1839,6 +2044,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
     float * xd = (float *) (xq + a.x_floats);
     float * xs = xd + a.x_floats / 32 + 4;
     uint8_t * ring = (uint8_t *) smem + a.ring_off;
+    uint8_t * attn_raw_region = (uint8_t *) smem + a.attn_raw_off;
     const int G = gridDim.x, b = blockIdx.x;
     unsigned consumed = 0;  // ring chunks this block has used
     if (threadIdx.x == 0) {
@@ -1874,7 +2080,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
             __syncthreads();  // attn_prestage reads it before the wait's barriers
         }
         const bool mv = in.kind == instr_kind::matvec || in.kind == instr_kind::glu;
-        bool waited = false, prestaged = false, w_ready = false;
+        bool waited = false, prestaged = false, staged_all = false, w_ready = false;
         if (prof && threadIdx.x == 0) {
             s_sub[0] = s_sub[1] = s_sub[2] = 0;
         }
@@ -1919,8 +2125,12 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                         }
                     }
                 }
-                // only single-chunk tiles: at depth 4096 (5 chunks a tile) prestaging the first chunk measured
-                // 3.5% slower (546 against 566 tok/s), while at 256 cells it gained 1.5-8%
+                // multi-chunk tiles copy all their cells (attn_prestage_all); single-chunk tiles stage their chunk.
+                // (At depth 4096, 5 chunks a tile, prestaging only the first chunk measured 3.5% slower, 546 against
+                // 566 tok/s, while at 256 cells it gained 1.5-8%.)
+                if (in.kind == instr_kind::attn && a.attn_raw_bytes && a.attn_prestage) {
+                    staged_all = attn_prestage_all(a, s_at, t, attn_raw_region, &s_kv_row);
+                }
                 if (in.kind == instr_kind::attn && !s_at.kv_row.null() && a.attn_prestage &&
                     s_at.cells_per_split <= k_attn_chunk) {
                     attn_prestage(a, s_at, t, smem, &s_kv_row);
@@ -1930,6 +2140,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                     w_ready = preload_norm_weight(a, in.in, w);  // w stays untouched through the instruction's tiles
                 }
                 if (!wait_deps(a, in, i, &s_flag)) {
+                    cp_async_wait_all();  // no copy into shared memory outlives the block
                     if (threadIdx.x == 0) {
                         ring_drain(a, s_rc, s_bars, consumed);
                     }
@@ -1944,8 +2155,8 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
             unsigned long long t1 = t0;
             phase_clock pc{prof ? s_sub : nullptr, t0};
             if (in.kind == instr_kind::attn) {
-                attn_tile(a, s_at, t, smem, pc, prestaged, &s_kv_row);
-                prestaged = false;  // a block's later tiles of the instruction stage after the wait
+                attn_tile(a, s_at, t, smem, pc, prestaged, staged_all, attn_raw_region, &s_kv_row);
+                prestaged = staged_all = false;  // a block's later tiles of the instruction stage after the wait
                 t1 = prof ? global_ns() : 0;
             } else if (in.kind == instr_kind::delta) {
                 delta_tile(a, a.deltas[in.attn], t, smem);
@@ -2280,7 +2491,25 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     y_f = (y_f + 3) / 4 * 4;
     w_f = (w_f + 3) / 4 * 4;
     const size_t base_f = x_f + 2 * y_f + w_f + x_f / 4 + 2 * (x_f / 32 + 4);
-    const size_t ring_off = (std::max(attn_f, base_f) * sizeof(float) + 127) / 128 * 128;
+    // the region attn_prestage_all copies a multi-chunk attention tile's cells into (LLAMA_MEGAKERNEL_ATTN_STAGE_ALL=0:
+    // none), where the shared memory has room for it beside everything else
+    size_t attn_raw = 0;
+    for (const attention & at : p.attns) {
+        attn_raw = std::max(attn_raw, (size_t) attn_raw_need(at));
+    }
+    if (const char * sa = getenv("LLAMA_MEGAKERNEL_ATTN_STAGE_ALL"); sa && atoi(sa) == 0) {
+        attn_raw = 0;
+    }
+    const size_t attn_raw_off = (std::max(attn_f, base_f) * sizeof(float) + 127) / 128 * 128;
+    {
+        cudaDeviceProp pr;
+        if (attn_raw && (cudaGetDeviceProperties(&pr, device) != cudaSuccess ||
+                         attn_raw_off + attn_raw > pr.sharedMemPerBlockOptin - 4096)) {
+            attn_raw = 0;
+        }
+        cudaGetLastError();
+    }
+    const size_t ring_off = attn_raw_off + (attn_raw + 127) / 128 * 128;
 
     // The weight ring: slots of 32 KiB in what is left of the shared memory (sm_90: bulk copies need it).
     // LLAMA_MEGAKERNEL_RING=N turns it on with at most N slots. Off by default: on the H100 the copies themselves
@@ -2601,6 +2830,8 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.ring_slots = ring_slots;
     a.slot_bytes = slot_bytes;
     a.ring_off = (int32_t) ring_off;
+    a.attn_raw_off = (int32_t) attn_raw_off;
+    a.attn_raw_bytes = (int32_t) attn_raw;
     for (const instruction & in : p.instrs) {
         g->names.push_back(in.name);
         g->tiles.push_back(in.n_tiles);
