@@ -1087,7 +1087,7 @@ struct compiler {
         // Split the context so that all multiprocessors take part: about one tile per SM, at least 64 cells each.
         const int per_head = std::max(1, tgt.n_sm / n_head_kv);
         int cps = (at.n_kv + per_head - 1) / per_head;
-        cps = std::max(64, (cps + 31) / 32 * 32);
+        cps = std::max(std::max(32, (tgt.attn_min_cells + 31) / 32 * 32), (cps + 31) / 32 * 32);
         at.cells_per_split = cps;
         at.n_split = (at.n_kv + cps - 1) / cps;
         at.partials = scratch_alloc((uint64_t) n_head * at.n_split * (at.head_dim_v + 2) * 4);

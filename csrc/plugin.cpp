@@ -161,6 +161,9 @@ mk::target target_for(const wrapped_backend & wb) {
     if (const char * e = getenv("LLAMA_MEGAKERNEL_ATTN_MERGE")) {
         t.attn_merge = atoi(e) != 0;
     }
+    if (const char * e = getenv("LLAMA_MEGAKERNEL_ATTN_MIN_CELLS")) {
+        t.attn_min_cells = std::max(1, atoi(e));
+    }
     return t;
 }
 

@@ -95,10 +95,10 @@ def compare(tool: Path, model: Path, fa: int, steps: int, prompt: int = 8, cpu_s
     return res
 
 
-# Tiling for 8 multiprocessors gives the tiny model's attention 2 splits of 128 cells at 256 cells of context: tiles
-# of several chunks, which the GPU copies whole into shared memory before their wait (attn_prestage_all), a path
-# that otherwise only depth runs take.
-SMALL_TILING = {"LLAMA_MEGAKERNEL_TARGET_SMS": "8"}
+# At least 160 cells per attention split: at 256 cells of context the tiny model's attention has splits of 160 cells
+# (chunks of 128 and 32) and 96 per KV head, which the GPU copies whole into shared memory before the wait
+# (attn_prestage_all), a path that otherwise only long contexts take.
+MULTI_CHUNK = {"LLAMA_MEGAKERNEL_ATTN_MIN_CELLS": "160"}
 
 
 def sanitize(tool: Path, model: Path, which: str, env: dict | None = None, suffix: str = "") -> dict:
@@ -342,15 +342,15 @@ def main() -> int:
             plan += [(f"{arch}-{shape}-{q}", 64 if shape == "tiny" else 256, 32 if shape == "tiny" else 0)
                      for q in types.split(",")]
         only = re.compile(os.environ.get("MK_CORRECT_ONLY", ""))  # e.g. "real": only the models whose name matches
-        # the tiny Q4_0 model once more with the attention in tiles of several chunks (SMALL_TILING)
-        plan += [("llama-tiny-Q4_0", 64, 32, "small-tiling")]
+        # the tiny Q4_0 model once more with the attention in tiles of several chunks (MULTI_CHUNK)
+        plan += [("llama-tiny-Q4_0", 64, 32, "multi-chunk")]
         for name, steps, cpu, *arm in plan:
             if not have(name) or not only.search(name):
                 continue
             for fa in (0, 1):
                 try:
                     res = compare(tool, M / f"{name}.gguf", fa, steps, cpu_steps=cpu, ref_cpu=ref_cpu(name, steps),
-                                  env=SMALL_TILING if arm else None)
+                                  env=MULTI_CHUNK if arm else None)
                 except subprocess.TimeoutExpired:
                     res = {"model": name, "flash_attn": fa, "passed": False, "error": "timeout"}
                 res["check"] = f"vs-stock-{steps}-steps-fa{fa}" + (f"-{arm[0]}" if arm else "")
@@ -511,7 +511,7 @@ def main() -> int:
         if "sanitize" not in a.stages or not have(name):
             continue
         for which, env, suffix in (("memcheck", None, ""), ("racecheck", None, ""),
-                                   ("memcheck", SMALL_TILING, "-small-tiling"), ("racecheck", SMALL_TILING, "-small-tiling")):
+                                   ("memcheck", MULTI_CHUNK, "-multi-chunk"), ("racecheck", MULTI_CHUNK, "-multi-chunk")):
             res = sanitize(tool, M / f"{name}.gguf", which, env, suffix)
             result["correctness"].append(res)
             log(f"sanitize {which}{suffix}: " + json.dumps({k: res.get(k) for k in ("passed", "errors", "megakernel_ran", "rc")}))

@@ -68,6 +68,7 @@ struct kernel_args {
     int32_t attn_prestage;    // attention tiles stage their first chunk before the wait (attn_prestage)
     int32_t attn_raw_off;     // bytes into shared memory: the region attn_prestage_all copies a tile's cells into
     int32_t attn_raw_bytes;   // its size (0: every tile stages its chunks after the wait)
+    int32_t attn_raw_sync;    // LLAMA_MEGAKERNEL_ATTN_STAGE_ALL=2 (a probe): the copies complete before the wait
     int32_t preload_norm;     // before the wait: an RMS norm's weight into shared memory (preload_norm_weight) and
                               // the epilogue's graph inputs (preload_epi_inputs); LLAMA_MEGAKERNEL_PRELOAD_NORM=0: after
     int32_t fuse_round;       // form_round_q8_1 where it applies
@@ -1290,15 +1291,19 @@ __device__ __forceinline__ unsigned long long form_x(const kernel_args & a, cons
     return t;
 }
 
-// KV cells staged in shared memory at a time. Each chunk costs a staging round trip and four barriers: at depth
-// 4,096 (288 cells a tile on the 1B shape) 64-cell chunks spend 15.3 us a tile staging and 8.8 us in scores and
-// softmax. 128-cell chunks (-DMK_ATTN_CHUNK=128, a chunk staged in one pass of 32 loads a thread) cut that to 12.5
-// and 6.9 us, but the kernel's spills grew from 242/320 to 350/628 bytes and every other phase slowed: 1B Q4_0
-// step 834 -> 961 us at 256 cells, 1,316 -> 1,285 us after 4,000 tokens (docs/gpu-executor-notes.md, session 18).
-#ifndef MK_ATTN_CHUNK
-#define MK_ATTN_CHUNK 64
+// KV cells staged in shared memory at a time: 128 for head sizes up to 64, else 64 (a 128-cell chunk of head size
+// 256 would not fit). Each chunk costs four barriers, and staged after the wait a round trip too. At depth 4,096
+// (288 cells a tile on the 1B shape) 128-cell chunks took the step from 1,218 to 1,163 us. (In session 18 they had
+// cost every other phase, 1B Q4_0 834 -> 961 us at 256 cells, because their staging held 32 loads a thread in
+// registers and the kernel's spills grew to 350/628 bytes; it now holds 8, in passes. docs/gpu-executor-notes.md.)
+// -DMK_ATTN_CHUNK=N fixes the size for A/B builds.
+__host__ __device__ inline int attn_chunk(const attention & at) {
+#ifdef MK_ATTN_CHUNK
+    return MK_ATTN_CHUNK;
+#else
+    return at.head_dim_k <= 64 && at.head_dim_v <= 64 ? 128 : 64;
 #endif
-constexpr int k_attn_chunk = MK_ATTN_CHUNK;
+}
 
 template <int T> __device__ __forceinline__ float ld_kv_t(const uint8_t * p) {
     if constexpr (T == T_F16) {
@@ -1342,9 +1347,10 @@ __device__ void stage_chunk(const attention & at, const uint8_t * kb, const uint
     // K: a thread keeps one dimension and walks the cells; V the same, or, transposed (cells contiguous), it keeps
     // one cell and walks the dimensions, so that neighbouring threads read neighbouring addresses either way.
     const stage_walk wk{t / hk, k_threads / hk, t % hk, 0};
-    const stage_walk wv = v_by_cell ? stage_walk{t % k_attn_chunk, 0, t / k_attn_chunk, k_threads / k_attn_chunk}
+    const int chunk = attn_chunk(at);
+    const stage_walk wv = v_by_cell ? stage_walk{t % chunk, 0, t / chunk, k_threads / chunk}
                                     : stage_walk{t / hv, k_threads / hv, t % hv, 0};
-    const int per_thread = (k_attn_chunk * max(hk, hv) + k_threads - 1) / k_threads;
+    const int per_thread = (chunk * max(hk, hv) + k_threads - 1) / k_threads;
     const uint8_t * kd = kb + (uint64_t) wk.d * at.k_nb_dim + (uint64_t) cb * at.k_nb_cell;
     const uint8_t * vc = vb + (uint64_t) cb * at.v_nb_cell;
     for (int k0 = 0; k0 < per_thread; k0 += N) {
@@ -1402,8 +1408,9 @@ __device__ void stage_chunk(const attention & at, const uint8_t * kb, const uint
 // Shared memory (floats) an attention tile needs.
 __host__ __device__ inline size_t attn_smem_floats(const attention & at) {
     const int group = at.n_head / at.n_head_kv;
-    return (size_t) group * at.head_dim_k + (size_t) k_attn_chunk * (at.head_dim_k + 1) +
-           (size_t) k_attn_chunk * (at.head_dim_v + 1) + (size_t) group * k_attn_chunk + k_attn_chunk +
+    const size_t chunk = attn_chunk(at);
+    return (size_t) group * at.head_dim_k + chunk * (at.head_dim_k + 1) +
+           chunk * (at.head_dim_v + 1) + (size_t) group * chunk + chunk +
            (size_t) group * at.head_dim_v + 4 * (size_t) group;
 }
 
@@ -1422,10 +1429,11 @@ struct attn_layout {
         const int group = at.n_head / at.n_head_kv, hk = at.head_dim_k, hv = at.head_dim_v;
         q = smem;
         ks = q + group * hk;
-        vs = ks + k_attn_chunk * (hk + 1);
-        p = vs + k_attn_chunk * (hv + 1);
-        msk = p + group * k_attn_chunk;
-        acc = msk + k_attn_chunk;
+        const int chunk = attn_chunk(at);
+        vs = ks + chunk * (hk + 1);
+        p = vs + chunk * (hv + 1);
+        msk = p + group * chunk;
+        acc = msk + chunk;
         mx = acc + group * hv;
         sm = mx + group;
         cr = sm + group;
@@ -1487,7 +1495,7 @@ __device__ __noinline__ void attn_prestage(const kernel_args & a, const attentio
         *kv_row = at.kv_row_type == T_I64 ? *(const long long *) resolve(a, at.kv_row)
                                           : *(const int32_t *) resolve(a, at.kv_row);
     }
-    stage_kv(at, sp, attn_layout(at, smem), sp.c0, min(k_attn_chunk, sp.c1 - sp.c0), nullptr, nullptr);
+    stage_kv(at, sp, attn_layout(at, smem), sp.c0, min(attn_chunk(at), sp.c1 - sp.c0), nullptr, nullptr);
 }
 
 // --- the whole tile's K, V and mask copied before the wait (multi-chunk tiles) ----------------------------------
@@ -1527,7 +1535,7 @@ __host__ __device__ inline int attn_raw_need(const attention & at) {
     const bool vt = at.v_nb_cell < at.v_nb_dim;
     const int esz = at.k_type == T_F32 ? 4 : 2;
     const int group = at.n_head_kv > 0 ? at.n_head / at.n_head_kv : 0;
-    if (at.cells_per_split <= k_attn_chunk || at.kv_row.null() || at.k_type != at.v_type ||
+    if (at.cells_per_split <= attn_chunk(at) || at.kv_row.null() || at.k_type != at.v_type ||
         at.k_nb_dim != (uint64_t) esz || (vt ? at.v_nb_cell : at.v_nb_dim) != (uint64_t) esz ||
         (at.head_dim_k * esz) % 4 != 0 || (at.head_dim_v * esz) % 4 != 0 ||
         at.head_dim_k <= 0 || at.head_dim_v <= 0 || k_threads % at.head_dim_k != 0 || k_threads % at.head_dim_v != 0 ||
@@ -1658,8 +1666,8 @@ __device__ void convert_chunk_t(const attention & at, const attn_span & sp, cons
         }
     }
     if (sp.v_by_cell) {  // transposed: neighbouring threads take neighbouring cells of one dimension
-        const int c = t % k_attn_chunk;
-        for (int d = t / k_attn_chunk; d < hv && c < nc; d += k_threads / k_attn_chunk) {
+        const int chunk = attn_chunk(at), c = t % chunk;
+        for (int d = t / chunk; d < hv && c < nc; d += k_threads / chunk) {
             L.vs[c * (hv + 1) + d] = c == ci ? cell[hk + d] : ld_raw<T>(raw + R.v_off + (size_t) d * R.v_pitch + (size_t) (r0 + c) * R.esz);
         }
     } else {
@@ -1723,8 +1731,9 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
     if (all) {
         attn_after_wait_all(a, at, tile, smem, raw, *kv_row);
     }
-    for (int cb = c0; cb < c1; cb += k_attn_chunk) {
-        const int nc = min(k_attn_chunk, c1 - cb);
+    const int chunk = attn_chunk(at);
+    for (int cb = c0; cb < c1; cb += chunk) {
+        const int nc = min(chunk, c1 - cb);
         __syncthreads();
         if (all) {
             convert_chunk(a, at, tile, smem, raw, cb, nc, *kv_row);
@@ -1769,10 +1778,9 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
         __syncthreads();
         pc.mark(0);
         // Scores: two neighbouring threads per (query head, cell), each over half of the dimensions with four
-        // independent sums, combined with one shuffle. Items are laid out g * k_attn_chunk + c so that whole warps
+        // independent sums, combined with one shuffle. Items are laid out g * ncr + c so that whole warps
         // share the loop bounds (the shuffle needs every lane).
-        // (Chunks above 64 cells score only the chunk's cells, rounded up to whole warps' 16 items.)
-        const int ncr = k_attn_chunk > 64 ? (nc + 15) & ~15 : k_attn_chunk;
+        const int ncr = (nc + 15) & ~15;  // the chunk's cells, rounded up to a whole warp's 16 items
         for (int e = threadIdx.x; e < 2 * group * ncr; e += k_threads) {
             const int item = e >> 1, half = e & 1;
             const int g = item / ncr, c = item % ncr;
@@ -1802,22 +1810,22 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
                     }
                     v += msk[c];
                 }
-                p[g * k_attn_chunk + c] = v;
+                p[g * chunk + c] = v;
             }
         }
         __syncthreads();
         for (int g = w; g < group; g += k_warps) {  // online softmax, a warp per query head
             float m = -INFINITY;
             for (int c = l; c < nc; c += 32) {
-                m = fmaxf(m, p[g * k_attn_chunk + c]);
+                m = fmaxf(m, p[g * chunk + c]);
             }
             m = warp_max(m);
             const float m_new = fmaxf(mx[g], m);
             float sum = 0.0f;
             for (int c = l; c < nc; c += 32) {
-                const float v = p[g * k_attn_chunk + c];
+                const float v = p[g * chunk + c];
                 const float e = v == -INFINITY ? 0.0f : expf(v - m_new);
-                p[g * k_attn_chunk + c] = e;
+                p[g * chunk + c] = e;
                 sum += e;
             }
             sum = warp_sum(sum);
@@ -1836,7 +1844,7 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
             const int item = e >> 1, half = e & 1;
             const bool live = item < group * hv;
             const int g = live ? item / hv : 0, d = live ? item % hv : 0;
-            const float * pg = p + g * k_attn_chunk;
+            const float * pg = p + g * chunk;
             const int ca = half ? nc / 2 : 0, cz = half ? nc : nc / 2;
             float v0 = 0.0f, v1 = 0.0f;
             int c = ca;
@@ -2130,9 +2138,12 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 // 566 tok/s, while at 256 cells it gained 1.5-8%.)
                 if (in.kind == instr_kind::attn && a.attn_raw_bytes && a.attn_prestage) {
                     staged_all = attn_prestage_all(a, s_at, t, attn_raw_region, &s_kv_row);
+                    if (staged_all && a.attn_raw_sync) {
+                        cp_async_wait_all();
+                    }
                 }
                 if (in.kind == instr_kind::attn && !s_at.kv_row.null() && a.attn_prestage &&
-                    s_at.cells_per_split <= k_attn_chunk) {
+                    s_at.cells_per_split <= attn_chunk(s_at)) {
                     attn_prestage(a, s_at, t, smem, &s_kv_row);
                     prestaged = true;
                 }
@@ -2497,7 +2508,8 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     for (const attention & at : p.attns) {
         attn_raw = std::max(attn_raw, (size_t) attn_raw_need(at));
     }
-    if (const char * sa = getenv("LLAMA_MEGAKERNEL_ATTN_STAGE_ALL"); sa && atoi(sa) == 0) {
+    const char * stage_all = getenv("LLAMA_MEGAKERNEL_ATTN_STAGE_ALL");
+    if (stage_all && atoi(stage_all) == 0) {
         attn_raw = 0;
     }
     const size_t attn_raw_off = (std::max(attn_f, base_f) * sizeof(float) + 127) / 128 * 128;
@@ -2832,6 +2844,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.ring_off = (int32_t) ring_off;
     a.attn_raw_off = (int32_t) attn_raw_off;
     a.attn_raw_bytes = (int32_t) attn_raw;
+    a.attn_raw_sync = stage_all && atoi(stage_all) == 2;
     for (const instruction & in : p.instrs) {
         g->names.push_back(in.name);
         g->tiles.push_back(in.n_tiles);
