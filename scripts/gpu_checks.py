@@ -95,10 +95,10 @@ def compare(tool: Path, model: Path, fa: int, steps: int, prompt: int = 8, cpu_s
     return res
 
 
-# At least 160 cells per attention split: at 256 cells of context the tiny model's attention has splits of 160 cells
-# (chunks of 128 and 32) and 96 per KV head, which the GPU copies whole into shared memory before the wait
-# (attn_prestage_all), a path that otherwise only long contexts take.
-MULTI_CHUNK = {"LLAMA_MEGAKERNEL_ATTN_MIN_CELLS": "160"}
+# At least 160 cells per attention split: at 256 cells of context the tiny model's attention has splits of 160 and 96
+# cells per KV head (10 and 6 cells a warp in attn_tile_warps; with LLAMA_MEGAKERNEL_ATTN_WARPS=0, chunks of 128 and
+# 32), as only long contexts have otherwise.
+LONG_SPLITS = {"LLAMA_MEGAKERNEL_ATTN_MIN_CELLS": "160"}
 
 
 def sanitize(tool: Path, model: Path, which: str, env: dict | None = None, suffix: str = "") -> dict:
@@ -342,15 +342,15 @@ def main() -> int:
             plan += [(f"{arch}-{shape}-{q}", 64 if shape == "tiny" else 256, 32 if shape == "tiny" else 0)
                      for q in types.split(",")]
         only = re.compile(os.environ.get("MK_CORRECT_ONLY", ""))  # e.g. "real": only the models whose name matches
-        # the tiny Q4_0 model once more with the attention in tiles of several chunks (MULTI_CHUNK)
-        plan += [("llama-tiny-Q4_0", 64, 32, "multi-chunk")]
+        # the tiny Q4_0 model once more with long attention splits (LONG_SPLITS)
+        plan += [("llama-tiny-Q4_0", 64, 32, "long-splits")]
         for name, steps, cpu, *arm in plan:
             if not have(name) or not only.search(name):
                 continue
             for fa in (0, 1):
                 try:
                     res = compare(tool, M / f"{name}.gguf", fa, steps, cpu_steps=cpu, ref_cpu=ref_cpu(name, steps),
-                                  env=MULTI_CHUNK if arm else None)
+                                  env=LONG_SPLITS if arm else None)
                 except subprocess.TimeoutExpired:
                     res = {"model": name, "flash_attn": fa, "passed": False, "error": "timeout"}
                 res["check"] = f"vs-stock-{steps}-steps-fa{fa}" + (f"-{arm[0]}" if arm else "")
@@ -511,7 +511,7 @@ def main() -> int:
         if "sanitize" not in a.stages or not have(name):
             continue
         for which, env, suffix in (("memcheck", None, ""), ("racecheck", None, ""),
-                                   ("memcheck", MULTI_CHUNK, "-multi-chunk"), ("racecheck", MULTI_CHUNK, "-multi-chunk")):
+                                   ("memcheck", LONG_SPLITS, "-long-splits"), ("racecheck", LONG_SPLITS, "-long-splits")):
             res = sanitize(tool, M / f"{name}.gguf", which, env, suffix)
             result["correctness"].append(res)
             log(f"sanitize {which}{suffix}: " + json.dumps({k: res.get(k) for k in ("passed", "errors", "megakernel_ran", "rc")}))

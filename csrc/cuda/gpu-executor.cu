@@ -66,9 +66,7 @@ struct kernel_args {
     int32_t prefetch;         // bytes per segment of a tile's weights to L2-prefetch before its dependency wait
                               // (LLAMA_MEGAKERNEL_PREFETCH=KiB; 0: none)
     int32_t attn_prestage;    // attention tiles stage their first chunk before the wait (attn_prestage)
-    int32_t attn_raw_off;     // bytes into shared memory: the region attn_prestage_all copies a tile's cells into
-    int32_t attn_raw_bytes;   // its size (0: every tile stages its chunks after the wait)
-    int32_t attn_raw_sync;    // LLAMA_MEGAKERNEL_ATTN_STAGE_ALL=2 (a probe): the copies complete before the wait
+    int32_t attn_warps;       // attn_tile_warps where it applies (LLAMA_MEGAKERNEL_ATTN_WARPS=0: attn_tile always)
     int32_t preload_norm;     // before the wait: an RMS norm's weight into shared memory (preload_norm_weight) and
                               // the epilogue's graph inputs (preload_epi_inputs); LLAMA_MEGAKERNEL_PRELOAD_NORM=0: after
     int32_t fuse_round;       // form_round_q8_1 where it applies
@@ -1498,201 +1496,6 @@ __device__ __noinline__ void attn_prestage(const kernel_args & a, const attentio
     stage_kv(at, sp, attn_layout(at, smem), sp.c0, min(attn_chunk(at), sp.c1 - sp.c0), nullptr, nullptr);
 }
 
-// --- the whole tile's K, V and mask copied before the wait (multi-chunk tiles) ----------------------------------
-// At depth 4,096 an attention tile of the 1B shape has 288 cells in 5 chunks, and staging each chunk after the wait
-// was one memory round trip apiece: 15.6 us of the tile's 27 (docs/gpu-executor-notes.md, session 19). The cells'
-// raw bytes (73.7 KB there) are instead copied into shared memory with cp.async before the wait, which holds no
-// registers while the copies are in flight; after the wait each chunk is only converted from shared memory. As
-// with attn_prestage, only the appended cell can still change: it is re-read after the wait.
-
-// Where the raw copies of a tile's cells lie in their shared-memory region (bytes from its start): K rows of hk
-// values; V rows of hv values, or, transposed, hv rows of the split's cells; the mask's cells; then the appended
-// cell's K and V as floats (read after the wait).
-struct attn_raw {
-    int esz, mesz;                 // bytes per K/V value, per mask value
-    int k_pitch, v_pitch;          // bytes from one row to the next
-    int k_off, v_off, m_off, cell_off, bytes;
-    __host__ __device__ attn_raw(const attention & at) {
-        esz = at.k_type == T_F32 ? 4 : 2;
-        mesz = at.mask_type == T_F16 ? 2 : 4;
-        const bool vt = at.v_nb_cell < at.v_nb_dim;  // transposed V (flash attention off): cells contiguous
-        const int cps = at.cells_per_split;
-        auto up16 = [](int v) { return (v + 15) / 16 * 16; };
-        k_pitch = at.head_dim_k * esz;
-        v_pitch = vt ? up16(cps * esz) : at.head_dim_v * esz;
-        k_off = 0;
-        v_off = up16(cps * k_pitch);
-        m_off = v_off + up16((vt ? at.head_dim_v : cps) * v_pitch);
-        cell_off = m_off + up16(cps * mesz);
-        bytes = cell_off + (at.head_dim_k + at.head_dim_v) * 4;
-    }
-};
-
-// Shared memory a tile of this attention needs for its raw cells, or 0 if it does not take this path: single-chunk
-// tiles (attn_prestage stages them), no known appended cell, K and V of different types or dimensions that are not
-// contiguous, or head sizes the fast staging path does not take.
-__host__ __device__ inline int attn_raw_need(const attention & at) {
-    const bool vt = at.v_nb_cell < at.v_nb_dim;
-    const int esz = at.k_type == T_F32 ? 4 : 2;
-    const int group = at.n_head_kv > 0 ? at.n_head / at.n_head_kv : 0;
-    if (at.cells_per_split <= attn_chunk(at) || at.kv_row.null() || at.k_type != at.v_type ||
-        at.k_nb_dim != (uint64_t) esz || (vt ? at.v_nb_cell : at.v_nb_dim) != (uint64_t) esz ||
-        (at.head_dim_k * esz) % 4 != 0 || (at.head_dim_v * esz) % 4 != 0 ||
-        at.head_dim_k <= 0 || at.head_dim_v <= 0 || k_threads % at.head_dim_k != 0 || k_threads % at.head_dim_v != 0 ||
-        group * at.head_dim_k > 2 * k_threads) {
-        return 0;
-    }
-    return attn_raw(at).bytes;
-}
-
-// rows x len bytes from src (rows `stride` apart) to dst (rows `pitch` apart) with cp.async, in the widest unit
-// that every address and length allows (the caller checked 4-byte alignment). All threads of the block.
-__device__ void copy_rows_async(uint8_t * dst, int pitch, const uint8_t * src, uint64_t stride, int rows, int len) {
-    const uint64_t al = (uint64_t) (uintptr_t) src | stride | (uint64_t) len | (uint64_t) (uintptr_t) dst | (uint64_t) pitch;
-    const int shift = (al & 15) == 0 ? 4 : (al & 7) == 0 ? 3 : 2;
-    const int per_row = len >> shift, n = rows * per_row;
-    for (int e = threadIdx.x; e < n; e += k_threads) {
-        const int r = e / per_row, o = (e - r * per_row) << shift;
-        const unsigned d = (unsigned) __cvta_generic_to_shared(dst + (size_t) r * pitch + o);
-        const uint8_t * s = src + (uint64_t) r * stride + o;
-        if (shift == 4) {
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(s) : "memory");
-        } else if (shift == 3) {
-            asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(d), "l"(s) : "memory");
-        } else {
-            asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(s) : "memory");
-        }
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-}
-
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-
-// Before the wait: the tile's cells into the raw region, if this tile takes the path (same answer in every thread).
-__device__ __noinline__ bool attn_prestage_all(const kernel_args & a, const attention & at, int tile, uint8_t * raw,
-                                               long long * kv_row) {
-    const int need = attn_raw_need(at);
-    if (need == 0 || need > a.attn_raw_bytes) {
-        return false;
-    }
-    const attn_span sp(a, at, tile);
-    const attn_raw R(at);
-    const int n = sp.c1 - sp.c0;
-    const uint8_t * k0 = sp.kb + (uint64_t) sp.c0 * at.k_nb_cell;
-    // sp.v_by_cell: V transposed, each dimension's cells contiguous
-    const uint8_t * v0 = sp.vb + (uint64_t) sp.c0 * (sp.v_by_cell ? (uint64_t) R.esz : at.v_nb_cell);
-    const uint8_t * m0 = sp.mb ? sp.mb + (uint64_t) sp.c0 * R.mesz : nullptr;
-    const uint64_t al = (uint64_t) (uintptr_t) k0 | at.k_nb_cell | (uint64_t) (uintptr_t) v0 |
-                        (sp.v_by_cell ? (at.v_nb_dim | (uint64_t) (n * R.esz)) : at.v_nb_cell) |
-                        (m0 ? ((uint64_t) (uintptr_t) m0 | (uint64_t) (n * R.mesz)) : 0);
-    if (!sp.fast || n <= 0 || (al & 3) != 0) {
-        return false;
-    }
-    if (threadIdx.x == 0) {
-        *kv_row = at.kv_row_type == T_I64 ? *(const long long *) resolve(a, at.kv_row)
-                                          : *(const int32_t *) resolve(a, at.kv_row);
-    }
-    copy_rows_async(raw + R.k_off, R.k_pitch, k0, at.k_nb_cell, n, R.k_pitch);
-    if (sp.v_by_cell) {
-        copy_rows_async(raw + R.v_off, R.v_pitch, v0, at.v_nb_dim, at.head_dim_v, n * R.esz);
-    } else {
-        copy_rows_async(raw + R.v_off, R.v_pitch, v0, at.v_nb_cell, n, at.head_dim_v * R.esz);
-    }
-    if (m0) {
-        copy_rows_async(raw + R.m_off, 0, m0, 0, 1, n * R.mesz);
-    }
-    return true;
-}
-
-// After the wait: the copies complete, and the query rows and the appended cell's K and V (if it is one of the
-// tile's cells) read, in one round trip. Ends with the block's barrier.
-// Inlined, with the tile rather than attn_tile's structs as arguments: as __noinline__ calls taking those by reference
-// the kernel went from 246/316 to 246/348 bytes of spills, and taking the tile to 632/1,244; inlined it is at 240/304.
-__device__ __forceinline__ void attn_after_wait_all(const kernel_args & a, const attention & at, int tile, float * smem,
-                                                 uint8_t * raw, long long row) {
-    cp_async_wait_all();
-    const attn_span sp(a, at, tile);
-    const attn_layout L(at, smem);
-    const attn_raw R(at);
-    const float * qg = (const float *) resolve(a, at.q) + (size_t) sp.kvh * (at.n_head / at.n_head_kv) * at.head_dim_k;
-    const int t = threadIdx.x, group = at.n_head / at.n_head_kv, hk = at.head_dim_k, hv = at.head_dim_v;
-    const bool mine = row >= sp.c0 && row < sp.c1;
-    const float rq0 = ldcg_f(qg + min(t, group * hk - 1));
-    const float rq1 = ldcg_f(qg + min(t + k_threads, group * hk - 1));
-    float rk = 0.0f, rv = 0.0f;
-    if (mine) {
-        rk = ld_kv(at.k_type, sp.kb + (uint64_t) row * at.k_nb_cell + (uint64_t) min(t, hk - 1) * at.k_nb_dim);
-        rv = ld_kv(at.v_type, sp.vb + (uint64_t) row * at.v_nb_cell + (uint64_t) min(t, hv - 1) * at.v_nb_dim);
-    }
-    if (t < group * hk) {
-        L.q[t] = rq0;
-    }
-    if (t + k_threads < group * hk) {
-        L.q[t + k_threads] = rq1;
-    }
-    float * cell = (float *) (raw + R.cell_off);
-    if (mine && t < hk) {
-        cell[t] = rk;
-    }
-    if (mine && t < hv) {
-        cell[hk + t] = rv;
-    }
-    __syncthreads();
-}
-
-template <int T> __device__ __forceinline__ float ld_raw(const uint8_t * p) {
-    if constexpr (T == T_F16) {
-        return __half2float(*(const __half *) p);
-    } else if constexpr (T == T_BF16) {
-        return dev::b2f(*(const unsigned short *) p);
-    } else {
-        return *(const float *) p;
-    }
-}
-
-// Cells [cb, cb + nc) from the raw region into the chunk's float rows (as stage_chunk lays them out), the appended
-// cell `row` from its re-read copy.
-template <int T>
-__device__ void convert_chunk_t(const attention & at, const attn_span & sp, const attn_layout & L, const uint8_t * raw,
-                                int cb, int nc, long long row) {
-    const attn_raw R(at);
-    const int t = threadIdx.x, hk = at.head_dim_k, hv = at.head_dim_v, r0 = cb - sp.c0;
-    const int ci = row >= cb && row < cb + nc ? (int) (row - cb) : -1;
-    const float * cell = (const float *) (raw + R.cell_off);
-    {
-        const int d = t % hk;
-        for (int c = t / hk; c < nc; c += k_threads / hk) {
-            L.ks[c * (hk + 1) + d] = c == ci ? cell[d] : ld_raw<T>(raw + R.k_off + (size_t) (r0 + c) * R.k_pitch + d * R.esz);
-        }
-    }
-    if (sp.v_by_cell) {  // transposed: neighbouring threads take neighbouring cells of one dimension
-        const int chunk = attn_chunk(at), c = t % chunk;
-        for (int d = t / chunk; d < hv && c < nc; d += k_threads / chunk) {
-            L.vs[c * (hv + 1) + d] = c == ci ? cell[hk + d] : ld_raw<T>(raw + R.v_off + (size_t) d * R.v_pitch + (size_t) (r0 + c) * R.esz);
-        }
-    } else {
-        const int d = t % hv;
-        for (int c = t / hv; c < nc; c += k_threads / hv) {
-            L.vs[c * (hv + 1) + d] = c == ci ? cell[hk + d] : ld_raw<T>(raw + R.v_off + (size_t) (r0 + c) * R.v_pitch + d * R.esz);
-        }
-    }
-    if (t < nc) {
-        L.msk[t] = !sp.mb ? 0.0f : at.mask_type == T_F16 ? __half2float(*(const __half *) (raw + R.m_off + (size_t) (r0 + t) * 2))
-                                                         : *(const float *) (raw + R.m_off + (size_t) (r0 + t) * 4);
-    }
-}
-
-__device__ __forceinline__ void convert_chunk(const kernel_args & a, const attention & at, int tile, float * smem,
-                                           const uint8_t * raw, int cb, int nc, long long row) {
-    const attn_span sp(a, at, tile);
-    const attn_layout L(at, smem);
-    switch (at.k_type) {
-        case T_F16:  convert_chunk_t<T_F16>(at, sp, L, raw, cb, nc, row); break;
-        case T_BF16: convert_chunk_t<T_BF16>(at, sp, L, raw, cb, nc, row); break;
-        default:     convert_chunk_t<T_F32>(at, sp, L, raw, cb, nc, row); break;
-    }
-}
-
 // The merge of KV head kvh's query heads into attention::merged, in the split that finished last. A call of its own:
 // inlined, it raised the kernel's spills from 246/316 to 286/416 bytes (stores/loads) though it runs once a head.
 __device__ __noinline__ void merge_group(const kernel_args & a, const attention & at, int kvh) {
@@ -1701,12 +1504,234 @@ __device__ __noinline__ void merge_group(const kernel_args & a, const attention 
                  (float *) resolve(a, at.merged) + (size_t) kvh * group * hv);
 }
 
+// The head group's last split to finish merges it into attention::merged. After the block's partials are written.
+__device__ __forceinline__ void attn_arrive(const kernel_args & a, const attention & at, int kvh) {
+    if (!at.merged.null()) {
+        __shared__ int s_last;
+        __syncthreads();  // the block's partials before thread 0's release
+        if (threadIdx.x == 0) {
+            unsigned long long old;
+            unsigned long long * arrivals = (unsigned long long *) resolve(a, at.arrivals) + kvh;
+            asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], 1;" : "=l"(old) : "l"(arrivals) : "memory");
+            s_last = old + 1 == (a.epoch + 1) * (unsigned long long) at.n_split;
+        }
+        __syncthreads();
+        if (s_last) {  // the other splits' partials are visible (their release, this acquire, the barrier)
+            merge_group(a, at, kvh);
+        }
+    }
+}
+
+// --- the attention tile with a warp per range of cells ----------------------------------------------------------
+// attn_tile stages 64-128-cell chunks in shared memory and works through each in block-wide phases (staging,
+// scores, softmax, accumulators: four barriers a chunk); at depth 4,096 that was 24-28 us a tile for 288 cells, at
+// 256 cells 9.5 us for 64. Here each warp takes its own range of the tile's cells straight from the cache (L2) into
+// registers, with `lanes` = head size / 4 lanes per cell (8 bytes each): the scores, an online softmax across the
+// warp's cells and the accumulators stay in registers, and the 16 warps are merged once, through shared memory.
+// A pass of 32 / lanes cells is loaded while the previous one is computed. F16/BF16 caches, K and V of one head size
+// (64 or 128) and up to k_warp_group query heads per KV head; anything else takes attn_tile. (With 16 bytes a lane
+// the kernel's spills grew from 240/304 to 278/440 bytes; with 8 they are 232/300.)
+constexpr int k_warp_group = 4;
+
+__host__ __device__ inline bool attn_warps_ok(const attention & at) {
+    if (at.n_head_kv <= 0 || at.n_head % at.n_head_kv != 0) {
+        return false;
+    }
+    const int group = at.n_head / at.n_head_kv, hd = at.head_dim_k;
+    const bool vt = at.v_nb_cell < at.v_nb_dim;  // transposed V (flash attention off): cells contiguous
+    return (at.k_type == T_F16 || at.k_type == T_BF16) && at.v_type == at.k_type && at.head_dim_v == hd &&
+           (hd == 64 || hd == 128) && group <= k_warp_group && at.k_nb_dim == 2 &&
+           at.k_nb_cell % 16 == 0 && at.k_nb_head % 16 == 0 &&
+           (vt ? at.v_nb_cell == 2 : at.v_nb_dim == 2 && at.v_nb_cell % 16 == 0 && at.v_nb_head % 16 == 0);
+}
+
+// Shared memory (floats): the query rows, then per warp its (max, sum) and accumulators per query head.
+__host__ __device__ inline size_t attn_warps_smem_floats(const attention & at) {
+    const size_t group = at.n_head / at.n_head_kv;
+    return group * at.head_dim_k + (size_t) k_warps * group * (2 + at.head_dim_v);
+}
+
+template <int T> __device__ __forceinline__ void unpack4(const uint2 & u, float * f) {
+    const uint32_t w[2] = {u.x, u.y};
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if constexpr (T == T_F16) {
+            const float2 f2 = __half22float2(*(const __half2 *) &w[i]);
+            f[2 * i] = f2.x;
+            f[2 * i + 1] = f2.y;
+        } else {
+            f[2 * i] = __uint_as_float(w[i] << 16);
+            f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        }
+    }
+}
+
+// One pass's cache reads for a lane: 8 bytes of its cell's K and of its V row (or, transposed, 4 values of its
+// cell, one per dimension), and the cell's mask.
+struct warp_pass_loads {
+    uint2 k, v;
+    float m;
+};
+
+__device__ __forceinline__ warp_pass_loads warp_pass_load(const attention & at, const attn_span & sp, int c, int r) {
+    warp_pass_loads o;
+    o.k = __ldcg((const uint2 *) (sp.kb + (uint64_t) c * at.k_nb_cell) + r);
+    if (sp.v_by_cell) {
+        const unsigned short * v = (const unsigned short *) (sp.vb + (uint64_t) c * 2 + (uint64_t) (r * 4) * at.v_nb_dim);
+        const uint64_t st = at.v_nb_dim / 2;
+        uint32_t w[2];
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            w[i] = (uint32_t) __ldcg(v + (2 * i) * st) | (uint32_t) __ldcg(v + (2 * i + 1) * st) << 16;
+        }
+        o.v = make_uint2(w[0], w[1]);
+    } else {
+        o.v = __ldcg((const uint2 *) (sp.vb + (uint64_t) c * at.v_nb_cell) + r);
+    }
+    o.m = !sp.mb ? 0.0f : at.mask_type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) sp.mb + c)))
+                                               : __ldcg((const float *) sp.mb + c);
+    return o;
+}
+
+template <int T>
+__device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc) {
+    const attn_span sp(a, at, tile);
+    const int group = at.n_head / at.n_head_kv, hd = at.head_dim_k;
+    const int lanes = hd / 4, w = threadIdx.x / 32, l = threadIdx.x % 32, slot = l / lanes, r = l % lanes;
+    const int per_pass = 32 / lanes;
+    const int n = sp.c1 - sp.c0, per_warp = (n + k_warps - 1) / k_warps;
+    const int cw0 = sp.c0 + min(n, w * per_warp), cw1 = sp.c0 + min(n, (w + 1) * per_warp);
+    float * q = smem;
+    float * wml = q + group * hd;                  // [warp][g]: max, sum
+    float * wacc = wml + k_warps * group * 2;      // [warp][g][hd]
+    // the first pass's loads go out before the query rows' (they do not depend on them)
+    warp_pass_loads cur = warp_pass_load(at, sp, cw0 < cw1 ? min(cw0 + slot, cw1 - 1) : sp.c0, r);
+    const float * qg = (const float *) resolve(a, at.q) + (size_t) sp.kvh * group * hd;
+    for (int i = threadIdx.x; i < group * hd; i += k_threads) {
+        q[i] = ldcg_f(qg + i);
+    }
+    __syncthreads();
+    pc.mark(0);
+    float mx[k_warp_group], sm[k_warp_group], acc[k_warp_group][4];
+#pragma unroll
+    for (int g = 0; g < k_warp_group; g++) {
+        mx[g] = -INFINITY;
+        sm[g] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            acc[g][i] = 0.0f;
+        }
+    }
+    for (int cb = cw0; cb < cw1; cb += per_pass) {
+        const bool live = cb + slot < cw1;
+        const int cn = cb + per_pass < cw1 ? min(cb + per_pass + slot, cw1 - 1) : -1;
+        warp_pass_loads nxt = cur;
+        if (cn >= 0) {  // warp-uniform
+            nxt = warp_pass_load(at, sp, cn, r);
+        }
+        float kf[4], vf[4];
+        unpack4<T>(cur.k, kf);
+        unpack4<T>(cur.v, vf);
+#pragma unroll
+        for (int g = 0; g < k_warp_group; g++) {
+            if (g >= group) {
+                break;
+            }
+            const float4 q0 = *(const float4 *) (q + g * hd + r * 4);
+            float s = q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3];
+            for (int o = lanes / 2; o >= 1; o >>= 1) {
+                s += __shfl_xor_sync(0xffffffffu, s, o);
+            }
+            float v = -INFINITY;
+            if (live && cur.m != -INFINITY) {
+                v = s * at.scale;
+                if (at.softcap != 0.0f) {
+                    v = at.softcap * tanhf(v / at.softcap);
+                }
+                v += cur.m;
+            }
+            float m = v;  // the pass's max over its cells (lanes of a cell hold the same score)
+            for (int o = lanes; o < 32; o <<= 1) {
+                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            }
+            const float m_new = fmaxf(mx[g], m);
+            const float p = v == -INFINITY ? 0.0f : expf(v - m_new);
+            const float cr = mx[g] == -INFINITY ? 0.0f : expf(mx[g] - m_new);
+            float ps = p;
+            for (int o = lanes; o < 32; o <<= 1) {
+                ps += __shfl_xor_sync(0xffffffffu, ps, o);
+            }
+            sm[g] = sm[g] * cr + ps;
+            mx[g] = m_new;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                acc[g][i] = acc[g][i] * cr + p * vf[i];
+            }
+        }
+        cur = nxt;
+    }
+    pc.mark(1);
+    // the warp's accumulators summed over its cell slots; lanes of slot 0 write them
+#pragma unroll
+    for (int g = 0; g < k_warp_group; g++) {
+        if (g >= group) {
+            break;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float v = acc[g][i];
+            for (int o = lanes; o < 32; o <<= 1) {
+                v += __shfl_xor_sync(0xffffffffu, v, o);
+            }
+            if (slot == 0) {
+                wacc[(w * group + g) * hd + r * 4 + i] = v;
+            }
+        }
+        if (l == 0) {
+            wml[(w * group + g) * 2] = mx[g];
+            wml[(w * group + g) * 2 + 1] = sm[g];
+        }
+    }
+    __syncthreads();
+    // the warps merged: the tile's partials, as attn_tile writes them
+    float * part = (float *) resolve(a, at.partials);
+    for (int e = threadIdx.x; e < group * hd; e += k_threads) {
+        const int g = e / hd, d = e % hd;
+        float m = -INFINITY;
+        for (int k = 0; k < k_warps; k++) {
+            m = fmaxf(m, wml[(k * group + g) * 2]);
+        }
+        float s = 0.0f, v = 0.0f;
+        for (int k = 0; k < k_warps; k++) {
+            const float mk = wml[(k * group + g) * 2];
+            const float f = mk == -INFINITY ? 0.0f : expf(mk - m);
+            s += wml[(k * group + g) * 2 + 1] * f;
+            v += wacc[(k * group + g) * hd + d] * f;
+        }
+        float * o = part + ((size_t) (sp.kvh * group + g) * at.n_split + sp.split) * (hd + 2);
+        o[2 + d] = v;
+        if (d == 0) {
+            o[0] = m;
+            o[1] = s;
+        }
+    }
+    attn_arrive(a, at, sp.kvh);
+    pc.mark(2);
+}
+
+__device__ void attn_tile_warps(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc) {
+    if (at.k_type == T_BF16) {
+        attn_tile_warps_t<T_BF16>(a, at, tile, smem, pc);
+    } else {
+        attn_tile_warps_t<T_F16>(a, at, tile, smem, pc);
+    }
+}
+
 // One KV head over cells [c0, c1): chunks of K and V are staged in shared memory by all threads (coalesced,
 // independent loads), then scores, an online softmax per query head of the group, and the accumulators. With
 // `prestaged` the first chunk was staged by attn_prestage before the wait.
-// With `all` every cell of the tile was copied into `raw` by attn_prestage_all.
 __device__ void attn_tile(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc,
-                          bool prestaged, bool all, uint8_t * raw, const long long * kv_row) {
+                          bool prestaged, const long long * kv_row) {
     const attn_span sp(a, at, tile);
     const attn_layout L(at, smem);
     const int c0 = sp.c0, c1 = sp.c1, kvh = sp.kvh, split = sp.split;
@@ -1728,16 +1753,11 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
             q[i] = ldcg_f(qg + i);
         }
     }
-    if (all) {
-        attn_after_wait_all(a, at, tile, smem, raw, *kv_row);
-    }
     const int chunk = attn_chunk(at);
     for (int cb = c0; cb < c1; cb += chunk) {
         const int nc = min(chunk, c1 - cb);
         __syncthreads();
-        if (all) {
-            convert_chunk(a, at, tile, smem, raw, cb, nc, *kv_row);
-        } else if (cb == c0 && prestaged) {
+        if (cb == c0 && prestaged) {
             // the query rows, and the appended cell's K and V rows if they fall in this chunk (one round trip)
             const int64_t row = *kv_row;  // read by attn_prestage, before the wait's barrier
             const bool mine = row >= cb && row < cb + nc;
@@ -1873,20 +1893,7 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
             o[1] = sm[g];
         }
     }
-    if (!at.merged.null()) {  // the head group's last split to finish merges it (attention::merged)
-        __shared__ int s_last;
-        __syncthreads();  // the block's partials before thread 0's release
-        if (threadIdx.x == 0) {
-            unsigned long long old;
-            unsigned long long * arrivals = (unsigned long long *) resolve(a, at.arrivals) + kvh;
-            asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], 1;" : "=l"(old) : "l"(arrivals) : "memory");
-            s_last = old + 1 == (a.epoch + 1) * (unsigned long long) at.n_split;
-        }
-        __syncthreads();
-        if (s_last) {  // the other splits' partials are visible (their release, this acquire, the barrier)
-            merge_group(a, at, kvh);
-        }
-    }
+    attn_arrive(a, at, kvh);
     pc.mark(2);
 }
 
@@ -2052,7 +2059,6 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
     float * xd = (float *) (xq + a.x_floats);
     float * xs = xd + a.x_floats / 32 + 4;
     uint8_t * ring = (uint8_t *) smem + a.ring_off;
-    uint8_t * attn_raw_region = (uint8_t *) smem + a.attn_raw_off;
     const int G = gridDim.x, b = blockIdx.x;
     unsigned consumed = 0;  // ring chunks this block has used
     if (threadIdx.x == 0) {
@@ -2088,7 +2094,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
             __syncthreads();  // attn_prestage reads it before the wait's barriers
         }
         const bool mv = in.kind == instr_kind::matvec || in.kind == instr_kind::glu;
-        bool waited = false, prestaged = false, staged_all = false, w_ready = false;
+        bool waited = false, prestaged = false, w_ready = false;
         if (prof && threadIdx.x == 0) {
             s_sub[0] = s_sub[1] = s_sub[2] = 0;
         }
@@ -2133,17 +2139,10 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                         }
                     }
                 }
-                // multi-chunk tiles copy all their cells (attn_prestage_all); single-chunk tiles stage their chunk.
-                // (At depth 4096, 5 chunks a tile, prestaging only the first chunk measured 3.5% slower, 546 against
-                // 566 tok/s, while at 256 cells it gained 1.5-8%.)
-                if (in.kind == instr_kind::attn && a.attn_raw_bytes && a.attn_prestage) {
-                    staged_all = attn_prestage_all(a, s_at, t, attn_raw_region, &s_kv_row);
-                    if (staged_all && a.attn_raw_sync) {
-                        cp_async_wait_all();
-                    }
-                }
+                // only single-chunk tiles: at depth 4096 (5 chunks a tile) prestaging the first chunk measured
+                // 3.5% slower (546 against 566 tok/s), while at 256 cells it gained 1.5-8%
                 if (in.kind == instr_kind::attn && !s_at.kv_row.null() && a.attn_prestage &&
-                    s_at.cells_per_split <= attn_chunk(s_at)) {
+                    s_at.cells_per_split <= attn_chunk(s_at) && !(a.attn_warps && attn_warps_ok(s_at))) {
                     attn_prestage(a, s_at, t, smem, &s_kv_row);
                     prestaged = true;
                 }
@@ -2151,7 +2150,6 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                     w_ready = preload_norm_weight(a, in.in, w);  // w stays untouched through the instruction's tiles
                 }
                 if (!wait_deps(a, in, i, &s_flag)) {
-                    cp_async_wait_all();  // no copy into shared memory outlives the block
                     if (threadIdx.x == 0) {
                         ring_drain(a, s_rc, s_bars, consumed);
                     }
@@ -2166,8 +2164,12 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
             unsigned long long t1 = t0;
             phase_clock pc{prof ? s_sub : nullptr, t0};
             if (in.kind == instr_kind::attn) {
-                attn_tile(a, s_at, t, smem, pc, prestaged, staged_all, attn_raw_region, &s_kv_row);
-                prestaged = staged_all = false;  // a block's later tiles of the instruction stage after the wait
+                if (a.attn_warps && attn_warps_ok(s_at)) {
+                    attn_tile_warps(a, s_at, t, smem, pc);
+                } else {
+                    attn_tile(a, s_at, t, smem, pc, prestaged, &s_kv_row);
+                }
+                prestaged = false;  // a block's later tiles of the instruction stage after the wait
                 t1 = prof ? global_ns() : 0;
             } else if (in.kind == instr_kind::delta) {
                 delta_tile(a, a.deltas[in.attn], t, smem);
@@ -2443,7 +2445,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
                     return nullptr;
                 }
             }
-            attn_f = std::max(attn_f, attn_smem_floats(at));
+            attn_f = std::max({attn_f, attn_smem_floats(at), attn_warps_ok(at) ? attn_warps_smem_floats(at) : 0});
             continue;
         }
         if (in.kind == instr_kind::delta) {
@@ -2502,26 +2504,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     y_f = (y_f + 3) / 4 * 4;
     w_f = (w_f + 3) / 4 * 4;
     const size_t base_f = x_f + 2 * y_f + w_f + x_f / 4 + 2 * (x_f / 32 + 4);
-    // the region attn_prestage_all copies a multi-chunk attention tile's cells into (LLAMA_MEGAKERNEL_ATTN_STAGE_ALL=0:
-    // none), where the shared memory has room for it beside everything else
-    size_t attn_raw = 0;
-    for (const attention & at : p.attns) {
-        attn_raw = std::max(attn_raw, (size_t) attn_raw_need(at));
-    }
-    const char * stage_all = getenv("LLAMA_MEGAKERNEL_ATTN_STAGE_ALL");
-    if (stage_all && atoi(stage_all) == 0) {
-        attn_raw = 0;
-    }
-    const size_t attn_raw_off = (std::max(attn_f, base_f) * sizeof(float) + 127) / 128 * 128;
-    {
-        cudaDeviceProp pr;
-        if (attn_raw && (cudaGetDeviceProperties(&pr, device) != cudaSuccess ||
-                         attn_raw_off + attn_raw > pr.sharedMemPerBlockOptin - 4096)) {
-            attn_raw = 0;
-        }
-        cudaGetLastError();
-    }
-    const size_t ring_off = attn_raw_off + (attn_raw + 127) / 128 * 128;
+    const size_t ring_off = (std::max(attn_f, base_f) * sizeof(float) + 127) / 128 * 128;
 
     // The weight ring: slots of 32 KiB in what is left of the shared memory (sm_90: bulk copies need it).
     // LLAMA_MEGAKERNEL_RING=N turns it on with at most N slots. Off by default: on the H100 the copies themselves
@@ -2824,6 +2807,10 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.y_floats = (int32_t) y_f;
     a.w_floats = (int32_t) w_f;
     a.attn_prestage = 1;
+    a.attn_warps = 1;
+    if (const char * aw = getenv("LLAMA_MEGAKERNEL_ATTN_WARPS")) {  // 0: attn_tile's block-wide chunks (A/B runs)
+        a.attn_warps = atoi(aw) != 0;
+    }
     if (const char * ps = getenv("LLAMA_MEGAKERNEL_ATTN_PRESTAGE")) {  // 0: stage after the wait (for A/B runs)
         a.attn_prestage = atoi(ps) != 0;
     }
@@ -2842,9 +2829,6 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.ring_slots = ring_slots;
     a.slot_bytes = slot_bytes;
     a.ring_off = (int32_t) ring_off;
-    a.attn_raw_off = (int32_t) attn_raw_off;
-    a.attn_raw_bytes = (int32_t) attn_raw;
-    a.attn_raw_sync = stage_all && atoi(stage_all) == 2;
     for (const instruction & in : p.instrs) {
         g->names.push_back(in.name);
         g->tiles.push_back(in.n_tiles);
