@@ -67,6 +67,7 @@ struct kernel_args {
                               // (LLAMA_MEGAKERNEL_PREFETCH=KiB; 0: none)
     int32_t attn_prestage;    // attention tiles stage their first chunk before the wait (attn_prestage)
     int32_t attn_warps;       // attn_tile_warps where it applies (LLAMA_MEGAKERNEL_ATTN_WARPS=0: attn_tile always)
+    int32_t attn_smem_bytes;  // shared memory an attention tile may use (from the start)
     int32_t preload_norm;     // before the wait: an RMS norm's weight into shared memory (preload_norm_weight) and
                               // the epilogue's graph inputs (preload_epi_inputs); LLAMA_MEGAKERNEL_PRELOAD_NORM=0: after
     int32_t fuse_round;       // form_round_q8_1 where it applies
@@ -1486,7 +1487,7 @@ __device__ void stage_kv(const attention & at, const attn_span & sp, const attn_
 // critical path (it cost ~4-6 us of the attention tile's ~12, docs/gpu-executor-notes.md runs 33-34).
 // The appended cell's index is a graph input, so it is read here too (into *kv_row): after the wait the tile's
 // loads of Q and of that cell then go out together instead of behind the index's round trip.
-__device__ __noinline__ void attn_prestage(const kernel_args & a, const attention & at, int tile, float * smem,
+__device__ __forceinline__ void attn_prestage_chunk(const kernel_args & a, const attention & at, int tile, float * smem,
                                            long long * kv_row) {
     const attn_span sp(a, at, tile);
     if (threadIdx.x == 0) {
@@ -1551,67 +1552,165 @@ __host__ __device__ inline size_t attn_warps_smem_floats(const attention & at) {
     return group * at.head_dim_k + (size_t) k_warps * group * (2 + at.head_dim_v);
 }
 
-template <int T> __device__ __forceinline__ void unpack4(const uint2 & u, float * f) {
-    const uint32_t w[2] = {u.x, u.y};
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        if constexpr (T == T_F16) {
-            const float2 f2 = __half22float2(*(const __half2 *) &w[i]);
-            f[2 * i] = f2.x;
-            f[2 * i + 1] = f2.y;
-        } else {
-            f[2 * i] = __uint_as_float(w[i] << 16);
-            f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-        }
+struct attn_raw {
+    int esz, mesz;                 // bytes per K/V value, per mask value
+    int k_pitch, v_pitch;          // bytes from one row to the next
+    int k_off, v_off, m_off, cell_off, bytes;
+    __host__ __device__ attn_raw(const attention & at) {
+        esz = at.k_type == T_F32 ? 4 : 2;
+        mesz = at.mask_type == T_F16 ? 2 : 4;
+        const bool vt = at.v_nb_cell < at.v_nb_dim;  // transposed V (flash attention off): cells contiguous
+        const int cps = at.cells_per_split;
+        auto up16 = [](int v) { return (v + 15) / 16 * 16; };
+        k_pitch = at.head_dim_k * esz;
+        // (transposed: 4 bytes over whole 16, so that the lanes' rows, one word-stride apart, hit different banks)
+        v_pitch = vt ? up16(cps * esz) + 4 : at.head_dim_v * esz;
+        k_off = 0;
+        v_off = up16(cps * k_pitch);
+        m_off = v_off + up16((vt ? at.head_dim_v : cps) * v_pitch);
+        cell_off = m_off + up16(cps * mesz);
+        bytes = cell_off + (at.head_dim_k + at.head_dim_v) * 4;
     }
-}
-
-// One pass's cache reads for a lane: 8 bytes of its cell's K and of its V row (or, transposed, 4 values of its
-// cell, one per dimension), and the cell's mask.
-struct warp_pass_loads {
-    uint2 k, v;
-    float m;
 };
 
-__device__ __forceinline__ warp_pass_loads warp_pass_load(const attention & at, const attn_span & sp, int c, int r) {
-    warp_pass_loads o;
-    o.k = __ldcg((const uint2 *) (sp.kb + (uint64_t) c * at.k_nb_cell) + r);
-    if (sp.v_by_cell) {
-        const unsigned short * v = (const unsigned short *) (sp.vb + (uint64_t) c * 2 + (uint64_t) (r * 4) * at.v_nb_dim);
-        const uint64_t st = at.v_nb_dim / 2;
-        uint32_t w[2];
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            w[i] = (uint32_t) __ldcg(v + (2 * i) * st) | (uint32_t) __ldcg(v + (2 * i + 1) * st) << 16;
+
+// rows x len bytes from src (rows `stride` apart) to dst (rows `pitch` apart) with cp.async, in the widest unit
+// that every address and length allows (the caller checked 4-byte alignment). All threads of the block.
+__device__ void copy_rows_async(uint8_t * dst, int pitch, const uint8_t * src, uint64_t stride, int rows, int len) {
+    const uint64_t al = (uint64_t) (uintptr_t) src | stride | (uint64_t) len | (uint64_t) (uintptr_t) dst | (uint64_t) pitch;
+    const int shift = (al & 15) == 0 ? 4 : (al & 7) == 0 ? 3 : 2;
+    const int per_row = len >> shift, n = rows * per_row;
+    for (int e = threadIdx.x; e < n; e += k_threads) {
+        const int r = e / per_row, o = (e - r * per_row) << shift;
+        const unsigned d = (unsigned) __cvta_generic_to_shared(dst + (size_t) r * pitch + o);
+        const uint8_t * s = src + (uint64_t) r * stride + o;
+        if (shift == 4) {
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(s) : "memory");
+        } else if (shift == 3) {
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(d), "l"(s) : "memory");
+        } else {
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(s) : "memory");
         }
-        o.v = make_uint2(w[0], w[1]);
-    } else {
-        o.v = __ldcg((const uint2 *) (sp.vb + (uint64_t) c * at.v_nb_cell) + r);
     }
-    o.m = !sp.mb ? 0.0f : at.mask_type == T_F16 ? __half2float(__ushort_as_half(__ldcg((const unsigned short *) sp.mb + c)))
-                                               : __ldcg((const float *) sp.mb + c);
-    return o;
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// Bytes from the start of shared memory to the copies (after the query rows and the warps' results), and their end.
+__host__ __device__ inline size_t attn_warps_raw_off(const attention & at) {
+    return (attn_warps_smem_floats(at) * 4 + 15) / 16 * 16;
+}
+__host__ __device__ inline size_t attn_warps_bytes(const attention & at) {
+    return attn_warps_raw_off(at) + attn_raw(at).bytes;
+}
+
+// Before the wait: the tile's cells, all of them, into shared memory with cp.async (no registers held while they
+// are in flight), and the appended cell's index. False (in every thread) if the addresses do not allow it; the tile
+// then takes attn_tile.
+__device__ __forceinline__ bool attn_warps_prestage(const kernel_args & a, const attention & at, int tile, float * smem,
+                                                 long long * kv_row) {
+    const attn_span sp(a, at, tile);
+    const attn_raw R(at);
+    uint8_t * raw = (uint8_t *) smem + attn_warps_raw_off(at);
+    const int n = sp.c1 - sp.c0;
+    const uint8_t * k0 = sp.kb + (uint64_t) sp.c0 * at.k_nb_cell;
+    // sp.v_by_cell: V transposed, each dimension's cells contiguous
+    const uint8_t * v0 = sp.vb + (uint64_t) sp.c0 * (sp.v_by_cell ? (uint64_t) R.esz : at.v_nb_cell);
+    const uint8_t * m0 = sp.mb ? sp.mb + (uint64_t) sp.c0 * R.mesz : nullptr;
+    const uint64_t al = (uint64_t) (uintptr_t) k0 | at.k_nb_cell | (uint64_t) (uintptr_t) v0 |
+                        (sp.v_by_cell ? (at.v_nb_dim | (uint64_t) (n * R.esz)) : at.v_nb_cell) |
+                        (m0 ? ((uint64_t) (uintptr_t) m0 | (uint64_t) (n * R.mesz)) : 0);
+    if (n <= 0 || n > at.cells_per_split || (al & 3) != 0) {
+        return false;
+    }
+    if (threadIdx.x == 0) {
+        *kv_row = at.kv_row_type == T_I64 ? *(const long long *) resolve(a, at.kv_row)
+                                          : *(const int32_t *) resolve(a, at.kv_row);
+    }
+    copy_rows_async(raw + R.k_off, R.k_pitch, k0, at.k_nb_cell, n, R.k_pitch);
+    if (sp.v_by_cell) {
+        copy_rows_async(raw + R.v_off, R.v_pitch, v0, at.v_nb_dim, at.head_dim_v, n * R.esz);
+    } else {
+        copy_rows_async(raw + R.v_off, R.v_pitch, v0, at.v_nb_cell, n, at.head_dim_v * R.esz);
+    }
+    if (m0) {
+        copy_rows_async(raw + R.m_off, 0, m0, 0, 1, n * R.mesz);
+    }
+    return true;
+}
+
+// Before the wait, the one call for both attention tiles (a second call site in the main loop raised the kernel's
+// spills from 226/324 to 404/772 bytes): 2 if attn_warps_prestage copied all the tile's cells (attn_tile_warps), 1
+// if attn_prestage_chunk staged its only chunk (attn_tile), 0 if nothing was staged.
+__device__ __noinline__ int attn_prestage(const kernel_args & a, const attention & at, int tile, float * smem,
+                                          long long * kv_row) {
+#ifndef MK_NO_ATTN_WARPS  // a build without attn_tile_warps, for A/B runs
+    if (a.attn_warps && attn_warps_ok(at) && attn_warps_bytes(at) <= (size_t) a.attn_smem_bytes &&
+        attn_warps_prestage(a, at, tile, smem, kv_row)) {
+        return 2;
+    }
+#endif
+    if (at.cells_per_split <= attn_chunk(at)) {
+        attn_prestage_chunk(a, at, tile, smem, kv_row);
+        return 1;
+    }
+    return 0;
+}
+
+template <int T> __device__ __forceinline__ float raw_val(const uint8_t * p) {
+    if constexpr (T == T_F16) {
+        return __half2float(*(const __half *) p);
+    } else {
+        return __uint_as_float((uint32_t) *(const unsigned short *) p << 16);
+    }
 }
 
 template <int T>
-__device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc) {
+__device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc,
+                                  long long row) {
     const attn_span sp(a, at, tile);
+    const attn_raw R(at);
+    uint8_t * raw = (uint8_t *) smem + attn_warps_raw_off(at);
     const int group = at.n_head / at.n_head_kv, hd = at.head_dim_k;
     const int lanes = hd / 4, w = threadIdx.x / 32, l = threadIdx.x % 32, slot = l / lanes, r = l % lanes;
     const int per_pass = 32 / lanes;
     const int n = sp.c1 - sp.c0, per_warp = (n + k_warps - 1) / k_warps;
-    const int cw0 = sp.c0 + min(n, w * per_warp), cw1 = sp.c0 + min(n, (w + 1) * per_warp);
+    const int cw0 = min(n, w * per_warp), cw1 = min(n, (w + 1) * per_warp);  // the warp's cells, from the tile's first
     float * q = smem;
     float * wml = q + group * hd;                  // [warp][g]: max, sum
     float * wacc = wml + k_warps * group * 2;      // [warp][g][hd]
-    // the first pass's loads go out before the query rows' (they do not depend on them)
-    warp_pass_loads cur = warp_pass_load(at, sp, cw0 < cw1 ? min(cw0 + slot, cw1 - 1) : sp.c0, r);
-    const float * qg = (const float *) resolve(a, at.q) + (size_t) sp.kvh * group * hd;
-    for (int i = threadIdx.x; i < group * hd; i += k_threads) {
-        q[i] = ldcg_f(qg + i);
+    {
+        // after the wait: the query rows and the appended cell's K and V (if it is one of the tile's cells) in one
+        // round trip; that cell's copy is then overwritten with them
+        const float * qg = (const float *) resolve(a, at.q) + (size_t) sp.kvh * group * hd;
+        const int t = threadIdx.x;
+        const bool mine = row >= sp.c0 && row < sp.c1 && t < hd;
+        const float rq0 = ldcg_f(qg + min(t, group * hd - 1)), rq1 = ldcg_f(qg + min(t + k_threads, group * hd - 1));
+        unsigned short rk = 0, rv = 0;
+        if (mine) {
+            rk = __ldcg((const unsigned short *) (sp.kb + (uint64_t) row * at.k_nb_cell) + t);
+            rv = __ldcg((const unsigned short *) (sp.vb + (uint64_t) row * at.v_nb_cell + (uint64_t) t * at.v_nb_dim));
+        }
+        cp_async_wait_all();
+        if (t < group * hd) {
+            q[t] = rq0;
+        }
+        if (t + k_threads < group * hd) {
+            q[t + k_threads] = rq1;
+        }
+        __syncthreads();  // every thread's copies have landed
+        if (mine) {
+            const int c = (int) (row - sp.c0);
+            *(unsigned short *) (raw + R.k_off + (size_t) c * R.k_pitch + t * 2) = rk;
+            *(unsigned short *) (raw + R.v_off + (sp.v_by_cell ? (size_t) t * R.v_pitch + c * 2 : (size_t) c * R.v_pitch + t * 2)) = rv;
+        }
     }
     __syncthreads();
     pc.mark(0);
+    // V element (cell c, dimension d) at vrow + c * vc + d * vd
+    const uint8_t * vrow = raw + R.v_off;
+    const int vc = sp.v_by_cell ? 2 : R.v_pitch, vd = sp.v_by_cell ? R.v_pitch : 2;
     float mx[k_warp_group], sm[k_warp_group], acc[k_warp_group][4];
 #pragma unroll
     for (int g = 0; g < k_warp_group; g++) {
@@ -1624,14 +1723,17 @@ __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, i
     }
     for (int cb = cw0; cb < cw1; cb += per_pass) {
         const bool live = cb + slot < cw1;
-        const int cn = cb + per_pass < cw1 ? min(cb + per_pass + slot, cw1 - 1) : -1;
-        warp_pass_loads nxt = cur;
-        if (cn >= 0) {  // warp-uniform
-            nxt = warp_pass_load(at, sp, cn, r);
-        }
+        const int c = live ? cb + slot : cw0;  // a cell of the tile, as an index from its first
         float kf[4], vf[4];
-        unpack4<T>(cur.k, kf);
-        unpack4<T>(cur.v, vf);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            // K: the lane's 4 neighbouring dimensions (against its 4 query values); V: dimensions r + lanes * i, so
+            // that the lanes of a cell read neighbouring halves, or, transposed, neighbouring rows
+            kf[i] = raw_val<T>(raw + R.k_off + (size_t) c * R.k_pitch + (r * 4 + i) * 2);
+            vf[i] = raw_val<T>(vrow + (size_t) c * vc + (size_t) (r + lanes * i) * vd);
+        }
+        const float mc = !sp.mb ? 0.0f : at.mask_type == T_F16 ? __half2float(*(const __half *) (raw + R.m_off + (size_t) c * 2))
+                                                              : *(const float *) (raw + R.m_off + (size_t) c * 4);
 #pragma unroll
         for (int g = 0; g < k_warp_group; g++) {
             if (g >= group) {
@@ -1643,12 +1745,12 @@ __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, i
                 s += __shfl_xor_sync(0xffffffffu, s, o);
             }
             float v = -INFINITY;
-            if (live && cur.m != -INFINITY) {
+            if (live && mc != -INFINITY) {
                 v = s * at.scale;
                 if (at.softcap != 0.0f) {
                     v = at.softcap * tanhf(v / at.softcap);
                 }
-                v += cur.m;
+                v += mc;
             }
             float m = v;  // the pass's max over its cells (lanes of a cell hold the same score)
             for (int o = lanes; o < 32; o <<= 1) {
@@ -1668,7 +1770,6 @@ __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, i
                 acc[g][i] = acc[g][i] * cr + p * vf[i];
             }
         }
-        cur = nxt;
     }
     pc.mark(1);
     // the warp's accumulators summed over its cell slots; lanes of slot 0 write them
@@ -1684,7 +1785,7 @@ __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, i
                 v += __shfl_xor_sync(0xffffffffu, v, o);
             }
             if (slot == 0) {
-                wacc[(w * group + g) * hd + r * 4 + i] = v;
+                wacc[(w * group + g) * hd + r + lanes * i] = v;
             }
         }
         if (l == 0) {
@@ -1719,11 +1820,13 @@ __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, i
     pc.mark(2);
 }
 
-__device__ void attn_tile_warps(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc) {
+// After attn_warps_prestage and the wait; `row` is the appended cell.
+__device__ void attn_tile_warps(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc,
+                                long long row) {
     if (at.k_type == T_BF16) {
-        attn_tile_warps_t<T_BF16>(a, at, tile, smem, pc);
+        attn_tile_warps_t<T_BF16>(a, at, tile, smem, pc, row);
     } else {
-        attn_tile_warps_t<T_F16>(a, at, tile, smem, pc);
+        attn_tile_warps_t<T_F16>(a, at, tile, smem, pc, row);
     }
 }
 
@@ -2094,7 +2197,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
             __syncthreads();  // attn_prestage reads it before the wait's barriers
         }
         const bool mv = in.kind == instr_kind::matvec || in.kind == instr_kind::glu;
-        bool waited = false, prestaged = false, w_ready = false;
+        bool waited = false, prestaged = false, warped = false, w_ready = false;
         if (prof && threadIdx.x == 0) {
             s_sub[0] = s_sub[1] = s_sub[2] = 0;
         }
@@ -2141,15 +2244,16 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 }
                 // only single-chunk tiles: at depth 4096 (5 chunks a tile) prestaging the first chunk measured
                 // 3.5% slower (546 against 566 tok/s), while at 256 cells it gained 1.5-8%
-                if (in.kind == instr_kind::attn && !s_at.kv_row.null() && a.attn_prestage &&
-                    s_at.cells_per_split <= attn_chunk(s_at) && !(a.attn_warps && attn_warps_ok(s_at))) {
-                    attn_prestage(a, s_at, t, smem, &s_kv_row);
-                    prestaged = true;
+                if (in.kind == instr_kind::attn && !s_at.kv_row.null() && a.attn_prestage) {
+                    const int ps = attn_prestage(a, s_at, t, smem, &s_kv_row);
+                    prestaged = ps == 1;
+                    warped = ps == 2;
                 }
                 if (in.kind != instr_kind::attn && in.kind != instr_kind::delta && a.preload_norm) {
                     w_ready = preload_norm_weight(a, in.in, w);  // w stays untouched through the instruction's tiles
                 }
                 if (!wait_deps(a, in, i, &s_flag)) {
+                    cp_async_wait_all();  // no copy into shared memory outlives the block
                     if (threadIdx.x == 0) {
                         ring_drain(a, s_rc, s_bars, consumed);
                     }
@@ -2164,12 +2268,15 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
             unsigned long long t1 = t0;
             phase_clock pc{prof ? s_sub : nullptr, t0};
             if (in.kind == instr_kind::attn) {
-                if (a.attn_warps && attn_warps_ok(s_at)) {
-                    attn_tile_warps(a, s_at, t, smem, pc);
-                } else {
+#ifndef MK_NO_ATTN_WARPS
+                if (warped) {
+                    attn_tile_warps(a, s_at, t, smem, pc, s_kv_row);
+                } else
+#endif
+                {
                     attn_tile(a, s_at, t, smem, pc, prestaged, &s_kv_row);
                 }
-                prestaged = false;  // a block's later tiles of the instruction stage after the wait
+                prestaged = warped = false;  // a block's later tiles of the instruction stage after the wait
                 t1 = prof ? global_ns() : 0;
             } else if (in.kind == instr_kind::delta) {
                 delta_tile(a, a.deltas[in.attn], t, smem);
@@ -2445,7 +2552,13 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
                     return nullptr;
                 }
             }
-            attn_f = std::max({attn_f, attn_smem_floats(at), attn_warps_ok(at) ? attn_warps_smem_floats(at) : 0});
+            attn_f = std::max(attn_f, attn_smem_floats(at));
+            // attn_tile_warps with its copies of a tile's cells, where they leave room (~100 KiB) for the L1 cache
+#ifndef MK_NO_ATTN_WARPS
+            if (attn_warps_ok(at) && !at.kv_row.null() && attn_warps_bytes(at) <= 128 * 1024) {
+                attn_f = std::max(attn_f, (attn_warps_bytes(at) + 3) / 4);
+            }
+#endif
             continue;
         }
         if (in.kind == instr_kind::delta) {
@@ -2829,6 +2942,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
     a.ring_slots = ring_slots;
     a.slot_bytes = slot_bytes;
     a.ring_off = (int32_t) ring_off;
+    a.attn_smem_bytes = (int32_t) ring_off;
     for (const instruction & in : p.instrs) {
         g->names.push_back(in.name);
         g->tiles.push_back(in.n_tiles);
