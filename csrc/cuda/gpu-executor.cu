@@ -1292,7 +1292,7 @@ __device__ __forceinline__ unsigned long long form_x(const kernel_args & a, cons
 
 // KV cells staged in shared memory at a time: 128 for head sizes up to 64, else 64 (a 128-cell chunk of head size
 // 256 would not fit). Each chunk costs four barriers, and staged after the wait a round trip too. At depth 4,096
-// (288 cells a tile on the 1B shape) 128-cell chunks took the step from 1,218 to 1,163 us. (In session 18 they had
+// (288 cells a tile on the 1B shape) 128-cell chunks took the step from 1,202 to 1,131 us (run 86). (In session 18 they had
 // cost every other phase, 1B Q4_0 834 -> 961 us at 256 cells, because their staging held 32 loads a thread in
 // registers and the kernel's spills grew to 350/628 bytes; it now holds 8, in passes. docs/gpu-executor-notes.md.)
 // -DMK_ATTN_CHUNK=N fixes the size for A/B builds.
@@ -1526,12 +1526,15 @@ __device__ __forceinline__ void attn_arrive(const kernel_args & a, const attenti
 // --- the attention tile with a warp per range of cells ----------------------------------------------------------
 // attn_tile stages 64-128-cell chunks in shared memory and works through each in block-wide phases (staging,
 // scores, softmax, accumulators: four barriers a chunk); at depth 4,096 that was 24-28 us a tile for 288 cells, at
-// 256 cells 9.5 us for 64. Here each warp takes its own range of the tile's cells straight from the cache (L2) into
-// registers, with `lanes` = head size / 4 lanes per cell (8 bytes each): the scores, an online softmax across the
-// warp's cells and the accumulators stay in registers, and the 16 warps are merged once, through shared memory.
-// A pass of 32 / lanes cells is loaded while the previous one is computed. F16/BF16 caches, K and V of one head size
-// (64 or 128) and up to k_warp_group query heads per KV head; anything else takes attn_tile. (With 16 bytes a lane
-// the kernel's spills grew from 240/304 to 278/440 bytes; with 8 they are 232/300.)
+// 256 cells 9.5 us for 64. Here the tile's K, V and mask are copied into shared memory with cp.async before the wait
+// (attn_warps_prestage; the appended cell is re-read after it), and each warp then takes its own range of the cells,
+// `lanes` = head size / 4 lanes per cell: the scores, an online softmax across the warp's cells and the accumulators
+// stay in registers, and the 16 warps are merged once, through shared memory. F16/BF16 caches, K and V of one head
+// size (64 or 128), up to k_warp_group query heads per KV head, and copies that fit beside the rest (attn_f);
+// anything else takes attn_tile. Run 88, same build, against LLAMA_MEGAKERNEL_ATTN_WARPS=0: tg128 +1.1% at 256
+// cells, +13.7% at depth 4,096. Reading the cells straight from L2 a pass at a time instead (71b6b8a) was slower:
+// each pass waited a round trip. Cost: the kernel spills 420/760 bytes with this tile, 226/324 without it
+// (-DMK_NO_ATTN_WARPS), and no run has yet compared the two builds side by side.
 constexpr int k_warp_group = 4;
 
 __host__ __device__ inline bool attn_warps_ok(const attention & at) {
@@ -2242,8 +2245,8 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                         }
                     }
                 }
-                // only single-chunk tiles: at depth 4096 (5 chunks a tile) prestaging the first chunk measured
-                // 3.5% slower (546 against 566 tok/s), while at 256 cells it gained 1.5-8%
+                // attn_tile stages only single-chunk tiles before the wait: at depth 4096 (5 chunks a tile) staging
+                // the first chunk measured 3.5% slower (546 against 566 tok/s), at 256 cells it gained 1.5-8%
                 if (in.kind == instr_kind::attn && !s_at.kv_row.null() && a.attn_prestage) {
                     const int ps = attn_prestage(a, s_at, t, smem, &s_kv_row);
                     prestaged = ps == 1;
