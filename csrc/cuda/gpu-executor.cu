@@ -1534,7 +1534,8 @@ __device__ __forceinline__ void attn_arrive(const kernel_args & a, const attenti
 // anything else takes attn_tile. Run 88, same build, against LLAMA_MEGAKERNEL_ATTN_WARPS=0: tg128 +1.1% at 256
 // cells, +13.7% at depth 4,096. Reading the cells straight from L2 a pass at a time instead (71b6b8a) was slower:
 // each pass waited a round trip. Cost: the kernel spills 420/760 bytes with this tile, 226/324 without it
-// (-DMK_NO_ATTN_WARPS), and no run has yet compared the two builds side by side.
+// (-DMK_NO_ATTN_WARPS), and no run has yet compared the two builds side by side. (The barrier at the end of
+// attn_tile_warps_t came after run 88: only a block with a second tile of the instruction needs it.)
 constexpr int k_warp_group = 4;
 
 __host__ __device__ inline bool attn_warps_ok(const attention & at) {
@@ -1820,6 +1821,7 @@ __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, i
         }
     }
     attn_arrive(a, at, sp.kvh);
+    __syncthreads();  // the warps' results are read before a later tile of this block (attn_tile) reuses the space
     pc.mark(2);
 }
 
