@@ -1556,10 +1556,12 @@ __host__ __device__ inline size_t attn_warps_smem_floats(const attention & at) {
     return group * at.head_dim_k + (size_t) k_warps * group * (2 + at.head_dim_v);
 }
 
+// Where attn_warps_prestage's copies of a tile's cells lie (bytes from the region's start): K rows of hk values; V
+// rows of hv values, or, transposed, hv rows of the split's cells; then the mask's cells.
 struct attn_raw {
     int esz, mesz;                 // bytes per K/V value, per mask value
     int k_pitch, v_pitch;          // bytes from one row to the next
-    int k_off, v_off, m_off, cell_off, bytes;
+    int k_off, v_off, m_off, bytes;
     __host__ __device__ attn_raw(const attention & at) {
         esz = at.k_type == T_F32 ? 4 : 2;
         mesz = at.mask_type == T_F16 ? 2 : 4;
@@ -1572,8 +1574,7 @@ struct attn_raw {
         k_off = 0;
         v_off = up16(cps * k_pitch);
         m_off = v_off + up16((vt ? at.head_dim_v : cps) * v_pitch);
-        cell_off = m_off + up16(cps * mesz);
-        bytes = cell_off + (at.head_dim_k + at.head_dim_v) * 4;
+        bytes = m_off + up16(cps * mesz);
     }
 };
 
