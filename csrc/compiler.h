@@ -28,7 +28,7 @@ struct target {
     bool attn_merge = true;       // an attention's last split per KV head merges its partials (attention::merged);
                                   // LLAMA_MEGAKERNEL_ATTN_MERGE=0: every consumer tile merges them
     int attn_min_cells = 64;      // fewest KV cells per attention split (LLAMA_MEGAKERNEL_ATTN_MIN_CELLS; the GPU checks
-                                  // raise it to give short contexts tiles of several chunks)
+                                  // raise it to give short contexts the long splits of deep ones)
 };
 
 struct program {

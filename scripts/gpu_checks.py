@@ -50,6 +50,11 @@ def env_for(plugin: bool, status_file: Path | None = None, extra: dict | None = 
     return env
 
 
+def shown(cmd: list[str], env: dict | None) -> str:
+    """A command as recorded in a results file, with the variables it ran under in front."""
+    return " ".join([*(f"{k}={v}" for k, v in (env or {}).items()), *cmd])
+
+
 def compare(tool: Path, model: Path, fa: int, steps: int, prompt: int = 8, cpu_steps: int = 0,
             timeout: int = 300, extra: list[str] | None = None, ref_cpu: int = 0, env: dict | None = None) -> dict:
     cmd = [str(tool), str(model), "--steps", str(steps), "--fa", str(fa), "--prompt", str(prompt), *(extra or [])]
@@ -61,7 +66,7 @@ def compare(tool: Path, model: Path, fa: int, steps: int, prompt: int = 8, cpu_s
         cmd += ["--ctx", str(prompt + steps + 256)]
     r = sh(cmd, env=env_for(True, extra=env), timeout=timeout)
     res = {"model": model.stem, "flash_attn": fa, "steps": steps, "prompt": prompt,
-           "command": " ".join([*(f"{k}={v}" for k, v in (env or {}).items()), *cmd])}
+           "command": shown(cmd, env)}
     if r.returncode != 0 or not r.stdout.strip():
         res.update(passed=False, error=(r.stderr or "")[-2000:], rc=r.returncode)
         return res
@@ -111,13 +116,13 @@ def sanitize(tool: Path, model: Path, which: str, env: dict | None = None, suffi
                                              **(env or {})}),
                timeout=int(os.environ.get("MK_SANITIZE_TIMEOUT", "560")))
     except subprocess.TimeoutExpired:
-        return {"model": model.stem, "check": check, "command": " ".join(cmd), "passed": False,
+        return {"model": model.stem, "check": check, "command": shown(cmd, env), "passed": False,
                 "error": "timed out"}
     text = r.stdout + r.stderr
     m = (re.search(r"ERROR SUMMARY: (\d+) error", text)
          or re.search(r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error", text))
     ran = '"executed"' in r.stdout
-    res = {"model": model.stem, "check": check, "command": " ".join([*(f"{k}={v}" for k, v in (env or {}).items()), *cmd]),
+    res = {"model": model.stem, "check": check, "command": shown(cmd, env),
            "errors": int(m.group(1)) if m else None, "megakernel_ran": ran, "rc": r.returncode,
            "report": [ln for ln in text.splitlines() if ln.startswith("=========")][:80]}
     res["passed"] = bool(m and int(m.group(1)) == 0 and ran and r.returncode == 0)

@@ -1667,7 +1667,7 @@ template <int T> __device__ __forceinline__ float raw_val(const uint8_t * p) {
     if constexpr (T == T_F16) {
         return __half2float(*(const __half *) p);
     } else {
-        return __uint_as_float((uint32_t) *(const unsigned short *) p << 16);
+        return dev::b2f(*(const unsigned short *) p);
     }
 }
 
