@@ -1671,15 +1671,31 @@ template <int T> __device__ __forceinline__ float raw_val(const uint8_t * p) {
     }
 }
 
-template <int T>
+// Four neighbouring values, 8-byte aligned, in one shared-memory load.
+template <int T> __device__ __forceinline__ void raw_val4(const uint8_t * p, float f[4]) {
+    const uint2 u = *(const uint2 *) p;
+    if constexpr (T == T_F16) {
+        const float2 lo = __half22float2(*(const __half2 *) &u.x), hi = __half22float2(*(const __half2 *) &u.y);
+        f[0] = lo.x, f[1] = lo.y, f[2] = hi.x, f[3] = hi.y;
+    } else {
+        f[0] = __uint_as_float(u.x << 16), f[1] = __uint_as_float(u.x & 0xffff0000u);
+        f[2] = __uint_as_float(u.y << 16), f[3] = __uint_as_float(u.y & 0xffff0000u);
+    }
+}
+
+// LANES = head size / 4 lanes per cell, a constant so that the shuffle reductions unroll and the query heads'
+// chains interleave (run 88's loop had a runtime lane count and a head loop that broke at the group size: each pass,
+// 2 cells a warp, took ~1.6 us, its heads one after another). Every pass computes k_warp_group heads; with a smaller
+// group the surplus ones repeat the last head and are not kept.
+template <int T, int LANES>
 __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc,
                                   long long row) {
+    constexpr int hd = 4 * LANES, per_pass = 32 / LANES, G = k_warp_group;
     const attn_span sp(a, at, tile);
     const attn_raw R(at);
     uint8_t * raw = (uint8_t *) smem + attn_warps_raw_off(at);
-    const int group = at.n_head / at.n_head_kv, hd = at.head_dim_k;
-    const int lanes = hd / 4, w = threadIdx.x / 32, l = threadIdx.x % 32, slot = l / lanes, r = l % lanes;
-    const int per_pass = 32 / lanes;
+    const int group = at.n_head / at.n_head_kv;
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32, slot = l / LANES, r = l % LANES;
     const int n = sp.c1 - sp.c0, per_warp = (n + k_warps - 1) / k_warps;
     const int cw0 = min(n, w * per_warp), cw1 = min(n, (w + 1) * per_warp);  // the warp's cells, from the tile's first
     float * q = smem;
@@ -1716,9 +1732,10 @@ __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, i
     // V element (cell c, dimension d) at vrow + c * vc + d * vd
     const uint8_t * vrow = raw + R.v_off;
     const int vc = sp.v_by_cell ? 2 : R.v_pitch, vd = sp.v_by_cell ? R.v_pitch : 2;
-    float mx[k_warp_group], sm[k_warp_group], acc[k_warp_group][4];
+    const bool capped = at.softcap != 0.0f;
+    float mx[G], sm[G], acc[G][4];
 #pragma unroll
-    for (int g = 0; g < k_warp_group; g++) {
+    for (int g = 0; g < G; g++) {
         mx[g] = -INFINITY;
         sm[g] = 0.0f;
 #pragma unroll
@@ -1729,95 +1746,127 @@ __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, i
     for (int cb = cw0; cb < cw1; cb += per_pass) {
         const bool live = cb + slot < cw1;
         const int c = live ? cb + slot : cw0;  // a cell of the tile, as an index from its first
+        // K: the lane's 4 neighbouring dimensions (against its 4 query values); V: dimensions r + LANES * i, so that
+        // the lanes of a cell read neighbouring halves, or, transposed, neighbouring rows
         float kf[4], vf[4];
+        raw_val4<T>(raw + R.k_off + (size_t) c * R.k_pitch + r * 8, kf);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            // K: the lane's 4 neighbouring dimensions (against its 4 query values); V: dimensions r + lanes * i, so
-            // that the lanes of a cell read neighbouring halves, or, transposed, neighbouring rows
-            kf[i] = raw_val<T>(raw + R.k_off + (size_t) c * R.k_pitch + (r * 4 + i) * 2);
-            vf[i] = raw_val<T>(vrow + (size_t) c * vc + (size_t) (r + lanes * i) * vd);
+            vf[i] = raw_val<T>(vrow + (size_t) c * vc + (size_t) (r + LANES * i) * vd);
         }
         const float mc = !sp.mb ? 0.0f : at.mask_type == T_F16 ? __half2float(*(const __half *) (raw + R.m_off + (size_t) c * 2))
                                                               : *(const float *) (raw + R.m_off + (size_t) c * 4);
+        const bool on = live && mc != -INFINITY;
+        float s[G];
 #pragma unroll
-        for (int g = 0; g < k_warp_group; g++) {
-            if (g >= group) {
-                break;
+        for (int g = 0; g < G; g++) {
+            const float4 q0 = *(const float4 *) (q + min(g, group - 1) * hd + r * 4);
+            s[g] = q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3];
+        }
+#pragma unroll
+        for (int o = LANES / 2; o >= 1; o >>= 1) {
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                s[g] += __shfl_xor_sync(0xffffffffu, s[g], o);
             }
-            const float4 q0 = *(const float4 *) (q + g * hd + r * 4);
-            float s = q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3];
-            for (int o = lanes / 2; o >= 1; o >>= 1) {
-                s += __shfl_xor_sync(0xffffffffu, s, o);
+        }
+        float m[G];  // the pass's max over its cells (lanes of a cell hold the same score)
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            float v = s[g] * at.scale;
+            if (capped) {
+                v = at.softcap * tanhf(v / at.softcap);
             }
-            float v = -INFINITY;
-            if (live && mc != -INFINITY) {
-                v = s * at.scale;
-                if (at.softcap != 0.0f) {
-                    v = at.softcap * tanhf(v / at.softcap);
-                }
-                v += mc;
+            s[g] = on ? v + mc : -INFINITY;
+            m[g] = s[g];
+        }
+#pragma unroll
+        for (int o = LANES; o < 32; o <<= 1) {
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                m[g] = fmaxf(m[g], __shfl_xor_sync(0xffffffffu, m[g], o));
             }
-            float m = v;  // the pass's max over its cells (lanes of a cell hold the same score)
-            for (int o = lanes; o < 32; o <<= 1) {
-                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-            }
-            const float m_new = fmaxf(mx[g], m);
-            const float p = v == -INFINITY ? 0.0f : expf(v - m_new);
-            const float cr = mx[g] == -INFINITY ? 0.0f : expf(mx[g] - m_new);
-            float ps = p;
-            for (int o = lanes; o < 32; o <<= 1) {
-                ps += __shfl_xor_sync(0xffffffffu, ps, o);
-            }
-            sm[g] = sm[g] * cr + ps;
+        }
+        float p[G], cr[G];
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            const float m_new = fmaxf(mx[g], m[g]);
+            p[g] = s[g] == -INFINITY ? 0.0f : expf_fast_math(s[g] - m_new);
+            cr[g] = mx[g] == -INFINITY ? 0.0f : expf_fast_math(mx[g] - m_new);
             mx[g] = m_new;
+            m[g] = p[g];  // the pass's sum of p over its cells, below
+        }
+#pragma unroll
+        for (int o = LANES; o < 32; o <<= 1) {
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                m[g] += __shfl_xor_sync(0xffffffffu, m[g], o);
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            sm[g] = sm[g] * cr[g] + m[g];
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                acc[g][i] = acc[g][i] * cr + p * vf[i];
+                acc[g][i] = acc[g][i] * cr[g] + p[g] * vf[i];
             }
         }
     }
     pc.mark(1);
     // the warp's accumulators summed over its cell slots; lanes of slot 0 write them
 #pragma unroll
-    for (int g = 0; g < k_warp_group; g++) {
-        if (g >= group) {
-            break;
-        }
+    for (int g = 0; g < G; g++) {
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            float v = acc[g][i];
-            for (int o = lanes; o < 32; o <<= 1) {
-                v += __shfl_xor_sync(0xffffffffu, v, o);
-            }
-            if (slot == 0) {
-                wacc[(w * group + g) * hd + r + lanes * i] = v;
+#pragma unroll
+            for (int o = LANES; o < 32; o <<= 1) {
+                acc[g][i] += __shfl_xor_sync(0xffffffffu, acc[g][i], o);
             }
         }
-        if (l == 0) {
-            wml[(w * group + g) * 2] = mx[g];
-            wml[(w * group + g) * 2 + 1] = sm[g];
+        if (g < group) {
+            if (slot == 0) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    wacc[(w * group + g) * hd + r + LANES * i] = acc[g][i];
+                }
+            }
+            if (l == 0) {
+                wml[(w * group + g) * 2] = mx[g];
+                wml[(w * group + g) * 2 + 1] = sm[g];
+            }
         }
     }
     __syncthreads();
-    // the warps merged: the tile's partials, as attn_tile writes them
+    // the warps merged: each warp's weight exp(m_w - max) once per (warp, head), in the query rows' space (no longer
+    // read), then the tile's partials, as attn_tile writes them
+    float * wf = q;  // [warp][g], then the heads' maxima
+    if (threadIdx.x < k_warps * group) {
+        const int g = threadIdx.x % group;
+        float mg = -INFINITY;
+        for (int k = 0; k < k_warps; k++) {
+            mg = fmaxf(mg, wml[(k * group + g) * 2]);
+        }
+        const float mk = wml[threadIdx.x * 2];
+        wf[threadIdx.x] = mk == -INFINITY ? 0.0f : expf_fast_math(mk - mg);
+        if (threadIdx.x < group) {
+            wf[k_warps * group + g] = mg;
+        }
+    }
+    __syncthreads();
     float * part = (float *) resolve(a, at.partials);
     for (int e = threadIdx.x; e < group * hd; e += k_threads) {
         const int g = e / hd, d = e % hd;
-        float m = -INFINITY;
-        for (int k = 0; k < k_warps; k++) {
-            m = fmaxf(m, wml[(k * group + g) * 2]);
-        }
         float s = 0.0f, v = 0.0f;
+#pragma unroll 4
         for (int k = 0; k < k_warps; k++) {
-            const float mk = wml[(k * group + g) * 2];
-            const float f = mk == -INFINITY ? 0.0f : expf(mk - m);
+            const float f = wf[k * group + g];
             s += wml[(k * group + g) * 2 + 1] * f;
             v += wacc[(k * group + g) * hd + d] * f;
         }
         float * o = part + ((size_t) (sp.kvh * group + g) * at.n_split + sp.split) * (hd + 2);
         o[2 + d] = v;
         if (d == 0) {
-            o[0] = m;
+            o[0] = wf[k_warps * group + g];
             o[1] = s;
         }
     }
@@ -1829,10 +1878,11 @@ __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, i
 // After attn_warps_prestage and the wait; `row` is the appended cell.
 __device__ void attn_tile_warps(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc,
                                 long long row) {
-    if (at.k_type == T_BF16) {
-        attn_tile_warps_t<T_BF16>(a, at, tile, smem, pc, row);
+    const bool bf = at.k_type == T_BF16, wide = at.head_dim_k == 128;  // attn_warps_ok: head size 64 or 128
+    if (bf) {
+        wide ? attn_tile_warps_t<T_BF16, 32>(a, at, tile, smem, pc, row) : attn_tile_warps_t<T_BF16, 16>(a, at, tile, smem, pc, row);
     } else {
-        attn_tile_warps_t<T_F16>(a, at, tile, smem, pc, row);
+        wide ? attn_tile_warps_t<T_F16, 32>(a, at, tile, smem, pc, row) : attn_tile_warps_t<T_F16, 16>(a, at, tile, smem, pc, row);
     }
 }
 
