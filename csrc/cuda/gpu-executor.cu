@@ -1683,14 +1683,18 @@ template <int T> __device__ __forceinline__ void raw_val4(const uint8_t * p, flo
     }
 }
 
-// LANES = head size / 4 lanes per cell, a constant so that the shuffle reductions unroll and the query heads'
-// chains interleave (run 88's loop had a runtime lane count and a head loop that broke at the group size: each pass,
-// 2 cells a warp, took ~1.6 us, its heads one after another). Every pass computes k_warp_group heads; with a smaller
-// group the surplus ones repeat the last head and are not kept.
-template <int T, int LANES>
+// Each lane holds DPL dimensions of a cell, so LANES = head size / DPL lanes share a cell and a warp takes
+// 32 / LANES cells a pass. Both are constants so that the shuffle reductions unroll and the query heads' chains
+// interleave (run 88's loop had a runtime lane count and a head loop that broke at the group size: each pass, 2 cells
+// a warp, took ~1.6 us, its heads one after another; run 89, constant: ~0.6 us). Every pass computes k_warp_group
+// heads; with a smaller group the surplus ones repeat the last head and are not kept.
+#ifndef MK_ATTN_DPL
+#define MK_ATTN_DPL 8  // 4 or 8 (-DMK_ATTN_DPL=4: run 89's kernel, for A/B runs)
+#endif
+template <int T, int LANES, int DPL>
 __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc,
                                   long long row) {
-    constexpr int hd = 4 * LANES, per_pass = 32 / LANES, G = k_warp_group;
+    constexpr int hd = DPL * LANES, per_pass = 32 / LANES, G = k_warp_group;
     const attn_span sp(a, at, tile);
     const attn_raw R(at);
     uint8_t * raw = (uint8_t *) smem + attn_warps_raw_off(at);
@@ -1733,26 +1737,37 @@ __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, i
     const uint8_t * vrow = raw + R.v_off;
     const int vc = sp.v_by_cell ? 2 : R.v_pitch, vd = sp.v_by_cell ? R.v_pitch : 2;
     const bool capped = at.softcap != 0.0f;
-    float mx[G], sm[G], acc[G][4];
+    float mx[G], sm[G], acc[G][DPL];
 #pragma unroll
     for (int g = 0; g < G; g++) {
         mx[g] = -INFINITY;
         sm[g] = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
+        for (int i = 0; i < DPL; i++) {
             acc[g][i] = 0.0f;
         }
     }
     for (int cb = cw0; cb < cw1; cb += per_pass) {
         const bool live = cb + slot < cw1;
         const int c = live ? cb + slot : cw0;  // a cell of the tile, as an index from its first
-        // K: the lane's 4 neighbouring dimensions (against its 4 query values); V: dimensions r + LANES * i, so that
-        // the lanes of a cell read neighbouring halves, or, transposed, neighbouring rows
-        float kf[4], vf[4];
-        raw_val4<T>(raw + R.k_off + (size_t) c * R.k_pitch + r * 8, kf);
+        // K: the lane's DPL neighbouring dimensions (against its DPL query values), 8-byte loads. V by cell: the
+        // same dimensions; transposed: dimensions r + LANES * i, so that the lanes read neighbouring rows (a lane's
+        // own dimensions, DPL rows apart, would share banks across lanes)
+        float kf[DPL], vf[DPL];
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            vf[i] = raw_val<T>(vrow + (size_t) c * vc + (size_t) (r + LANES * i) * vd);
+        for (int j = 0; j < DPL; j += 4) {
+            raw_val4<T>(raw + R.k_off + (size_t) c * R.k_pitch + (r * DPL + j) * 2, kf + j);
+        }
+        if (!sp.v_by_cell) {
+#pragma unroll
+            for (int j = 0; j < DPL; j += 4) {
+                raw_val4<T>(vrow + (size_t) c * vc + (r * DPL + j) * 2, vf + j);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < DPL; i++) {
+                vf[i] = raw_val<T>(vrow + (size_t) c * vc + (size_t) (r + LANES * i) * vd);
+            }
         }
         const float mc = !sp.mb ? 0.0f : at.mask_type == T_F16 ? __half2float(*(const __half *) (raw + R.m_off + (size_t) c * 2))
                                                               : *(const float *) (raw + R.m_off + (size_t) c * 4);
@@ -1760,8 +1775,12 @@ __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, i
         float s[G];
 #pragma unroll
         for (int g = 0; g < G; g++) {
-            const float4 q0 = *(const float4 *) (q + min(g, group - 1) * hd + r * 4);
-            s[g] = q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3];
+            s[g] = 0.0f;
+#pragma unroll
+            for (int j = 0; j < DPL; j += 4) {
+                const float4 q0 = *(const float4 *) (q + min(g, group - 1) * hd + r * DPL + j);
+                s[g] += q0.x * kf[j] + q0.y * kf[j + 1] + q0.z * kf[j + 2] + q0.w * kf[j + 3];
+            }
         }
 #pragma unroll
         for (int o = LANES / 2; o >= 1; o >>= 1) {
@@ -1807,7 +1826,7 @@ __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, i
         for (int g = 0; g < G; g++) {
             sm[g] = sm[g] * cr[g] + m[g];
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
+            for (int i = 0; i < DPL; i++) {
                 acc[g][i] = acc[g][i] * cr[g] + p[g] * vf[i];
             }
         }
@@ -1817,7 +1836,7 @@ __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, i
 #pragma unroll
     for (int g = 0; g < G; g++) {
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
+        for (int i = 0; i < DPL; i++) {
 #pragma unroll
             for (int o = LANES; o < 32; o <<= 1) {
                 acc[g][i] += __shfl_xor_sync(0xffffffffu, acc[g][i], o);
@@ -1826,8 +1845,8 @@ __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, i
         if (g < group) {
             if (slot == 0) {
 #pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    wacc[(w * group + g) * hd + r + LANES * i] = acc[g][i];
+                for (int i = 0; i < DPL; i++) {
+                    wacc[(w * group + g) * hd + (sp.v_by_cell ? r + LANES * i : r * DPL + i)] = acc[g][i];
                 }
             }
             if (l == 0) {
@@ -1879,10 +1898,11 @@ __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, i
 __device__ void attn_tile_warps(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc,
                                 long long row) {
     const bool bf = at.k_type == T_BF16, wide = at.head_dim_k == 128;  // attn_warps_ok: head size 64 or 128
+    constexpr int D = MK_ATTN_DPL, L64 = 64 / D, L128 = 128 / D;
     if (bf) {
-        wide ? attn_tile_warps_t<T_BF16, 32>(a, at, tile, smem, pc, row) : attn_tile_warps_t<T_BF16, 16>(a, at, tile, smem, pc, row);
+        wide ? attn_tile_warps_t<T_BF16, L128, D>(a, at, tile, smem, pc, row) : attn_tile_warps_t<T_BF16, L64, D>(a, at, tile, smem, pc, row);
     } else {
-        wide ? attn_tile_warps_t<T_F16, 32>(a, at, tile, smem, pc, row) : attn_tile_warps_t<T_F16, 16>(a, at, tile, smem, pc, row);
+        wide ? attn_tile_warps_t<T_F16, L128, D>(a, at, tile, smem, pc, row) : attn_tile_warps_t<T_F16, L64, D>(a, at, tile, smem, pc, row);
     }
 }
 
