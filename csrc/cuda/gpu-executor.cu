@@ -1687,9 +1687,11 @@ template <int T> __device__ __forceinline__ void raw_val4(const uint8_t * p, flo
 // 32 / LANES cells a pass. Both are constants so that the shuffle reductions unroll and the query heads' chains
 // interleave (run 88's loop had a runtime lane count and a head loop that broke at the group size: each pass, 2 cells
 // a warp, took ~1.6 us, its heads one after another; run 89, constant: ~0.6 us). Every pass computes k_warp_group
-// heads; with a smaller group the surplus ones repeat the last head and are not kept.
+// heads; with a smaller group the surplus ones repeat the last head and are not kept. DPL 8 (4 cells a pass at head
+// size 64, half the passes) was slower in run 90, on every row (1B Q4_0 tg128 -5.4%; the kernel's spill loads 816 ->
+// 896 bytes, and even its passes took longer): -DMK_ATTN_DPL=8 builds it, for A/B runs.
 #ifndef MK_ATTN_DPL
-#define MK_ATTN_DPL 8  // 4 or 8 (-DMK_ATTN_DPL=4: run 89's kernel, for A/B runs)
+#define MK_ATTN_DPL 4
 #endif
 template <int T, int LANES, int DPL>
 __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc,
