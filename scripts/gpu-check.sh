@@ -80,8 +80,13 @@ M=$W/models; mkdir -p $M
 mkmodel() {  # arch shape base-type types...  (HEAD=successor: the decisive output head, files named <shape>-successor)
   local arch=$1 shape=$2 base=$3 n=$1-$2${HEAD:+-$HEAD}; shift 3
   # only llama-bpe travels in the trimmed tree: other architectures take its tokenizer, padded to their vocab size
-  [ -f $M/$n-$base.gguf ] || python3 -m llama_megakernel make-model $arch $shape $base $M/$n-$base.gguf \
-    --vocab llama-bpe ${HEAD:+--head $HEAD} | tail -1
+  # make-model writes F32 for small shapes and F16 for large ones itself; any other base would need llama-cpp-python's
+  # quantizer, which this machine lacks (session 21's lost calls: gemma-3-270m with an F16 base, qwen3-0.6b with BF16)
+  if [ ! -f $M/$n-$base.gguf ]; then
+    python3 -m llama_megakernel make-model $arch $shape $base $M/$n-$base.gguf --vocab llama-bpe \
+      ${HEAD:+--head $HEAD} | tail -1 || { echo "model $n-$base: not written; give the base make-model writes for" \
+      "this shape (F32 below 50 M of n_embd x n_ff x n_layer, else F16), e.g. gemma3:gemma-3-270m:F32:Q4_K_M"; exit 1; }
+  fi
   for q in "$@"; do
     [ -f $M/$n-$q.gguf ] || $B/llama-quantize $M/$n-$base.gguf $M/$n-$q.gguf $q > /dev/null 2>&1 \
       || echo "quantize $n $q failed"
