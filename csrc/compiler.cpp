@@ -1084,7 +1084,7 @@ struct compiler {
             at.kv_row = rw->second[0].idx;
             at.kv_row_type = rw->second[0].idx_type;
         }
-        // Split the context so that all multiprocessors take part: about one tile per SM, at least 64 cells each.
+        // Split the context so that all multiprocessors take part: about one tile per SM, at least attn_min_cells each.
         const int per_head = std::max(1, tgt.n_sm / n_head_kv);
         int cps = (at.n_kv + per_head - 1) / per_head;
         cps = std::max(std::max(32, (tgt.attn_min_cells + 31) / 32 * 32), (cps + 31) / 32 * 32);
