@@ -12,6 +12,7 @@
 #   MK_BENCH_VARIANT="name:VAR=v,...;name2:..."               more llama-bench arms (and profiles): the plugin with VARs
 #   MK_BENCH_ONLY="tg128-0$"                                  only the bench rows whose model-test-depth match
 #   MK_CORRECT_ONLY="real"                                    only the correctness checks of the models that match
+#   MK_CORRECT_VARIANTS="a:VAR=v,VAR2=w;b:VAR=v"              each checked model once more per arm, the plugin with VARs
 #   MK_STAGES=bisect MK_BISECT_TYPES="Q4_0 Q4_1"              the 1B shape in BF16 with one matrix group quantized
 #                                                              (MK_BISECT_GROUPS="qkv o gateup down head", MK_BISECT_STEPS)
 #   MK_PROFILE_VARIANTS="a:VAR=v;b:VAR=v"                     more profiled variants

@@ -348,14 +348,22 @@ def main() -> int:
                      for q in types.split(",")]
         only = re.compile(os.environ.get("MK_CORRECT_ONLY", ""))  # e.g. "real": only the models whose name matches
         # the tiny Q4_0 model once more with long attention splits (LONG_SPLITS)
+        arms = {"long-splits": LONG_SPLITS}
+        plan_default = list(plan)
         plan += [("llama-tiny-Q4_0", 64, 32, "long-splits")]
+        # MK_CORRECT_VARIANTS="name:VAR=v,VAR2=w;name2:...": every checked model once more with the plugin's VARs (to
+        # find which switch moves a model's agreement with stock)
+        for spec in filter(None, os.environ.get("MK_CORRECT_VARIANTS", "").split(";")):
+            vname, _, assigns = spec.partition(":")
+            arms[vname] = dict(kv.split("=", 1) for kv in assigns.split(",") if kv)
+            plan += [(n, st, c, vname) for n, st, c in plan_default]
         for name, steps, cpu, *arm in plan:
             if not have(name) or not only.search(name):
                 continue
             for fa in (0, 1):
                 try:
                     res = compare(tool, M / f"{name}.gguf", fa, steps, cpu_steps=cpu, ref_cpu=ref_cpu(name, steps),
-                                  env=LONG_SPLITS if arm else None)
+                                  env=arms[arm[0]] if arm else None)
                 except subprocess.TimeoutExpired:
                     res = {"model": name, "flash_attn": fa, "passed": False, "error": "timeout"}
                 res["check"] = f"vs-stock-{steps}-steps-fa{fa}" + (f"-{arm[0]}" if arm else "")
