@@ -139,6 +139,16 @@ def test_cli_path_and_doctor():
                                                    "q6_K", "bf16"], types
 
 
+@pytest.mark.parametrize("cmd", [[], ["doctor"], ["path"], ["demo"], ["make-model"], ["explain"], ["bench"], ["patch"],
+                                 ["fetch-llama-cpp"], ["build-llama-cpp"], ["install-llama-cpp-python"]])
+def test_cli_help(cmd):
+    # a bare '%' in a help string made every -h a TypeError traceback (argparse formats help with %)
+    r = subprocess.run([sys.executable, "-m", "llama_megakernel", *cmd, "-h"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: llama-megakernel"), r.stdout
+    assert "Traceback" not in r.stderr
+
+
 def test_missing_plugin_is_a_clear_error(tmp_path):
     r = run_py("import llama_megakernel as mk\ntry:\n    mk.enable()\nexcept mk.MegakernelError as e:\n    print(e)",
                env={"LLAMA_MEGAKERNEL_PLUGIN": str(tmp_path / "nope.so")})

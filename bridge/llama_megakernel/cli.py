@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--json", action="store_true", help="print the whole program as JSON")
     ex.set_defaults(fn=cmd_explain)
 
-    bn = sub.add_parser("bench", help="llama-bench (or llama-cpp-python) stock vs megakernel: tok/s, tok/J, % of floor",
+    bn = sub.add_parser("bench", help="llama-bench (or llama-cpp-python) stock vs megakernel: tok/s, tok/J, %% of floor",
                         description="Runs each test stock and with the plugin, alternated A B / B A over several "
                                     "rounds (same binary, same flags). Extra llama-bench flags go after --.")
     bn.add_argument("models", nargs="+", help="GGUF files")
