@@ -1380,7 +1380,8 @@ struct compiler {
 
     // Every address an instruction refers to (its own, its attention's or recurrence's, its ropes').
     template <typename F> void each_addr(const instruction & in, F f) const {
-        for (const addr * a : {&in.in.src, &in.in.w, &in.in.gate, &in.in.idx, &in.down_acc}) f(*a);
+        for (const addr * a : {&in.in.src, &in.in.w, &in.in.gate, &in.in.idx, &in.down_acc, &in.in.pre_src, &in.in.pre_w,
+                               &in.in.pre_res}) f(*a);
         for (int s = 0; s < k_max_segments; s++) {
             const segment & sg = in.seg[s];
             f(sg.w);
@@ -1470,24 +1471,98 @@ struct compiler {
             char name[sizeof(G.name)];
             snprintf(name, sizeof(name), "%.40s+%.20s", G.name, D.name);
             memcpy(G.name, name, sizeof(name));
-            // D goes; later instructions move up one, and whatever waited on D waits on the glu
-            p.instrs.erase(p.instrs.begin() + di);
-            for (size_t j = 0; j < p.instrs.size(); j++) {
-                instruction & in = p.instrs[j];
-                int n = 0;
-                for (int d = 0; d < in.n_deps; d++) {
-                    int k = in.deps[d].instr;
-                    k = k == di ? (int) gi : k > di ? k - 1 : k;
-                    bool dup = k == (int) j;
-                    for (int e = 0; e < n; e++) {
-                        dup = dup || in.deps[e].instr == k;
-                    }
-                    if (!dup) {
-                        in.deps[n++].instr = k;
-                    }
+            // D goes; whatever waited on D waits on the glu
+            erase_instr(di, (int) gi);
+        }
+    }
+
+    // Instruction `gone` leaves the list: later ones move up one, and whatever waited on it waits on `heir` instead
+    // (an index before the erase).
+    void erase_instr(int gone, int heir) {
+        p.instrs.erase(p.instrs.begin() + gone);
+        heir = heir > gone ? heir - 1 : heir;
+        for (size_t j = 0; j < p.instrs.size(); j++) {
+            instruction & in = p.instrs[j];
+            int n = 0;
+            for (int d = 0; d < in.n_deps; d++) {
+                int k = in.deps[d].instr;
+                k = k == gone ? heir : k > gone ? k - 1 : k;
+                bool dup = k == (int) j;
+                for (int e = 0; e < n; e++) {
+                    dup = dup || in.deps[e].instr == k;
                 }
-                in.n_deps = n;
+                if (!dup) {
+                    in.deps[n++].instr = k;
+                }
             }
+            in.n_deps = n;
+        }
+    }
+
+    // A one-tile vec instruction V that makes S = residual + rms_norm(y) * w (gemma3's post-attention and post-FFN
+    // norms: two of its seven serial edges a layer) is folded into the next instruction C that reads S, when C's
+    // input is an rms_norm of S as a whole: each tile of C forms S itself (vec_in::pre_src) and its tile 0 stores
+    // it for the later readers (the next residual add), which now wait on C. One edge less per fold; each of C's
+    // tiles reads y and the residual instead of S and adds one reduction.
+    void fold_norms() {
+        for (size_t vi = 0; vi + 1 < p.instrs.size(); vi++) {
+            const instruction & V = p.instrs[vi];
+            const segment & vs = V.seg[0];
+            if (V.kind != instr_kind::vec || V.in.kind != in_kind::rms_norm || V.in.norm_row != 0 || !V.in.gate.null() ||
+                !V.in.pre_src.null() || vs.n_epi != 2 || vs.epi[0].kind != epi_kind::add || vs.epi[0].row_len != 0 ||
+                vs.epi[1].kind != epi_kind::store || !vs.epi[1].a.scratch) {
+                continue;
+            }
+            const addr S = vs.epi[1].a;
+            const uint64_t s_lo = S.off, s_hi = S.off + (uint64_t) V.in.n * 4;
+            auto refs_to_s = [&](const instruction & in) {
+                int refs = 0;
+                each_addr(in, [&](const addr & a) { refs += a.scratch && a.off < s_hi && a.off + 1 > s_lo; });
+                return refs;
+            };
+            int ci = -1;  // the first instruction that reads S
+            for (size_t j = vi + 1; j < p.instrs.size() && ci < 0; j++) {
+                ci = refs_to_s(p.instrs[j]) > 0 ? (int) j : -1;
+            }
+            if (ci < 0) {
+                continue;
+            }
+            instruction & C = p.instrs[ci];
+            // C reads S only as its normed input (its tiles run in any order, so none may read what tile 0 stores),
+            // and nothing between V and C waits on V (it would then wait on C, after it)
+            bool ok = (C.kind == instr_kind::matvec || C.kind == instr_kind::glu) && C.in.kind == in_kind::rms_norm &&
+                      C.in.norm_row == 0 && C.in.gate.null() && C.in.pre_src.null() && same(C.in.src, S) &&
+                      C.in.n == V.in.n && refs_to_s(C) == 1;
+            for (int j = (int) vi + 1; j < ci && ok; j++) {
+                for (int d = 0; d < p.instrs[j].n_deps; d++) {
+                    ok = ok && p.instrs[j].deps[d].instr != (int) vi;
+                }
+            }
+            // and every later reader of S already waits on C through its other inputs: gemma3's final norm (a graph
+            // output that reads the last layer's result beside the LM head) would otherwise wait for the whole LM
+            // head and add its own time to the end of the step
+            std::vector<char> after_c(p.instrs.size(), 0);  // waits on C, directly or through others
+            for (size_t j = ci + 1; j < p.instrs.size() && ok; j++) {
+                for (int d = 0; d < p.instrs[j].n_deps; d++) {
+                    const int k = p.instrs[j].deps[d].instr;
+                    after_c[j] = after_c[j] || k == ci || after_c[k];
+                }
+                if (refs_to_s(p.instrs[j]) > 0 && !after_c[j]) {
+                    ok = false;
+                }
+            }
+            if (!ok) {
+                continue;
+            }
+            C.in.pre_src = V.in.src;
+            C.in.pre_w = V.in.w;
+            C.in.pre_eps = V.in.eps;
+            C.in.pre_res = vs.epi[0].a;
+            for (int d = 0; d < V.n_deps; d++) {
+                add_dep(ci, V.deps[d].instr);
+            }
+            erase_instr((int) vi, ci);
+            vi--;  // the instruction now at vi is the one after V
         }
     }
 
@@ -1648,6 +1723,9 @@ struct compiler {
             case in_kind::attn_reduce: b += (uint64_t) in.in.n_head * in.in.n_split * (in.in.head_dim + 2) * 4; break;
             default: b += (uint64_t) in.in.n * 4; break;
         }
+        if (!in.in.pre_src.null()) {  // y and the residual instead of src, and the weight
+            b += (uint64_t) in.in.n * 4 * (in.in.pre_w.null() ? 1 : 2);
+        }
         if (in.kind == instr_kind::delta) {  // the state read and written, q, k, v
             const delta_net & dn = p.deltas[in.attn];
             return (uint64_t) dn.n_head * dn.head_dim * dn.head_dim * 4 * 2 +
@@ -1702,6 +1780,9 @@ struct compiler {
         order_output_writes();
         if (tgt.fuse_down) {
             fuse_down();
+        }
+        if (tgt.fold_norms) {
+            fold_norms();
         }
         tile();
         p.scratch_bytes = scratch;
@@ -1800,7 +1881,7 @@ std::string explain_json(const program & p) {
         deps += "]";
         o += (i ? "," : "") + std::string("{\"kind\":") + json_str(kind_name(in.kind)) +
              ",\"name\":" + json_str(in.name) + ",\"layer\":" + std::to_string(in.layer) +
-             ",\"input\":" + json_str(in_name(in.in.kind)) + ",\"tiles\":" + std::to_string(in.n_tiles) +
+             ",\"input\":" + json_str(std::string(in.in.pre_src.null() ? "" : "norm+") + in_name(in.in.kind)) + ",\"tiles\":" + std::to_string(in.n_tiles) +
              ",\"bytes\":" + std::to_string(p.bytes_read[i]) + ",\"depth\":" + std::to_string(d[i]) +
              ",\"deps\":" + deps + ",\"segments\":" + segs + (in.fused_down ? ",\"fused_down\":true" : "");
         if (in.kind == instr_kind::attn) {

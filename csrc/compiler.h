@@ -25,6 +25,8 @@ struct target {
     bool fuse_down = true;        // fold the FFN down projection into the glu instruction (LLAMA_MEGAKERNEL_FUSE_DOWN=0: off)
     int rope_pairs = 1;           // where a head's rope turns adjacent pairs, tiles may split it: 1 large heads only,
                                   // 2 any, 0 none (LLAMA_MEGAKERNEL_ROPE_PAIRS)
+    bool fold_norms = true;       // fold a vec instruction's residual + norm into its consumer's input (fold_norms;
+                                  // LLAMA_MEGAKERNEL_FOLD_NORMS=0: off)
     bool attn_merge = true;       // an attention's last split per KV head merges its partials (attention::merged);
                                   // LLAMA_MEGAKERNEL_ATTN_MERGE=0: every consumer tile merges them
     int attn_min_cells = 32;      // fewest KV cells per attention split (LLAMA_MEGAKERNEL_ATTN_MIN_CELLS; the GPU checks

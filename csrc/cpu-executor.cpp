@@ -51,8 +51,32 @@ void merge_head(const float * part, int h, int n_split, int head_dim, float * ou
     }
 }
 
-void form_input(const tile_ctx & c, const vec_in & in, std::vector<float> & x) {
+void form_input(const tile_ctx & c, const vec_in & in, std::vector<float> & x, bool tile0 = false);
+
+// vec_in::pre_src: src = pre_res + rms_norm(pre_src) * pre_w, as the vec instruction it replaces computed it (its
+// input as form_input's rms_norm, then the epilogue's add); tile 0 stores it for the later readers.
+void form_pre(const tile_ctx & c, const vec_in & in, bool store, std::vector<float> & src) {
+    vec_in v = in;
+    v.src = in.pre_src;
+    v.w = in.pre_w;
+    v.eps = in.pre_eps;
+    v.pre_src = addr{};
+    form_input(c, v, src);
+    const float * r = c.ptr(in.pre_res);
+    for (int i = 0; i < in.n; i++) {
+        src[i] = src[i] + r[i];
+    }
+    if (store) {
+        std::copy(src.begin(), src.end(), c.ptr(in.src));
+    }
+}
+
+void form_input(const tile_ctx & c, const vec_in & in, std::vector<float> & x, bool tile0) {
     x.resize(in.n);
+    std::vector<float> pre;
+    if (!in.pre_src.null()) {
+        form_pre(c, in, tile0, pre);
+    }
     switch (in.kind) {
         case in_kind::plain: {
             const float * s = c.ptr(in.src);
@@ -63,7 +87,7 @@ void form_input(const tile_ctx & c, const vec_in & in, std::vector<float> & x) {
             return;
         }
         case in_kind::rms_norm: {
-            const float * s = c.ptr(in.src);
+            const float * s = in.pre_src.null() ? c.ptr(in.src) : pre.data();
             const int row = in.norm_row ? in.norm_row : in.n;
             const float * w = in.w.null() ? nullptr : c.ptr(in.w);
             const float * gate = in.gate.null() ? nullptr : c.ptr(in.gate);
@@ -427,7 +451,7 @@ void run_tile(const tile_ctx & c, const instruction & in, int tile, bool last) {
         return;
     }
     std::vector<float> x, w;
-    form_input(c, in.in, x);
+    form_input(c, in.in, x, tile == 0);
     if (in.kind == instr_kind::vec) {
         epilogue(c, in.seg[0], x.data(), 0, in.in.n);
         return;

@@ -54,6 +54,12 @@ struct vec_in {
     int32_t  src_type = 0;    // embed_row: ggml_type of the table
     uint64_t src_row_bytes = 0;
     addr     idx;             // embed_row: row index (I32)
+    // A vector formed first, in place of reading src (the compiler's fold_norms: the one-tile vec instruction that
+    // made src, folded into its consumer): src = pre_res + rms_norm(pre_src) * pre_w over the whole vector, in the
+    // vec instruction's arithmetic; the instruction's tile 0 also stores it at src for later readers. Then the
+    // instruction's own input (an rms_norm of src) as usual. pre_src null: none.
+    addr     pre_src, pre_w, pre_res;
+    float    pre_eps = 0.0f;
 };
 
 // Operations applied, in order, to an instruction's output values while they are still in registers. Row-wise

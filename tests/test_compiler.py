@@ -382,3 +382,41 @@ sys.exit(main(["explain", {str(path)!r}, "--json"]))
     assert len(attns) == 16 and all(i["kv_row_known"] for i in attns), attns
     weights_mb = prog["bytes_per_token"] / 1e6
     assert 700 < weights_mb < 900, weights_mb
+
+
+def _explain(model, env=None) -> dict:
+    r = run_py(f"""
+import sys
+from llama_megakernel.cli import main
+sys.exit(main(["explain", {str(model)!r}, "--json"]))
+""", env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout[r.stdout.index("{"):])
+
+
+def test_folded_norms_change_no_arithmetic(tmp_path, monkeypatch):
+    """gemma3's post-attention and post-FFN norms (residual + rms_norm(y) * w, one-tile vec instructions) are folded
+    into the next instruction's input, whose tile 0 stores the vector for the later residual add: 7 serial edges a
+    layer become 5. The fold moves work between instructions and changes no value: the logits are bit for bit those
+    of the unfolded program, also with the tiles run in a shuffled order (a reader that does not wait for tile 0's
+    store would see the previous step's vector)."""
+    model = tiny_model("gemma3", "Q4_K_M")
+    folded, unfolded = _explain(model), _explain(model, env={"LLAMA_MEGAKERNEL_FOLD_NORMS": "0"})
+    assert set(folded["edges_per_layer"]) == {5} and set(unfolded["edges_per_layer"]) == {7}, (folded, unfolded)
+    pre = [i for i in folded["instructions"] if i["input"].startswith("norm+")]
+    assert len(pre) == 2 * folded["n_layers"] - 1, [i["name"] for i in pre]  # the last layer's result stays a vec
+    # the final norm (a graph output) still does not wait on the LM head
+    names = [i["name"] for i in folded["instructions"]]
+    norm = folded["instructions"][names.index("result_norm")]
+    assert names.index("result_output") not in norm["deps"], norm
+    canon = greedy(model, tmp_path / "a.npz", 12, plugin=True, extra=CPU)
+    monkeypatch.setenv("LLAMA_MEGAKERNEL_FOLD_NORMS", "0")
+    plain = greedy(model, tmp_path / "b.npz", 12, plugin=True, extra=CPU + ["--force-tokens", str(tmp_path / "a.npz")])
+    monkeypatch.delenv("LLAMA_MEGAKERNEL_FOLD_NORMS")
+    seed = random.randrange(1 << 30)
+    shuf = greedy(model, tmp_path / "c.npz", 12, plugin=True,
+                  extra=CPU + ["--shuffle", str(seed), "--force-tokens", str(tmp_path / "a.npz")])
+    for r in (canon, plain, shuf):
+        assert r["status"]["graphs_handled"] == 11, r["status"]["reasons"]
+    assert np.array_equal(canon["logits"].view(np.uint32), plain["logits"].view(np.uint32))
+    assert np.array_equal(canon["logits"].view(np.uint32), shuf["logits"].view(np.uint32)), seed

@@ -401,9 +401,36 @@ __device__ __forceinline__ void merge_splits(const float * part, int ns, int hd,
     }
 }
 
+// vec_in::pre_src (the compiler's fold_norms): x = pre_res + rms_norm(pre_src) * pre_w, in the arithmetic of the vec
+// instruction it replaces (form_input's rms_norm, then the epilogue's add, never contracted into one fma); tile 0 also
+// stores it at src. Uses w from n + 64 (C's norm keeps its weight in w[0, n) and its reduction at w + n).
+__device__ void form_pre(const kernel_args & a, const vec_in & in, float * x, float * w, bool store) {
+    const int n = in.n;
+    const float * s = (const float *) resolve(a, in.pre_src);
+    const float * r = (const float *) resolve(a, in.pre_res);
+    const float * pw = in.pre_w.null() ? nullptr : (const float *) resolve(a, in.pre_w);
+    float * pr = w + n + 64, * pws = w + 2 * n + 64;
+    for (int i = threadIdx.x; i < n; i += k_threads) {  // the three loads of a value in flight together
+        const float xs = ldcg_f(s + i), rs = ldcg_f(r + i), ws = pw ? __ldg(pw + i) : 1.0f;
+        x[i] = xs;
+        pr[i] = rs;
+        pws[i] = ws;
+    }
+    const float scale = rsqrtf(div_approx(sum_sq_ggml_order(x, n, w + 3 * n + 64), (float) n) + in.pre_eps);
+    float * out = store ? (float *) resolve(a, in.src) : nullptr;
+    for (int i = threadIdx.x; i < n; i += k_threads) {
+        const float v = __fadd_rn(__fmul_rn(__fmul_rn(x[i], scale), pws[i]), pr[i]);
+        x[i] = v;
+        if (out) {
+            out[i] = v;
+        }
+    }
+    // the caller's norm reads x after a barrier (sum_sq_ggml_order begins with one)
+}
+
 // x as the instruction's input defines it. With `w_ready` preload_norm_weight has put the norm's weight in w (the
-// barrier of the wait lies between).
-__device__ void form_input(const kernel_args & a, const vec_in & in, float * x, float * w, bool w_ready) {
+// barrier of the wait lies between). With `x_ready` form_pre has put src in x (an rms_norm input).
+__device__ void form_input(const kernel_args & a, const vec_in & in, float * x, float * w, bool w_ready, bool x_ready) {
     const int n = in.n, t = threadIdx.x;
     switch (in.kind) {
         case in_kind::plain: {
@@ -443,14 +470,16 @@ __device__ void form_input(const kernel_args & a, const vec_in & in, float * x, 
 #pragma unroll
                 for (int k = 0; k < k_gather; k++) {
                     const int i = i0 + k * k_threads;
-                    r[k] = ldcg_f(s + min(i, n - 1));
+                    r[k] = x_ready ? 0.0f : ldcg_f(s + min(i, n - 1));
                     g[k] = load_w ? __ldg(gw + min(i, n - 1)) : 1.0f;
                 }
 #pragma unroll
                 for (int k = 0; k < k_gather; k++) {
                     const int i = i0 + k * k_threads;
                     if (i < n) {
-                        x[i] = r[k];
+                        if (!x_ready) {
+                            x[i] = r[k];
+                        }
                         if (!w_ready) {
                             w[i] = g[k];
                         }
@@ -1229,7 +1258,7 @@ __device__ void round_q8_1(float * x, int8_t * xq, float * xd, float * xs, int n
 // ggml-cuda's order, sum_sq_ggml_order). False (nothing done) where it does not apply: a gate, per-group norms, an
 // unaligned source.
 __device__ __forceinline__ bool form_round_q8_1(const kernel_args & a, const vec_in & in, float * x, int8_t * xq,
-                                                float * xd, float * xs, float * w, bool w_ready) {
+                                                float * xd, float * xs, float * w, bool w_ready, bool x_ready) {
     const int n = in.n, ng = n / 8, l = threadIdx.x % 32;
     const bool rms = in.kind == in_kind::rms_norm;
     const float * s = (const float *) resolve(a, in.src);
@@ -1237,7 +1266,7 @@ __device__ __forceinline__ bool form_round_q8_1(const kernel_args & a, const vec
         ((uintptr_t) s & 15) != 0) {
         return false;
     }
-    for (int g0 = threadIdx.x - l; g0 < ng; g0 += k_threads) {  // warp-uniform, as round_q8_1
+    for (int g0 = threadIdx.x - l; g0 < ng && !x_ready; g0 += k_threads) {  // warp-uniform, as round_q8_1
         const int g = min(g0 + l, ng - 1);
         const float4 u = __ldcg((const float4 *) (s + 8 * g)), t = __ldcg((const float4 *) (s + 8 * g + 4));
         if (rms) {
@@ -1274,14 +1303,19 @@ __device__ __forceinline__ bool form_round_q8_1(const kernel_args & a, const vec
 // of inlined, the kernel's stack frame grew from 224 to 544 bytes: the call site has much in registers.)
 // -DMK_NO_FUSED_ROUND builds it without form_round_q8_1, for A/B runs of the kernel as it was compiled before.
 __device__ __forceinline__ unsigned long long form_x(const kernel_args & a, const vec_in & in, float * x, int8_t * xq,
-                                                     float * xd, float * xs, float * w, bool w_ready, bool q8, bool timed) {
+                                                     float * xd, float * xs, float * w, bool w_ready, bool q8, bool timed,
+                                                     bool tile0) {
+    const bool x_ready = !in.pre_src.null();  // (an rms_norm input: the compiler folds into no other kind)
+    if (x_ready) {
+        form_pre(a, in, x, w, tile0);
+    }
 #ifndef MK_NO_FUSED_ROUND
-    const bool fused = q8 && a.fuse_round && form_round_q8_1(a, in, x, xq, xd, xs, w, w_ready);
+    const bool fused = q8 && a.fuse_round && form_round_q8_1(a, in, x, xq, xd, xs, w, w_ready, x_ready);
 #else
     const bool fused = false;
 #endif
     if (!fused) {
-        form_input(a, in, x, w, w_ready);
+        form_input(a, in, x, w, w_ready, x_ready);
     }
     const unsigned long long t = timed ? global_ns() : 0;
     if (q8 && !fused) {
@@ -2361,7 +2395,7 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
                 t1 = prof ? global_ns() : 0;
             } else {
                 const bool q8 = in.kind != instr_kind::vec && a.q8_1_input[i] != 0;
-                const unsigned long long t_x = form_x(a, in.in, x, xq, xd, xs, w, w_ready, q8, pc.acc != nullptr);
+                const unsigned long long t_x = form_x(a, in.in, x, xq, xd, xs, w, w_ready, q8, pc.acc != nullptr, t == 0);
                 pc.mark_at(0, t_x);
                 pc.mark(1);
                 if (in.kind == instr_kind::vec) {
@@ -2663,6 +2697,9 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
         if (in.in.kind == in_kind::rms_norm) {  // the norm's weight, then the block reduction or the group scales
             const size_t groups = in.in.norm_row ? (size_t) in.in.n / in.in.norm_row : 0;
             w_f = std::max(w_f, (size_t) in.in.n + std::max<size_t>({32, (size_t) k_warps, groups}));
+        }
+        if (!in.in.pre_src.null()) {  // form_pre: the residual and the weight after w + n + 64, then its reduction
+            w_f = std::max(w_f, 3 * (size_t) in.in.n + 64 + 32);
         }
         for (int sg = 0; sg < in.n_segments; sg++) {
             for (int k = 0; k < in.seg[sg].n_epi; k++) {
