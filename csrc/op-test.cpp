@@ -86,6 +86,12 @@ float planar_value(int t, const uint8_t * row, int64_t nb, int64_t i) {
             const uint8_t q = row[16 * blk + j % 16];
             return mk::half_to_float(mk::rd16(row + 16 * nb + 2 * blk)) * ((j < 16 ? q & 0xf : q >> 4) - 8);
         }
+        case mk::T_Q5_0: {
+            const uint8_t q = row[16 * blk + j % 16];
+            const uint32_t qh = row[16 * nb + 4 * blk + j / 8] >> (j % 8) & 1;  // bit j of the block's qh
+            const int v = (j < 16 ? q & 0xf : q >> 4) | (int) (qh << 4);
+            return mk::half_to_float(mk::rd16(row + 20 * nb + 2 * blk)) * (v - 16);
+        }
         case mk::T_Q8_0:
             return mk::half_to_float(mk::rd16(row + 32 * nb + 2 * blk)) * (float) (int8_t) row[16 * ((j / 16) * nb + blk) + j % 16];
         case mk::T_Q4_K: {

@@ -6,7 +6,7 @@
 // count as one group), so that the lanes of a warp read neighbouring bytes. Loads are as wide as the block layout's
 // alignment allows (gpu_load checks row alignment against `align`).
 //
-// Q4_0, Q8_0, Q4_K and Q6_K matrices are normally read in the planar layout instead (quants.h: planar_block; the
+// Q4_0, Q5_0, Q8_0, Q4_K and Q6_K matrices are normally read in the planar layout instead (quants.h: planar_block; the
 // w_*_planar structs below): gpu_load repacks them, and the GGUF-layout structs of those types remain for when it
 // does not (no room for the copies, LLAMA_MEGAKERNEL_PLANAR=0, a float input).
 #pragma once
@@ -216,6 +216,11 @@ struct w_q5_0 {  // d, qh (4 bytes), 16 bytes of nibbles
         return d * dot_q5(ld32_a2(q), ld32_a2(q + 4), qh, g, x + 8 * g, x + 16 + 8 * g, -16.0f);
     }
 };
+
+// Q5_0's fifth bits of four values (bits 0..3 of n) at bit 4 of each byte, for dp4a: one multiply puts copies of n at
+// shifts 4, 11, 18 and 25, so bit k of the copy at 7k + 4 lands on 8k + 4; the copies' bit ranges do not overlap
+// (no carries), and the mask keeps those four bits.
+__device__ __forceinline__ uint32_t spread_bits4(uint32_t n) { return (n * 0x02040810u) & 0x10101010u; }
 
 struct w_q5_1 {  // d, m, qh, 16 bytes of nibbles
     static constexpr int block = 32, bytes = 24, groups = 2, align = 8;
@@ -502,6 +507,38 @@ struct w_q4_0_planar {
     }
 };
 
+struct w_q5_0_planar {
+    static constexpr bool planar = true;
+    static constexpr int block = 32, units = 1, unit_values = 32, max_rows = 8;
+    struct xunit {
+        int4 l, h;
+        float d;
+        int s16;  // 16 * (sum of the 32 values): the offset of Q5_0's values
+    };
+    __device__ static xunit xload(const int8_t * xq, const float * xd, int U) {
+        xunit x;
+        x.l = ld_x16(xq + 32 * U);
+        x.h = ld_x16(xq + 32 * U + 16);
+        x.d = ld_xd(xd + U);
+        x.s16 = 16 * (sum_i8x16(x.l) + sum_i8x16(x.h));
+        return x;
+    }
+    __device__ static float udot(const uint8_t * row, int nb, int U, const xunit & x) {
+        const uint4 q = ldp((const uint4 *) row + U);
+        const uint32_t qh = ldp32(row + 16 * nb + 4 * U);
+        const float d = h2f(ldp16(row + 20 * nb + 2 * U));
+        const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
+        const int xl[4] = {x.l.x, x.l.y, x.l.z, x.l.w}, xh[4] = {x.h.x, x.h.y, x.h.z, x.h.w};
+        int s = 0;
+#pragma unroll
+        for (int w = 0; w < 4; w++) {  // word w: values 4w.. (low nibbles, qh bits 4w..) and 16 + 4w.. (high)
+            s = __dp4a((int) ((qw[w] & k_lo4) | spread_bits4((qh >> (4 * w)) & 0xf)), xl[w], s);
+            s = __dp4a((int) (((qw[w] >> 4) & k_lo4) | spread_bits4((qh >> (16 + 4 * w)) & 0xf)), xh[w], s);
+        }
+        return d * x.d * (float) (s - x.s16);
+    }
+};
+
 struct w_q8_0_planar {
     static constexpr bool planar = true;
     static constexpr int block = 32, units = 1, unit_values = 32, max_rows = 4;
@@ -633,13 +670,14 @@ template <typename F> __device__ __forceinline__ bool dispatch_type(int t, F f) 
         case 30: f(w_bf16{}); return true;
         case 2:  f(w_q4_0_int{}); return true;
         case 3:  f(w_q4_1_int{}); return true;
-        case 6:  f(w_q5_0{}); return true;
+        case 6:  f(w_q5_0{}); return true;  // int paths in GGUF layout: +172 bytes of the kernel's spills (ptxas)
         case 7:  f(w_q5_1{}); return true;
         case 8:  f(w_q8_0_int{}); return true;
         case 12: f(w_q4_k_int{}); return true;
         case 13: f(w_q5_k{}); return true;
         case 14: f(w_q6_k_int{}); return true;
         case k_planar + 2:  f(w_q4_0_planar{}); return true;
+        case k_planar + 6:  f(w_q5_0_planar{}); return true;
         case k_planar + 8:  f(w_q8_0_planar{}); return true;
         case k_planar + 12: f(w_q4_k_planar{}); return true;
         case k_planar + 14: f(w_q6_k_planar{}); return true;
@@ -669,7 +707,7 @@ inline int weight_align(int t) {
         case 12: return w_q4_k::align;
         case 13: return w_q5_k::align;
         case 14: return w_q6_k::align;
-        case k_planar + 2: case k_planar + 8: case k_planar + 12: case k_planar + 14: return 16;
+        case k_planar + 2: case k_planar + 6: case k_planar + 8: case k_planar + 12: case k_planar + 14: return 16;
         default: return 0;
     }
 }
@@ -687,6 +725,7 @@ template <typename W> constexpr lane_shape lane_shape_of() { return {W::unit_val
 inline lane_shape lane_shape_of(int t) {
     switch (t) {
         case k_planar + 2: return lane_shape_of<w_q4_0_planar>();
+        case k_planar + 6: return lane_shape_of<w_q5_0_planar>();
         case k_planar + 8: return lane_shape_of<w_q8_0_planar>();
         case k_planar + 12: return lane_shape_of<w_q4_k_planar>();
         case k_planar + 14: return lane_shape_of<w_q6_k_planar>();
