@@ -1563,7 +1563,7 @@ __device__ __forceinline__ void attn_arrive(const kernel_args & a, const attenti
 // 256 cells 9.5 us for 64. Here the tile's K, V and mask are copied into shared memory with cp.async before the wait
 // (attn_warps_prestage; the appended cell is re-read after it), and each warp then takes its own range of the cells,
 // head size / 4 lanes per cell: the scores, an online softmax across the warp's cells and the accumulators stay in
-// registers, and the 16 warps are merged once, through shared memory. F16/BF16 caches, K and V of one head size (64
+// registers, and the 16 warps are merged once, through shared memory. F16/BF16 caches, K and V of one head size (64,
 // or 128), up to k_warp_group query heads per KV head, and copies that fit beside the rest (attn_f); anything else
 // takes attn_tile. Reading the cells straight from L2 a pass at a time instead (71b6b8a) was slower: each pass waited
 // a round trip. The kernel spills 412/776 bytes with this tile, 226/324 without it (-DMK_NO_ATTN_WARPS); run 89
@@ -1579,7 +1579,7 @@ __host__ __device__ inline bool attn_warps_ok(const attention & at) {
     const int group = at.n_head / at.n_head_kv, hd = at.head_dim_k;
     const bool vt = at.v_nb_cell < at.v_nb_dim;  // transposed V (flash attention off): cells contiguous
     return (at.k_type == T_F16 || at.k_type == T_BF16) && at.v_type == at.k_type && at.head_dim_v == hd &&
-           (hd == 64 || hd == 128) && group <= k_warp_group && at.k_nb_dim == 2 &&
+           (hd == 64 || hd == 128 || hd == 256) && group <= k_warp_group && at.k_nb_dim == 2 &&
            at.k_nb_cell % 16 == 0 && at.k_nb_head % 16 == 0 &&
            (vt ? at.v_nb_cell == 2 : at.v_nb_dim == 2 && at.v_nb_cell % 16 == 0 && at.v_nb_head % 16 == 0);
 }
@@ -1933,9 +1933,11 @@ __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, i
 // After attn_warps_prestage and the wait; `row` is the appended cell.
 __device__ void attn_tile_warps(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc,
                                 long long row) {
-    const bool bf = at.k_type == T_BF16, wide = at.head_dim_k == 128;  // attn_warps_ok: head size 64 or 128
+    const bool bf = at.k_type == T_BF16, wide = at.head_dim_k == 128;  // attn_warps_ok: head size 64, 128 or 256
     constexpr int D = MK_ATTN_DPL, L64 = 64 / D, L128 = 128 / D;
-    if (bf) {
+    if (at.head_dim_k == 256) {  // (gemma3) 8 values a lane, a warp per cell: 256 / 4 lanes would not fit a warp
+        bf ? attn_tile_warps_t<T_BF16, 32, 8>(a, at, tile, smem, pc, row) : attn_tile_warps_t<T_F16, 32, 8>(a, at, tile, smem, pc, row);
+    } else if (bf) {
         wide ? attn_tile_warps_t<T_BF16, L128, D>(a, at, tile, smem, pc, row) : attn_tile_warps_t<T_BF16, L64, D>(a, at, tile, smem, pc, row);
     } else {
         wide ? attn_tile_warps_t<T_F16, L128, D>(a, at, tile, smem, pc, row) : attn_tile_warps_t<T_F16, L64, D>(a, at, tile, smem, pc, row);
