@@ -103,6 +103,17 @@ float planar_value(int t, const uint8_t * row, int64_t nb, int64_t i) {
             mk::k_scale_min(2 * c + hi, hd + 4, sc, m);
             return mk::half_to_float(mk::rd16(hd)) * sc * (hi ? q >> 4 : q & 0xf) - mk::half_to_float(mk::rd16(hd + 2)) * m;
         }
+        case mk::T_Q5_K: {
+            const int c = (int) j / 64, hi = (int) (j % 64) / 32, l = (int) j % 32;
+            const int64_t U = 4 * blk + c;
+            const uint8_t q = row[16 * ((l / 16) * 4 * nb + U) + l % 16];
+            const uint8_t * hd = row + 128 * nb + 16 * blk;
+            const int h = (row[144 * nb + 32 * blk + l] >> (2 * c + hi)) & 1;
+            int sc, m;
+            mk::k_scale_min(2 * c + hi, hd + 4, sc, m);
+            return mk::half_to_float(mk::rd16(hd)) * sc * ((hi ? q >> 4 : q & 0xf) | (h << 4)) -
+                   mk::half_to_float(mk::rd16(hd + 2)) * m;
+        }
         case mk::T_Q6_K: {
             const int h = (int) j / 128, qq = (int) (j % 128) / 32, l = (int) j % 32;  // quarter qq, index l of half h
             const int64_t U = 4 * blk + 2 * h + l / 16;

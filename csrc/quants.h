@@ -251,7 +251,7 @@ MK_HD void dequant_block(int32_t t, const uint8_t * b, float * y) {
     }
 }
 
-// Planar rows: the GPU executor's copy of a Q4_0/Q5_0/Q8_0/Q4_K/Q6_K matrix, repacked when it loads a program so that
+// Planar rows: the GPU executor's copy of a Q4_0/Q5_0/Q8_0/Q4_K/Q5_K/Q6_K matrix, repacked when it loads a program so that
 // every quant load is 16 bytes wide and a warp's loads are contiguous. The GGUF blocks (18, 34, 210 bytes) leave
 // their fields 2-byte aligned, and 2-byte loads held the quantized matvec to about half the bandwidth of the BF16
 // one (docs/gpu-executor-notes.md, session 9). A planar row of nb blocks has the same bytes, reordered, in
@@ -262,12 +262,14 @@ MK_HD void dequant_block(int32_t t, const uint8_t * b, float * y) {
 //   Q8_0: pieces qs[16k..16k+15] of block U (k = 0, 1); then d at 32nb + 2U.
 //   Q4_K: unit U = 4 blk + c: pieces qs[32c + 16k ..] (k = 0, 1); then the block's 16 header bytes (d, dmin, 12
 //         scale bytes) at 128nb + 16 blk.
+//   Q5_K: as Q4_K (pieces qs[32c + 16k ..], the 16 header bytes at 128nb + 16 blk), then the block's 32 bytes qh
+//         at 144nb + 32 blk: every unit of the block reads them all (two bits of each byte are its values' fifth).
 //   Q6_K: unit U = 4 blk + u, half h = u / 2, l0 = 16 (u % 2) (values 128h + 32q + l0 + 0..15, q = 0..3): pieces
 //         ql[64h + l0 ..], ql[64h + 32 + l0 ..], qh[32h + l0 ..]; then the unit's four scales sc[8h + u % 2 + 2q]
 //         at 192nb + 4U; then d at 208nb + 2 blk.
 // Rows are padded to 16 bytes.
 MK_HD bool planar_type(int32_t t) {
-    return t == T_Q4_0 || t == T_Q5_0 || t == T_Q8_0 || t == T_Q4_K || t == T_Q6_K;
+    return t == T_Q4_0 || t == T_Q5_0 || t == T_Q8_0 || t == T_Q4_K || t == T_Q5_K || t == T_Q6_K;
 }
 
 MK_HD uint64_t planar_row_bytes(int32_t t, int64_t nb) {
@@ -300,6 +302,13 @@ MK_HD void planar_block(int32_t t, uint8_t * b, uint8_t * row, int64_t nb, int64
                 for (int k = 0; k < 2; k++) mv(row + 16 * (k * 4 * nb + 4 * blk + c), b + 16 + 32 * c + 16 * k, 16);
             }
             mv(row + 128 * nb + 16 * blk, b, 16);
+            return;
+        case T_Q5_K:
+            for (int c = 0; c < 4; c++) {
+                for (int k = 0; k < 2; k++) mv(row + 16 * (k * 4 * nb + 4 * blk + c), b + 48 + 32 * c + 16 * k, 16);
+            }
+            mv(row + 128 * nb + 16 * blk, b, 16);
+            mv(row + 144 * nb + 32 * blk, b + 16, 32);
             return;
         case T_Q6_K:
             for (int u = 0; u < 4; u++) {

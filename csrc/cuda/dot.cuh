@@ -6,7 +6,7 @@
 // count as one group), so that the lanes of a warp read neighbouring bytes. Loads are as wide as the block layout's
 // alignment allows (gpu_load checks row alignment against `align`).
 //
-// Q4_0, Q5_0, Q8_0, Q4_K and Q6_K matrices are normally read in the planar layout instead (quants.h: planar_block; the
+// Q4_0, Q5_0, Q8_0, Q4_K, Q5_K and Q6_K matrices are normally read in the planar layout instead (quants.h: planar_block; the
 // w_*_planar structs below): gpu_load repacks them, and the GGUF-layout structs of those types remain for when it
 // does not (no room for the copies, LLAMA_MEGAKERNEL_PLANAR=0, a float input).
 #pragma once
@@ -590,6 +590,40 @@ struct w_q4_k_planar {
     }
 };
 
+// As Q4_K's, with the fifth bit of value l of the unit's sub-blocks 2c and 2c + 1 in bits 2c and 2c + 1 of qh[l]: the
+// four lanes of a block load the same 32 bytes of qh (one transaction for all four).
+struct w_q5_k_planar {
+    static constexpr bool planar = true;
+    static constexpr int block = 256, units = 4, unit_values = 64, max_rows = 4;
+    using xunit = w_q4_k_planar::xunit;
+    __device__ static xunit xload(const int8_t * xq, const float * xd, int U) { return w_q4_k_planar::xload(xq, xd, U); }
+    __device__ static float udot(const uint8_t * row, int nb, int U, const xunit & x) {
+        const int blk = U >> 2, c = U & 3;
+        const uint4 hd = ldp((const uint4 *) (row + 128 * nb) + blk);
+        const uint4 q0 = ldp((const uint4 *) row + U), q1 = ldp((const uint4 *) row + 4 * nb + U);
+        const uint4 h0 = ldp((const uint4 *) (row + 144 * nb) + 2 * blk), h1 = ldp((const uint4 *) (row + 144 * nb) + 2 * blk + 1);
+        const uint32_t qa[4] = {q0.x, q0.y, q0.z, q0.w}, qb[4] = {q1.x, q1.y, q1.z, q1.w};
+        const uint32_t ha[4] = {h0.x, h0.y, h0.z, h0.w}, hb[4] = {h1.x, h1.y, h1.z, h1.w};
+        const int xa[4] = {x.x[0].x, x.x[0].y, x.x[0].z, x.x[0].w}, xb[4] = {x.x[1].x, x.x[1].y, x.x[1].z, x.x[1].w};
+        const int xc[4] = {x.x[2].x, x.x[2].y, x.x[2].z, x.x[2].w}, xe[4] = {x.x[3].x, x.x[3].y, x.x[3].z, x.x[3].w};
+        const uint32_t b1 = 0x01010101u;
+        int sl = 0, sh = 0;
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            sl = __dp4a((int) ((qa[w] & k_lo4) | (((ha[w] >> (2 * c)) & b1) << 4)), xa[w], sl);
+            sl = __dp4a((int) ((qb[w] & k_lo4) | (((hb[w] >> (2 * c)) & b1) << 4)), xb[w], sl);
+            sh = __dp4a((int) (((qa[w] >> 4) & k_lo4) | (((ha[w] >> (2 * c + 1)) & b1) << 4)), xc[w], sh);
+            sh = __dp4a((int) (((qb[w] >> 4) & k_lo4) | (((hb[w] >> (2 * c + 1)) & b1) << 4)), xe[w], sh);
+        }
+        const uint32_t sw[3] = {hd.y, hd.z, hd.w};
+        float s0, m0, s1, m1;
+        k_sm(2 * c, sw, s0, m0);
+        k_sm(2 * c + 1, sw, s1, m1);
+        return h2f(hd.x & 0xffff) * (s0 * x.dd.x * (float) sl + s1 * x.dd.y * (float) sh) -
+               h2f(hd.x >> 16) * (m0 * x.dd.x * (float) x.a + m1 * x.dd.y * (float) x.b);
+    }
+};
+
 struct w_q6_k_planar {
     static constexpr bool planar = true;
     static constexpr int block = 256, units = 4, unit_values = 64, max_rows = 4;
@@ -680,6 +714,7 @@ template <typename F> __device__ __forceinline__ bool dispatch_type(int t, F f) 
         case k_planar + 6:  f(w_q5_0_planar{}); return true;
         case k_planar + 8:  f(w_q8_0_planar{}); return true;
         case k_planar + 12: f(w_q4_k_planar{}); return true;
+        case k_planar + 13: f(w_q5_k_planar{}); return true;
         case k_planar + 14: f(w_q6_k_planar{}); return true;
         default: return false;
     }
@@ -707,7 +742,8 @@ inline int weight_align(int t) {
         case 12: return w_q4_k::align;
         case 13: return w_q5_k::align;
         case 14: return w_q6_k::align;
-        case k_planar + 2: case k_planar + 6: case k_planar + 8: case k_planar + 12: case k_planar + 14: return 16;
+        case k_planar + 2: case k_planar + 6: case k_planar + 8: case k_planar + 12: case k_planar + 13:
+        case k_planar + 14: return 16;
         default: return 0;
     }
 }
@@ -728,6 +764,7 @@ inline lane_shape lane_shape_of(int t) {
         case k_planar + 6: return lane_shape_of<w_q5_0_planar>();
         case k_planar + 8: return lane_shape_of<w_q8_0_planar>();
         case k_planar + 12: return lane_shape_of<w_q4_k_planar>();
+        case k_planar + 13: return lane_shape_of<w_q5_k_planar>();
         case k_planar + 14: return lane_shape_of<w_q6_k_planar>();
         default: return {16, 8};
     }
