@@ -337,7 +337,7 @@ def main() -> int:
         return steps if ref_re and re.search(ref_re, name) else 0
     if "correct" in a.stages:
         plan = [("llama-tiny-Q4_0", 64, 32), ("llama-tiny-F16", 64, 32), ("llama-tiny-Q4_K_M", 64, 32)]
-        plan += [(f"llama-tiny-successor-{q}", 64, 32) for q in ("Q4_0", "Q4_1", "Q5_1", "Q4_K_M", "Q8_0", "Q6_K", "F16", "BF16",
+        plan += [(f"llama-tiny-successor-{q}", 64, 32) for q in ("Q4_0", "Q4_1", "Q4_K_M", "Q8_0", "Q6_K", "F16", "BF16",
                                                                         "Q5_0", "Q5_K_M")]
         plan += [(f"llama-smollm2-135m-{q}", 256, 0) for q in ("Q4_0", "Q4_1", "F16", "BF16", "Q8_0", "Q4_K_M", "Q6_K",
                                                                    "Q5_0", "Q5_K_M")]
