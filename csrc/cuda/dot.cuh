@@ -483,46 +483,40 @@ __device__ __forceinline__ int dot_i8x16(uint4 q, int4 x, int s) {
 // with the x loads inside udot the compiler kept them per row (16 shared loads and 128 dp4a per unit of eight Q4_0
 // rows in the PTX of bb46b84, half of the dp4a summing x). The arithmetic is unchanged, value for value; the speed
 // too (bench/results/2026-12-03-h200-matvec-probe-2fb1684: the loop waits on its weight loads).
-struct w_q4_0_planar {
-    static constexpr bool planar = true;
-    static constexpr int block = 32, units = 1, unit_values = 32, max_rows = 8;
-    struct xunit {
-        int4 l, h;
-        float d;
-        int s8;  // 8 * (sum of the 32 values): the offset of Q4_0's nibbles
-    };
-    __device__ static xunit xload(const int8_t * xq, const float * xd, int U) {
-        xunit x;
+// The x side of a unit of 32 values whose weights are stored with an offset (Q4_0: 8, Q5_0: 16): the q8_1 values,
+// their scale, and OFF times their sum.
+template <int OFF> struct x_offset_unit {
+    int4 l, h;
+    float d;
+    int s;
+    __device__ static x_offset_unit load(const int8_t * xq, const float * xd, int U) {
+        x_offset_unit x;
         x.l = ld_x16(xq + 32 * U);
         x.h = ld_x16(xq + 32 * U + 16);
         x.d = ld_xd(xd + U);
-        x.s8 = 8 * (sum_i8x16(x.l) + sum_i8x16(x.h));
+        x.s = OFF * (sum_i8x16(x.l) + sum_i8x16(x.h));
         return x;
     }
+};
+
+struct w_q4_0_planar {
+    static constexpr bool planar = true;
+    static constexpr int block = 32, units = 1, unit_values = 32, max_rows = 8;
+    using xunit = x_offset_unit<8>;
+    __device__ static xunit xload(const int8_t * xq, const float * xd, int U) { return xunit::load(xq, xd, U); }
     __device__ static float udot(const uint8_t * row, int nb, int U, const xunit & x) {
         const uint4 q = ldp((const uint4 *) row + U);
         const float d = h2f(ldp16(row + 16 * nb + 2 * U));
         const int s = dot_nib4(q, x.l, false) + dot_nib4(q, x.h, true);
-        return d * x.d * (float) (s - x.s8);
+        return d * x.d * (float) (s - x.s);
     }
 };
 
 struct w_q5_0_planar {
     static constexpr bool planar = true;
     static constexpr int block = 32, units = 1, unit_values = 32, max_rows = 8;
-    struct xunit {
-        int4 l, h;
-        float d;
-        int s16;  // 16 * (sum of the 32 values): the offset of Q5_0's values
-    };
-    __device__ static xunit xload(const int8_t * xq, const float * xd, int U) {
-        xunit x;
-        x.l = ld_x16(xq + 32 * U);
-        x.h = ld_x16(xq + 32 * U + 16);
-        x.d = ld_xd(xd + U);
-        x.s16 = 16 * (sum_i8x16(x.l) + sum_i8x16(x.h));
-        return x;
-    }
+    using xunit = x_offset_unit<16>;
+    __device__ static xunit xload(const int8_t * xq, const float * xd, int U) { return xunit::load(xq, xd, U); }
     __device__ static float udot(const uint8_t * row, int nb, int U, const xunit & x) {
         const uint4 q = ldp((const uint4 *) row + U);
         const uint32_t qh = ldp32(row + 16 * nb + 4 * U);
@@ -535,7 +529,7 @@ struct w_q5_0_planar {
             s = __dp4a((int) ((qw[w] & k_lo4) | spread_bits4((qh >> (4 * w)) & 0xf)), xl[w], s);
             s = __dp4a((int) (((qw[w] >> 4) & k_lo4) | spread_bits4((qh >> (16 + 4 * w)) & 0xf)), xh[w], s);
         }
-        return d * x.d * (float) (s - x.s16);
+        return d * x.d * (float) (s - x.s);
     }
 };
 
