@@ -1564,8 +1564,8 @@ __device__ __forceinline__ void attn_arrive(const kernel_args & a, const attenti
 // (attn_warps_prestage; the appended cell is re-read after it), and each warp then takes its own range of the cells,
 // head size / 4 lanes per cell: the scores, an online softmax across the warp's cells and the accumulators stay in
 // registers, and the 16 warps are merged once, through shared memory. F16/BF16 caches, K and V of one head size (64,
-// or 128), up to k_warp_group query heads per KV head, and copies that fit beside the rest (attn_f); anything else
-// takes attn_tile. Reading the cells straight from L2 a pass at a time instead (71b6b8a) was slower: each pass waited
+// 128, or 256 with 8 values a lane), up to k_warp_group query heads per KV head, and copies that fit beside the rest
+// (attn_f); anything else takes attn_tile. Reading the cells straight from L2 a pass at a time instead (71b6b8a) was slower: each pass waited
 // a round trip. The kernel spills 412/776 bytes with this tile, 226/324 without it (-DMK_NO_ATTN_WARPS); run 89
 // compared the two builds in one call: with the tile tg128 is 3-8% faster at 256 cells and 26% at depth 4,096.
 // (The barrier at the end of attn_tile_warps_t came after run 88: only a block with a second tile of the
