@@ -86,6 +86,18 @@ float planar_value(int t, const uint8_t * row, int64_t nb, int64_t i) {
             const uint8_t q = row[16 * blk + j % 16];
             return mk::half_to_float(mk::rd16(row + 16 * nb + 2 * blk)) * ((j < 16 ? q & 0xf : q >> 4) - 8);
         }
+        case mk::T_Q4_1: {
+            const uint8_t q = row[16 * blk + j % 16];
+            const uint8_t * dm = row + 16 * nb + 4 * blk;
+            return mk::half_to_float(mk::rd16(dm)) * (j < 16 ? q & 0xf : q >> 4) + mk::half_to_float(mk::rd16(dm + 2));
+        }
+        case mk::T_Q5_1: {
+            const uint8_t q = row[16 * blk + j % 16];
+            const uint32_t qh = row[16 * nb + 4 * blk + j / 8] >> (j % 8) & 1;
+            const int v = (j < 16 ? q & 0xf : q >> 4) | (int) (qh << 4);
+            const uint8_t * dm = row + 20 * nb + 4 * blk;
+            return mk::half_to_float(mk::rd16(dm)) * v + mk::half_to_float(mk::rd16(dm + 2));
+        }
         case mk::T_Q5_0: {
             const uint8_t q = row[16 * blk + j % 16];
             const uint32_t qh = row[16 * nb + 4 * blk + j / 8] >> (j % 8) & 1;  // bit j of the block's qh

@@ -251,14 +251,16 @@ MK_HD void dequant_block(int32_t t, const uint8_t * b, float * y) {
     }
 }
 
-// Planar rows: the GPU executor's copy of a Q4_0/Q5_0/Q8_0/Q4_K/Q5_K/Q6_K matrix, repacked when it loads a program so that
+// Planar rows: the GPU executor's copy of a Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K matrix, repacked when it loads a program so that
 // every quant load is 16 bytes wide and a warp's loads are contiguous. The GGUF blocks (18, 34, 210 bytes) leave
 // their fields 2-byte aligned, and 2-byte loads held the quantized matvec to about half the bandwidth of the BF16
 // one (docs/gpu-executor-notes.md, session 9). A planar row of nb blocks has the same bytes, reordered, in
 // planes: the quant bytes in 16-byte pieces, piece k of lane-unit U at 16 * (k * units + U), then the scales.
 // A unit is what one lane reads: a Q4_0/Q8_0 block (32 values), a quarter of a K-quant block (64 values).
 //   Q4_0: pieces qs of block U; then d of block U at 16nb + 2U.
+//   Q4_1: pieces qs of block U; then d and m (4 bytes) at 16nb + 4U.
 //   Q5_0: pieces qs of block U; then its 4 bytes qh at 16nb + 4U; then d at 20nb + 2U.
+//   Q5_1: pieces qs of block U; then its qh at 16nb + 4U; then d and m at 20nb + 4U.
 //   Q8_0: pieces qs[16k..16k+15] of block U (k = 0, 1); then d at 32nb + 2U.
 //   Q4_K: unit U = 4 blk + c: pieces qs[32c + 16k ..] (k = 0, 1); then the block's 16 header bytes (d, dmin, 12
 //         scale bytes) at 128nb + 16 blk.
@@ -269,7 +271,8 @@ MK_HD void dequant_block(int32_t t, const uint8_t * b, float * y) {
 //         at 192nb + 4U; then d at 208nb + 2 blk.
 // Rows are padded to 16 bytes.
 MK_HD bool planar_type(int32_t t) {
-    return t == T_Q4_0 || t == T_Q5_0 || t == T_Q8_0 || t == T_Q4_K || t == T_Q5_K || t == T_Q6_K;
+    return t == T_Q4_0 || t == T_Q4_1 || t == T_Q5_0 || t == T_Q5_1 || t == T_Q8_0 || t == T_Q4_K || t == T_Q5_K ||
+           t == T_Q6_K;
 }
 
 MK_HD uint64_t planar_row_bytes(int32_t t, int64_t nb) {
@@ -287,6 +290,15 @@ MK_HD void planar_block(int32_t t, uint8_t * b, uint8_t * row, int64_t nb, int64
         case T_Q4_0:
             mv(row + 16 * blk, b + 2, 16);
             mv(row + 16 * nb + 2 * blk, b, 2);
+            return;
+        case T_Q4_1:
+            mv(row + 16 * blk, b + 4, 16);
+            mv(row + 16 * nb + 4 * blk, b, 4);
+            return;
+        case T_Q5_1:
+            mv(row + 16 * blk, b + 8, 16);
+            mv(row + 16 * nb + 4 * blk, b + 4, 4);
+            mv(row + 20 * nb + 4 * blk, b, 4);
             return;
         case T_Q5_0:
             mv(row + 16 * blk, b + 6, 16);

@@ -78,7 +78,8 @@ def test_planar_layout_is_a_permutation_of_the_gguf_blocks():
     equal the GGUF dequantization exactly. Odd and even block counts (the rows are padded to 16 bytes)."""
     seed = random.randrange(1 << 30)
     cases = [("planar", GGML_TYPES[t], False, nb, seed + i)
-             for i, (t, nb) in enumerate((t, nb) for t in ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K") for nb in (1, 3, 8))]
+             for i, (t, nb) in enumerate((t, nb) for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+                                  for nb in (1, 3, 8))]
     for c, r in zip(cases, _op_tests(cases)):
         assert "error" not in r, (c, r)
         assert r["bytes_not_written_once"] == 0 and r["roundtrip_changed"] == 0 and r["value_mismatch"] == 0, (c, r)

@@ -6,7 +6,7 @@
 // count as one group), so that the lanes of a warp read neighbouring bytes. Loads are as wide as the block layout's
 // alignment allows (gpu_load checks row alignment against `align`).
 //
-// Q4_0, Q5_0, Q8_0, Q4_K, Q5_K and Q6_K matrices are normally read in the planar layout instead (quants.h: planar_block; the
+// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K matrices are normally read in the planar layout instead (quants.h: planar_block; the
 // w_*_planar structs below): gpu_load repacks them, and the GGUF-layout structs of those types remain for when it
 // does not (no room for the copies, LLAMA_MEGAKERNEL_PLANAR=0, a float input).
 #pragma once
@@ -503,7 +503,9 @@ struct w_q4_0_planar {
     static constexpr bool planar = true;
     static constexpr int block = 32, units = 1, unit_values = 32, max_rows = 8;
     using xunit = x_offset_unit<8>;
-    __device__ static xunit xload(const int8_t * xq, const float * xd, int U) { return xunit::load(xq, xd, U); }
+    __device__ static xunit xload(const int8_t * xq, const float * xd, const float *, int U) {
+        return xunit::load(xq, xd, U);
+    }
     __device__ static float udot(const uint8_t * row, int nb, int U, const xunit & x) {
         const uint4 q = ldp((const uint4 *) row + U);
         const float d = h2f(ldp16(row + 16 * nb + 2 * U));
@@ -512,11 +514,48 @@ struct w_q4_0_planar {
     }
 };
 
+// Q4_1/Q5_1 as their GGUF-layout int paths (ggml-cuda's vec_dot_q4_1_q8_1 / q5_1): F16 products d*d8 and m*s8, s8
+// the block's F16 sum before rounding (xs).
+template <bool five> struct w_q41_51_planar {
+    static constexpr bool planar = true;
+    static constexpr int block = 32, units = 1, unit_values = 32, max_rows = 8;
+    struct xunit {
+        int4 l, h;
+        float d, s;
+    };
+    __device__ static xunit xload(const int8_t * xq, const float * xd, const float * xs, int U) {
+        return {ld_x16(xq + 32 * U), ld_x16(xq + 32 * U + 16), ld_xd(xd + U), ld_xd(xs + U)};
+    }
+    __device__ static float udot(const uint8_t * row, int nb, int U, const xunit & x) {
+        const uint4 q = ldp((const uint4 *) row + U);
+        const uint32_t dm = ldp32(row + (five ? 20 : 16) * nb + 4 * U);
+        int s;
+        if constexpr (five) {
+            const uint32_t qh = ldp32(row + 16 * nb + 4 * U);
+            const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
+            const int xl[4] = {x.l.x, x.l.y, x.l.z, x.l.w}, xh[4] = {x.h.x, x.h.y, x.h.z, x.h.w};
+            s = 0;
+#pragma unroll
+            for (int w = 0; w < 4; w++) {
+                s = __dp4a((int) ((qw[w] & k_lo4) | spread_bits4((qh >> (4 * w)) & 0xf)), xl[w], s);
+                s = __dp4a((int) (((qw[w] >> 4) & k_lo4) | spread_bits4((qh >> (16 + 4 * w)) & 0xf)), xh[w], s);
+            }
+        } else {
+            s = dot_nib4(q, x.l, false) + dot_nib4(q, x.h, true);
+        }
+        return (float) s * hmul_f(h2f(dm & 0xffff), x.d) + hmul_f(h2f(dm >> 16), x.s);
+    }
+};
+using w_q4_1_planar = w_q41_51_planar<false>;
+using w_q5_1_planar = w_q41_51_planar<true>;
+
 struct w_q5_0_planar {
     static constexpr bool planar = true;
     static constexpr int block = 32, units = 1, unit_values = 32, max_rows = 8;
     using xunit = x_offset_unit<16>;
-    __device__ static xunit xload(const int8_t * xq, const float * xd, int U) { return xunit::load(xq, xd, U); }
+    __device__ static xunit xload(const int8_t * xq, const float * xd, const float *, int U) {
+        return xunit::load(xq, xd, U);
+    }
     __device__ static float udot(const uint8_t * row, int nb, int U, const xunit & x) {
         const uint4 q = ldp((const uint4 *) row + U);
         const uint32_t qh = ldp32(row + 16 * nb + 4 * U);
@@ -540,7 +579,7 @@ struct w_q8_0_planar {
         int4 a, b;
         float d;
     };
-    __device__ static xunit xload(const int8_t * xq, const float * xd, int U) {
+    __device__ static xunit xload(const int8_t * xq, const float * xd, const float *, int U) {
         return {ld_x16(xq + 32 * U), ld_x16(xq + 32 * U + 16), ld_xd(xd + U)};
     }
     __device__ static float udot(const uint8_t * row, int nb, int U, const xunit & x) {
@@ -559,7 +598,7 @@ struct w_q4_k_planar {
         int a, b;  // the sums of the first and the second 32 values (the min terms)
         float2 dd;
     };
-    __device__ static xunit xload(const int8_t * xq, const float * xd, int U) {
+    __device__ static xunit xload(const int8_t * xq, const float * xd, const float *, int U) {
         xunit x;
         const int8_t * p = xq + 64 * U;
 #pragma unroll
@@ -590,7 +629,9 @@ struct w_q5_k_planar {
     static constexpr bool planar = true;
     static constexpr int block = 256, units = 4, unit_values = 64, max_rows = 4;
     using xunit = w_q4_k_planar::xunit;
-    __device__ static xunit xload(const int8_t * xq, const float * xd, int U) { return w_q4_k_planar::xload(xq, xd, U); }
+    __device__ static xunit xload(const int8_t * xq, const float * xd, const float * xs, int U) {
+        return w_q4_k_planar::xload(xq, xd, xs, U);
+    }
     __device__ static float udot(const uint8_t * row, int nb, int U, const xunit & x) {
         const int blk = U >> 2, c = U & 3;
         const uint4 hd = ldp((const uint4 *) (row + 128 * nb) + blk);
@@ -626,7 +667,7 @@ struct w_q6_k_planar {
         int s32[4];    // 32 * their sums: the offset of Q6_K's values
         float dv[4];
     };
-    __device__ static xunit xload(const int8_t * xq, const float * xd, int U) {
+    __device__ static xunit xload(const int8_t * xq, const float * xd, const float *, int U) {
         xunit x;
         const int blk = U >> 2, h = (U >> 1) & 1;
         const int8_t * p = xq + 256 * blk + 128 * h + 16 * (U & 1);
@@ -677,12 +718,12 @@ struct w_q6_k_planar {
 
 // As dot_rows_q8, over the units of planar rows of nb blocks: x's part of a unit once, then the R rows.
 template <typename W, int R>
-__device__ __forceinline__ void dot_units(const uint8_t * row0, uint64_t stride, const int8_t * xq, const float * xd, int nb,
-                                          int start, int step, float (&s)[R]) {
+__device__ __forceinline__ void dot_units(const uint8_t * row0, uint64_t stride, const int8_t * xq, const float * xd,
+                                          const float * xs, int nb, int start, int step, float (&s)[R]) {
     const int nu = nb * W::units;
 #pragma unroll 2
     for (int u = start; u < nu; u += step) {
-        const typename W::xunit xu = W::xload(xq, xd, u);
+        const typename W::xunit xu = W::xload(xq, xd, xs, u);
 #pragma unroll
         for (int k = 0; k < R; k++) {
             s[k] += W::udot(row0 + k * stride, nb, u, xu);
@@ -705,7 +746,9 @@ template <typename F> __device__ __forceinline__ bool dispatch_type(int t, F f) 
         case 13: f(w_q5_k{}); return true;
         case 14: f(w_q6_k_int{}); return true;
         case k_planar + 2:  f(w_q4_0_planar{}); return true;
+        case k_planar + 3:  f(w_q4_1_planar{}); return true;
         case k_planar + 6:  f(w_q5_0_planar{}); return true;
+        case k_planar + 7:  f(w_q5_1_planar{}); return true;
         case k_planar + 8:  f(w_q8_0_planar{}); return true;
         case k_planar + 12: f(w_q4_k_planar{}); return true;
         case k_planar + 13: f(w_q5_k_planar{}); return true;
@@ -736,7 +779,8 @@ inline int weight_align(int t) {
         case 12: return w_q4_k::align;
         case 13: return w_q5_k::align;
         case 14: return w_q6_k::align;
-        case k_planar + 2: case k_planar + 6: case k_planar + 8: case k_planar + 12: case k_planar + 13:
+        case k_planar + 2: case k_planar + 3: case k_planar + 6: case k_planar + 7: case k_planar + 8: case k_planar + 12:
+        case k_planar + 13:
         case k_planar + 14: return 16;
         default: return 0;
     }
@@ -755,7 +799,9 @@ template <typename W> constexpr lane_shape lane_shape_of() { return {W::unit_val
 inline lane_shape lane_shape_of(int t) {
     switch (t) {
         case k_planar + 2: return lane_shape_of<w_q4_0_planar>();
+        case k_planar + 3: return lane_shape_of<w_q4_1_planar>();
         case k_planar + 6: return lane_shape_of<w_q5_0_planar>();
+        case k_planar + 7: return lane_shape_of<w_q5_1_planar>();
         case k_planar + 8: return lane_shape_of<w_q8_0_planar>();
         case k_planar + 12: return lane_shape_of<w_q4_k_planar>();
         case k_planar + 13: return lane_shape_of<w_q5_k_planar>();

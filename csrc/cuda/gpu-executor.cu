@@ -863,7 +863,7 @@ struct mv_x {  // the input in its forms: float, and (q8 true) int8 values with 
 template <typename W, int R>
 __device__ __forceinline__ void dot_any(const mv_x in, const uint8_t * row0, uint64_t stride, const mv_plan p, float (&s)[R]) {
     if constexpr (dev::is_planar<W>::value) {  // gpu_load repacks only matrices whose input is q8_1
-        dev::dot_units<W, R>(row0, stride, in.xq, in.xd, in.n / W::block, p.start, p.step, s);
+        dev::dot_units<W, R>(row0, stride, in.xq, in.xd, in.xs, in.n / W::block, p.start, p.step, s);
     } else {
         if constexpr (dev::has_int_path<W>::value) {
             if (in.q8) {
@@ -2209,7 +2209,7 @@ __device__ void slice_rows(const uint8_t * base, int nb, int nbs, int D, const i
 #pragma unroll
         for (int k = 0; k < k_rows; k++) s[k] = 0.0f;
         for (int j = 0; j < nbs; j++) {
-            const typename W::xunit xu = W::xload(xq, xd, j);
+            const typename W::xunit xu = W::xload(xq, xd, nullptr, j);  // (Q4_0/Q8_0: no sums)
 #pragma unroll
             for (int k = 0; k < k_rows; k++) {
                 const int o = o0 + k * k_threads;
