@@ -1404,11 +1404,9 @@ struct compiler {
         }
     }
 
-    // Weight types whose columns both executors can take in slices (the GPU: gpu-executor.cu, down_slice).
-    static bool down_slice_type(int32_t t) { return t == T_Q4_0 || t == T_Q8_0; }
-
     // glu -> down matvec (+ epilogue) becomes one glu instruction with the down matrix as seg[2] (program.h,
-    // fused_down), where the glu result is read by that matvec alone, as a whole, and nothing else refers to it.
+    // fused_down), where the glu result is read by that matvec alone, as a whole, and nothing else refers to it, and
+    // the down matrix's type has slices (quants.h: slice_span; the glu's tiles then align to the span).
     void fuse_down() {
         for (size_t gi = 0; gi + 1 < p.instrs.size(); gi++) {
             instruction & G = p.instrs[gi];
@@ -1438,8 +1436,8 @@ struct compiler {
             instruction & D = p.instrs[di];
             const segment & w = D.seg[0];
             if (D.kind != instr_kind::matvec || D.n_segments != 1 || D.in.kind != in_kind::plain || !same(D.in.src, S) ||
-                D.in.n != G.seg[0].rows || !down_slice_type(w.type) || !w.constant || w.row_group != 0 ||
-                G.seg[0].rows % info_of(w.type).block != 0 || G.n_segments != 2) {
+                D.in.n != G.seg[0].rows || slice_span(w.type) == 0 || !w.constant || w.row_group != 0 ||
+                G.seg[0].rows % slice_span(w.type) != 0 || G.n_segments != 2) {
                 continue;
             }
             // the epilogue the last tile runs: [a residual add of the whole vector,] a store (the GPU kernel's
@@ -1464,7 +1462,7 @@ struct compiler {
             G.fused_down = true;
             G.seg[0].n_epi = 0;
             G.seg[2] = w;
-            G.down_acc = scratch_alloc((uint64_t) w.rows * 8 + 8);
+            G.down_acc = scratch_alloc((uint64_t) w.rows * 8 + 8 + (uint64_t) G.seg[0].rows * 4);
             for (int d = 0; d < D.n_deps; d++) {
                 add_dep((int) gi, D.deps[d].instr);
             }
@@ -1600,7 +1598,7 @@ struct compiler {
         int tiles = 0;
         for (int s = 0; s < n_out; s++) {
             segment & sg = in.seg[s];
-            int align = in.fused_down ? info_of(in.seg[2].type).block : 1;  // whole blocks of the down columns
+            int align = in.fused_down ? slice_span(in.seg[2].type) : 1;  // whole spans of the down columns
             for (int e = 0; e < sg.n_epi; e++) {
                 align = std::max(align, rows_needed(sg, sg.epi[e]));
             }

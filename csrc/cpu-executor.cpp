@@ -416,6 +416,23 @@ void run_delta_tile(const tile_ctx & c, const delta_net & dn, int tile) {
 // the fixed-point sums; the step's last tile turns them into the vector and runs seg[2]'s epilogue on it.
 void down_partial(const tile_ctx & c, const instruction & in, const std::vector<float> & y, int r0, int r1, bool last) {
     const segment & dw = in.seg[2];
+    if (act_type_of(dw.type) == T_Q8_K && !getenv("MK_DEBUG_EXACT")) {
+        // ggml-cpu rounds the input in blocks of 256 and a tile may hold 64 of them: gather the glu values, and the
+        // last tile dots the whole vector (the GPU rounds to q8_1, 32 values, and takes the tile's part)
+        float * gathered = (float *) (c.ptr<uint8_t>(in.down_acc) + (uint64_t) dw.rows * 8 + 8);
+        std::copy(y.begin(), y.end(), gathered + r0);
+        if (last) {
+            const std::vector<float> x(gathered, gathered + in.seg[0].rows);
+            act_vec xa;
+            const std::vector<float> & xr = act_for(dw, x, xa);
+            std::vector<float> v(dw.rows), w;
+            for (int o = 0; o < dw.rows; o++) {
+                v[o] = (float) dot_row(dw, c, o, xr, xa, w);
+            }
+            epilogue(c, dw, v.data(), 0, dw.rows);
+        }
+        return;
+    }
     act_vec buf;
     const std::vector<float> & ya = act_for(dw, y, buf);  // tiles hold whole 32-blocks: as rounding the whole vector
     long long * acc = c.ptr<long long>(in.down_acc);

@@ -181,6 +181,75 @@ std::string planar_test(int t, int64_t nb, int seed) {
            ",\"roundtrip_changed\":" + std::to_string(changed) + ",\"value_mismatch\":" + std::to_string(value_mismatch) + "}";
 }
 
+// Value v of unit P of a fused down projection's slice of np units (quants.h: slice_put), read from the layout as
+// its comment documents it.
+float slice_value(int t, const uint8_t * s, int64_t np, int64_t P, int v) {
+    switch (t) {
+        case mk::T_Q4_K: case mk::T_Q5_K: {
+            const int hi = v / 32, l = v % 32;
+            const uint8_t q = s[16 * ((l / 16) * np + P) + l % 16];
+            const uint8_t * sd = s + 32 * np + 8 * P;
+            int n = hi ? q >> 4 : q & 0xf;
+            if (t == mk::T_Q5_K) n |= ((s[40 * np + 8 * P + 4 * hi + l / 8] >> (l % 8)) & 1) << 4;
+            return mk::half_to_float(mk::rd16(sd)) * sd[4 + 2 * hi] * n - mk::half_to_float(mk::rd16(sd + 2)) * sd[5 + 2 * hi];
+        }
+        case mk::T_Q6_K: {
+            const int G = v / 16, b = v % 16;
+            const uint8_t q = s[16 * ((G % 2) * np + P) + b];
+            const int h2 = (s[16 * (2 * np + P) + b] >> (2 * G)) & 3;
+            const uint8_t * sd = s + 48 * np + 8 * P;
+            return mk::half_to_float(mk::rd16(sd + 4)) * (int8_t) sd[G] * (((G < 2 ? q & 0xf : q >> 4) | (h2 << 4)) - 32);
+        }
+        default:
+            return planar_value(t, s, np, P * 32 + v);
+    }
+}
+
+// Slices of a matrix of D random rows of nb blocks, nbs spans to a slice (the last one shorter when they do not
+// divide): every byte of every slice is written (two fills give the same slices), and each value read from the
+// documented layout is the GGUF blocks' value.
+std::string slice_test(int t, int64_t nb, int nbs, int seed) {
+    const mk::type_info ti = mk::info_of(t);
+    const int span = mk::slice_span(t), D = 5;
+    if (span == 0) throw std::runtime_error("no slices for this type");
+    rnd r(seed);
+    const std::vector<float> v = r.normal((size_t) D * nb * ti.block, 1.0f);
+    std::vector<uint8_t> q((size_t) D * nb * ti.bytes);
+    ggml_quantize_chunk((ggml_type) t, v.data(), q.data(), 0, D, nb * ti.block, nullptr);
+    const int64_t nu = nb * ti.block / span, n_slices = (nu + nbs - 1) / nbs, np = (int64_t) nbs * D;
+    const uint64_t bytes = mk::slice_bytes(t, np);
+    std::vector<uint8_t> a((size_t) n_slices * bytes, 0x00), b((size_t) n_slices * bytes, 0xff);
+    for (int o = 0; o < D; o++) {
+        for (int64_t u = 0; u < nu; u++) {
+            const uint8_t * blk = q.data() + ((size_t) o * nb + u / (ti.block / span)) * ti.bytes;
+            for (auto * dst : {&a, &b}) {
+                mk::slice_put(t, blk, (int) (u % (ti.block / span)), dst->data() + (u / nbs) * bytes, np, (u % nbs) * D + o);
+            }
+        }
+    }
+    long long unwritten = 0, value_mismatch = 0;
+    // the padding of Q4_0/Q8_0's planar rows (to 16 bytes) and the units of a last, shorter slice stay unwritten
+    const uint64_t data = span == ti.block ? (uint64_t) ti.bytes * np : bytes;
+    for (int64_t u = 0; u < n_slices; u++) {
+        const int64_t used = std::min<int64_t>(nbs, nu - u * nbs) * D;
+        for (uint64_t i = 0; i < data; i++) {
+            unwritten += used == np && a[u * bytes + i] != b[u * bytes + i];
+        }
+    }
+    std::vector<float> ref((size_t) nb * ti.block);
+    for (int o = 0; o < D; o++) {
+        mk::dequant_row(t, q.data() + (size_t) o * nb * ti.bytes, ref.data(), nb * ti.block);
+        for (int64_t u = 0; u < nu; u++) {
+            for (int k = 0; k < span; k++) {
+                const float got = slice_value(t, a.data() + (u / nbs) * bytes, np, (u % nbs) * D + o, k);
+                value_mismatch += got != ref[u * span + k];
+            }
+        }
+    }
+    return "{\"slice_bytes\":" + std::to_string(bytes) + ",\"bytes_unwritten\":" + std::to_string(unwritten) +
+           ",\"value_mismatch\":" + std::to_string(value_mismatch) + "}";
+}
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) size_t llama_mk_op_test(const char * what, int wtype, int flash_attn, int n_kv, int seed, char * out,
@@ -200,6 +269,9 @@ extern "C" __attribute__((visibility("default"))) size_t llama_mk_op_test(const 
         const bool glu = std::string(what) == "glu";
         if (std::string(what) == "planar") {  // n_kv: blocks per row
             return mk::copy_out(planar_test(wtype, n_kv, seed), out, size);
+        }
+        if (std::string(what) == "slice") {  // n_kv: blocks per row, flash_attn: spans per slice
+            return mk::copy_out(slice_test(wtype, n_kv, flash_attn, seed), out, size);
         }
         if (!layer && !glu && std::string(what) != "matvec") {
             throw std::runtime_error(std::string("unknown op test ") + what);

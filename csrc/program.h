@@ -275,7 +275,10 @@ struct instruction {
     // fixed point, see to_fixed); the tile that arrives last turns the sums into floats and runs seg[2]'s epilogue
     // on the whole vector. One serial edge per layer less than a separate down instruction.
     bool       fused_down = false;
-    addr       down_acc;         // fused_down: int64 [seg[2].rows] sums, then a uint64 arrival counter (monotonic)
+    // fused_down: int64 [seg[2].rows] sums, a uint64 arrival counter (monotonic), then float [seg[0].rows] where the
+    // CPU executor gathers the glu values when ggml-cpu rounds the down input in blocks longer than a tile's span
+    // (K-quants: Q8_K, 256 values)
+    addr       down_acc;
     vec_in     in;
     int32_t    n_segments = 0;
     segment    seg[k_max_segments];

@@ -338,6 +338,94 @@ MK_HD void planar_block(int32_t t, uint8_t * b, uint8_t * row, int64_t nb, int64
     }
 }
 
+// Slices: the GPU executor's copy of a fused down projection's matrix (program.h: fused_down), one per tile of the
+// glu: columns [r0, r1) of every one of the D rows, as np = (r1 - r0) / span * D units in which unit P = j * D + o
+// holds values r0 + span * j .. + span of row o, so that the threads of a block, one row each, read contiguous units.
+// A tile's columns start at a multiple of the span: 32 (a Q4_0/Q8_0 block), 64 (a quarter c of a K-quant block,
+// whose 16 header bytes would otherwise be read, or copied, four times).
+//   Q4_0, Q8_0: a planar row of np blocks (planar_block, nb = np, blk = P).
+//   Q4_K, Q5_K: pieces k = 0, 1 at 16 (k np + P): the block's qs[32c + 16k ..] (byte b: low nibble value 16k + b of
+//         the unit, high nibble value 32 + 16k + b); at 32np + 8P: d, dmin (as in the block), then the 6-bit scale
+//         and min of sub-blocks 2c and 2c + 1 as bytes s0, m0, s1, m1. Q5_K: at 40np + 8P two words: bit l of the
+//         first is the fifth bit of value l (qh[l] bit 2c), bit l of the second that of value 32 + l (bit 2c + 1).
+//   Q6_K: quarter c = 2h + e holds values 128h + 64e + v (v = 0..63): the low nibbles (e = 0) or the high ones
+//         (e = 1) of ql[64h + v]. Pieces k = 0, 1 at 16 (k np + P), byte b: low nibble the four low bits of value
+//         16k + b, high nibble those of value 32 + 16k + b; piece 2 at 16 (2np + P): byte 4w + i holds the two high
+//         bits of value 16G + 4w + i in bits 2G, 2G + 1 (G = 0..3); at 48np + 8P: the int8 scales of the unit's four
+//         groups of 16 (sc[8h + 4e + G]), d, two zero bytes.
+MK_HD int slice_span(int32_t t) {
+    switch (t) {
+        case T_Q4_0: case T_Q8_0: return 32;
+        case T_Q4_K: case T_Q5_K: case T_Q6_K: return 64;
+        default: return 0;
+    }
+}
+
+MK_HD uint64_t slice_bytes(int32_t t, int64_t np) {
+    switch (t) {
+        case T_Q4_K: return 40 * (uint64_t) np;
+        case T_Q5_K: return 48 * (uint64_t) np;
+        case T_Q6_K: return 56 * (uint64_t) np;
+        default: return planar_row_bytes(t, np);
+    }
+}
+
+// Span c of the GGUF block b (c = 0 for Q4_0/Q8_0) into unit P of a slice of np units.
+MK_HD void slice_put(int32_t t, const uint8_t * b, int c, uint8_t * slice, int64_t np, int64_t P) {
+    auto cp = [](uint8_t * d, const uint8_t * s, int n) {
+        for (int i = 0; i < n; i++) d[i] = s[i];
+    };
+    switch (t) {
+        case T_Q4_K: case T_Q5_K: {
+            const uint8_t * qs = b + (t == T_Q4_K ? 16 : 48) + 32 * c;
+            for (int k = 0; k < 2; k++) cp(slice + 16 * (k * np + P), qs + 16 * k, 16);
+            uint8_t * sd = slice + 32 * np + 8 * P;
+            cp(sd, b, 4);
+            int s0, m0, s1, m1;
+            k_scale_min(2 * c, b + 4, s0, m0);
+            k_scale_min(2 * c + 1, b + 4, s1, m1);
+            sd[4] = (uint8_t) s0, sd[5] = (uint8_t) m0, sd[6] = (uint8_t) s1, sd[7] = (uint8_t) m1;
+            if (t == T_Q5_K) {
+                uint32_t w[2] = {0, 0};
+                for (int l = 0; l < 32; l++) {
+                    w[0] |= (uint32_t) ((b[16 + l] >> (2 * c)) & 1) << l;
+                    w[1] |= (uint32_t) ((b[16 + l] >> (2 * c + 1)) & 1) << l;
+                }
+                uint8_t * qh = slice + 40 * np + 8 * P;
+                for (int i = 0; i < 8; i++) qh[i] = (uint8_t) (w[i / 4] >> (8 * (i % 4)));
+            }
+            return;
+        }
+        case T_Q6_K: {
+            const int h = c / 2, e = c % 2;
+            uint8_t lo[64], hi[64];  // the unit's values: four low bits, two high bits
+            for (int v = 0; v < 64; v++) {
+                const int l = v % 32, q = 2 * e + v / 32;
+                lo[v] = (uint8_t) ((b[64 * h + v] >> (4 * e)) & 0xf);
+                hi[v] = (uint8_t) ((b[128 + 32 * h + l] >> (2 * q)) & 3);
+            }
+            for (int k = 0; k < 2; k++) {
+                for (int i = 0; i < 16; i++) {
+                    slice[16 * (k * np + P) + i] = (uint8_t) (lo[16 * k + i] | (lo[32 + 16 * k + i] << 4));
+                }
+            }
+            for (int i = 0; i < 16; i++) {
+                uint8_t v = 0;
+                for (int G = 0; G < 4; G++) v |= (uint8_t) (hi[16 * G + i] << (2 * G));
+                slice[16 * (2 * np + P) + i] = v;
+            }
+            uint8_t * sd = slice + 48 * np + 8 * P;
+            cp(sd, b + 192 + 8 * h + 4 * e, 4);
+            cp(sd + 4, b + 208, 2);
+            sd[6] = sd[7] = 0;
+            return;
+        }
+        default:
+            planar_block(t, (uint8_t *) b, slice, np, P, true);
+            return;
+    }
+}
+
 // Dequantize n values (a multiple of the block size) of type t.
 MK_HD void dequant_row(int32_t t, const void * src, float * y, int64_t n) {
     const type_info ti = info_of(t);

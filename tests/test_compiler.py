@@ -86,6 +86,19 @@ def test_planar_layout_is_a_permutation_of_the_gguf_blocks():
         assert r["row_bytes"] % 16 == 0, (c, r)
 
 
+def test_down_projection_slices_hold_the_gguf_values():
+    """The slices of a fused down projection (quants.h slice_put; one per glu tile, spans of 32 or 64 columns of
+    every row): every byte of a full slice is written, and each value read as the layout's comment documents it
+    equals the GGUF dequantization exactly. Spans per slice that do and do not divide a K-quant block's four."""
+    seed = random.randrange(1 << 30)
+    cases = [("slice", GGML_TYPES[t], nbs, nb, seed + i)
+             for i, (t, nb, nbs) in enumerate((t, nb, nbs) for t in ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+                                              for nb, nbs in ((1, 1), (2, 3), (3, 4), (4, 1)))]
+    for c, r in zip(cases, _op_tests(cases)):
+        assert "error" not in r, (c, r)
+        assert r["bytes_unwritten"] == 0 and r["value_mismatch"] == 0, (c, r)
+
+
 def test_matvec_each_weight_type_matches_ggml_cpu():
     seed = random.randrange(1 << 30)
     results = _op_tests([("matvec", t, False, 64, seed + i) for i, t in enumerate(GGML_TYPES.values())])

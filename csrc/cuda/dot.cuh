@@ -716,6 +716,87 @@ struct w_q6_k_planar {
     }
 };
 
+// The K-quant slices of fused down projections (quants.h: slice_put): a unit is 64 values, P its index among the
+// slice's np units, x's unit j the tile's values 64j.. (the Q4_K planar unit's x side). Q4_0/Q8_0 slices are planar
+// rows (w_q4_0_planar, w_q8_0_planar).
+__device__ __forceinline__ float k_slice_dot(uint2 sd, int sl, int sh, const w_q4_k_planar::xunit & x) {
+    const float s0 = (float) (sd.y & 0xff), m0 = (float) ((sd.y >> 8) & 0xff);
+    const float s1 = (float) ((sd.y >> 16) & 0xff), m1 = (float) (sd.y >> 24);
+    return h2f(sd.x & 0xffff) * (s0 * x.dd.x * (float) sl + s1 * x.dd.y * (float) sh) -
+           h2f(sd.x >> 16) * (m0 * x.dd.x * (float) x.a + m1 * x.dd.y * (float) x.b);
+}
+
+struct w_q4_k_slice {
+    using xunit = w_q4_k_planar::xunit;
+    __device__ static xunit xload(const int8_t * xq, const float * xd, const float * xs, int j) {
+        return w_q4_k_planar::xload(xq, xd, xs, j);
+    }
+    __device__ static float udot(const uint8_t * s, int np, int P, const xunit & x) {
+        const uint4 q0 = ldp((const uint4 *) s + P), q1 = ldp((const uint4 *) s + np + P);
+        const uint2 sd = ldp((const uint2 *) (s + 32 * (size_t) np) + P);
+        const int sl = dot_nib4(q0, x.x[0], false) + dot_nib4(q1, x.x[1], false);
+        const int sh = dot_nib4(q0, x.x[2], true) + dot_nib4(q1, x.x[3], true);
+        return k_slice_dot(sd, sl, sh, x);
+    }
+};
+
+struct w_q5_k_slice {
+    using xunit = w_q4_k_planar::xunit;
+    __device__ static xunit xload(const int8_t * xq, const float * xd, const float * xs, int j) {
+        return w_q4_k_planar::xload(xq, xd, xs, j);
+    }
+    __device__ static float udot(const uint8_t * s, int np, int P, const xunit & x) {
+        const uint4 q0 = ldp((const uint4 *) s + P), q1 = ldp((const uint4 *) s + np + P);
+        const uint2 sd = ldp((const uint2 *) (s + 32 * (size_t) np) + P);
+        const uint2 qh = ldp((const uint2 *) (s + 40 * (size_t) np) + P);
+        const uint32_t qa[4] = {q0.x, q0.y, q0.z, q0.w}, qb[4] = {q1.x, q1.y, q1.z, q1.w};
+        const int xa[4] = {x.x[0].x, x.x[0].y, x.x[0].z, x.x[0].w}, xb[4] = {x.x[1].x, x.x[1].y, x.x[1].z, x.x[1].w};
+        const int xc[4] = {x.x[2].x, x.x[2].y, x.x[2].z, x.x[2].w}, xe[4] = {x.x[3].x, x.x[3].y, x.x[3].z, x.x[3].w};
+        int sl = 0, sh = 0;
+#pragma unroll
+        for (int w = 0; w < 4; w++) {  // word w of piece 0: values 4w.. and 32 + 4w..; of piece 1: 16 + 4w.., 48 + 4w..
+            sl = __dp4a((int) ((qa[w] & k_lo4) | spread_bits4((qh.x >> (4 * w)) & 0xf)), xa[w], sl);
+            sl = __dp4a((int) ((qb[w] & k_lo4) | spread_bits4((qh.x >> (16 + 4 * w)) & 0xf)), xb[w], sl);
+            sh = __dp4a((int) (((qa[w] >> 4) & k_lo4) | spread_bits4((qh.y >> (4 * w)) & 0xf)), xc[w], sh);
+            sh = __dp4a((int) (((qb[w] >> 4) & k_lo4) | spread_bits4((qh.y >> (16 + 4 * w)) & 0xf)), xe[w], sh);
+        }
+        return k_slice_dot(sd, sl, sh, x);
+    }
+};
+
+struct w_q6_k_slice {
+    using xunit = w_q4_k_planar::xunit;  // (its sums a, b are not used)
+    __device__ static xunit xload(const int8_t * xq, const float * xd, const float * xs, int j) {
+        return w_q4_k_planar::xload(xq, xd, xs, j);
+    }
+    __device__ static float udot(const uint8_t * s, int np, int P, const xunit & x) {
+        const uint4 q0 = ldp((const uint4 *) s + P), q1 = ldp((const uint4 *) s + np + P);
+        const uint4 hb = ldp((const uint4 *) s + 2 * np + P);
+        const uint2 sd = ldp((const uint2 *) (s + 48 * (size_t) np) + P);
+        const uint32_t qa[4] = {q0.x, q0.y, q0.z, q0.w}, qb[4] = {q1.x, q1.y, q1.z, q1.w}, hw[4] = {hb.x, hb.y, hb.z, hb.w};
+        const int xw[4][4] = {{x.x[0].x, x.x[0].y, x.x[0].z, x.x[0].w}, {x.x[1].x, x.x[1].y, x.x[1].z, x.x[1].w},
+                              {x.x[2].x, x.x[2].y, x.x[2].z, x.x[2].w}, {x.x[3].x, x.x[3].y, x.x[3].z, x.x[3].w}};
+        const uint32_t m2 = 0x03030303u;
+        int g[4] = {0, 0, 0, 0}, sx[4] = {0, 0, 0, 0};  // group G: values 16G..16G+15
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            g[0] = __dp4a((int) ((qa[w] & k_lo4) | ((hw[w] & m2) << 4)), xw[0][w], g[0]);
+            g[1] = __dp4a((int) ((qb[w] & k_lo4) | (((hw[w] >> 2) & m2) << 4)), xw[1][w], g[1]);
+            g[2] = __dp4a((int) (((qa[w] >> 4) & k_lo4) | (((hw[w] >> 4) & m2) << 4)), xw[2][w], g[2]);
+            g[3] = __dp4a((int) (((qb[w] >> 4) & k_lo4) | (((hw[w] >> 6) & m2) << 4)), xw[3][w], g[3]);
+#pragma unroll
+            for (int G = 0; G < 4; G++) sx[G] = __dp4a(k_ones, xw[G][w], sx[G]);
+        }
+        float r0 = 0.0f, r1 = 0.0f;  // values 0..31 and 32..63 (one x scale each)
+#pragma unroll
+        for (int G = 0; G < 4; G++) {
+            const float v = (float) (int8_t) (sd.x >> (8 * G)) * (float) (g[G] - 32 * sx[G]);
+            if (G < 2) r0 += v; else r1 += v;
+        }
+        return h2f(sd.y & 0xffff) * (x.dd.x * r0 + x.dd.y * r1);
+    }
+};
+
 // As dot_rows_q8, over the units of planar rows of nb blocks: x's part of a unit once, then the R rows.
 template <typename W, int R>
 __device__ __forceinline__ void dot_units(const uint8_t * row0, uint64_t stride, const int8_t * xq, const float * xd,

@@ -2196,12 +2196,12 @@ __device__ void delta_tile(const kernel_args & a, const delta_net & dn, int tile
 }
 
 // --- the fused down projection (program.h: fused_down) ---------------------------------------------------------
-// gpu_load copies the down matrix into slices, one per tile of the glu: the tile's columns of every row, as one
-// planar row of nbs * D units in which unit j * D + o is block j of row o. Thread k then takes rows k, k + 512, ...:
+// gpu_load copies the down matrix into slices, one per tile of the glu (quants.h: slice_put): the tile's columns of
+// every row, as np = nbs * D units in which unit j * D + o is span j of row o. Thread k then takes rows k, k + 512, ...:
 // a warp's 16-byte quant loads read 512 contiguous bytes, and x (the tile's glu values, rounded to q8_1 as
 // ggml-cuda rounds the down projection's input) is the same for every thread (shared-memory broadcasts).
 template <typename W>
-__device__ void slice_rows(const uint8_t * base, int nb, int nbs, int D, const int8_t * xq, const float * xd,
+__device__ void slice_rows(const uint8_t * base, int np, int nbs, int D, const int8_t * xq, const float * xd,
                            unsigned long long * acc) {
     constexpr int k_rows = 4;  // rows per thread in flight
     for (int o0 = threadIdx.x; o0 < D; o0 += k_rows * k_threads) {
@@ -2213,7 +2213,7 @@ __device__ void slice_rows(const uint8_t * base, int nb, int nbs, int D, const i
 #pragma unroll
             for (int k = 0; k < k_rows; k++) {
                 const int o = o0 + k * k_threads;
-                if (o < D) s[k] += W::udot(base, nb, j * D + o, xu);
+                if (o < D) s[k] += W::udot(base, np, j * D + o, xu);
             }
         }
 #pragma unroll
@@ -2232,14 +2232,17 @@ __device__ void slice_rows(const uint8_t * base, int nb, int nbs, int D, const i
 __device__ __forceinline__ void down_slice(const kernel_args & a, const instruction & in, float * y, int r0, int r1, int t,
                                            int8_t * xq, float * xd, float * xs, volatile int * s_last) {
     const segment & dw = in.seg[2];
-    const int D = dw.rows, nbs_full = in.seg[0].rows_per_tile / 32;
+    const int D = dw.rows, span = slice_span(dw.type - dev::k_planar), np = in.seg[0].rows_per_tile / span * D;
     round_q8_1(y, xq, xd, xs, r1 - r0);  // (ends with a barrier)
     unsigned long long * acc = (unsigned long long *) resolve(a, in.down_acc);
     const uint8_t * base = resolve(a, dw.w) + (uint64_t) t * dw.row_bytes;  // gpu_load: row_bytes is the slice size
-    if (dw.type == dev::k_planar + T_Q8_0) {
-        slice_rows<dev::w_q8_0_planar>(base, nbs_full * D, (r1 - r0) / 32, D, xq, xd, acc);
-    } else {
-        slice_rows<dev::w_q4_0_planar>(base, nbs_full * D, (r1 - r0) / 32, D, xq, xd, acc);
+    const int nbs = (r1 - r0) / span;
+    switch (dw.type - dev::k_planar) {
+        case T_Q8_0: slice_rows<dev::w_q8_0_planar>(base, np, nbs, D, xq, xd, acc); break;
+        case T_Q4_K: slice_rows<dev::w_q4_k_slice>(base, np, nbs, D, xq, xd, acc); break;
+        case T_Q5_K: slice_rows<dev::w_q5_k_slice>(base, np, nbs, D, xq, xd, acc); break;
+        case T_Q6_K: slice_rows<dev::w_q6_k_slice>(base, np, nbs, D, xq, xd, acc); break;
+        default:     slice_rows<dev::w_q4_0_planar>(base, np, nbs, D, xq, xd, acc); break;
     }
     __syncthreads();  // the block's adds before thread 0's release
     if (threadIdx.x == 0) {
@@ -2580,21 +2583,22 @@ __global__ void planar_repack(int t, const uint8_t * src, uint64_t src_stride, u
     planar_block(t, b, dst + (uint64_t) r * dst_stride, nb, blk, true);
 }
 
-// The down matrix of a fused glu (program.h: fused_down) into its slices (see slice_rows): one thread per block.
+// The down matrix of a fused glu (program.h: fused_down) into its slices (see slice_rows): one thread per span of a
+// row (nu of them, nbs to a slice).
 __global__ void slice_repack(int t, const uint8_t * src, uint64_t src_stride, uint8_t * dst, uint64_t slice_bytes,
-                             int D, int nb_row, int nbs) {
+                             int D, int nu, int nbs) {
     const int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (int64_t) D * nb_row) {
+    if (i >= (int64_t) D * nu) {
         return;
     }
-    const int o = (int) (i / nb_row), kb = (int) (i % nb_row);
+    const int o = (int) (i / nu), u = (int) (i % nu), per_block = info_of(t).block / slice_span(t);
     const int bytes = info_of(t).bytes;
-    uint8_t b[64];
-    const uint8_t * sb = src + (uint64_t) o * src_stride + (uint64_t) kb * bytes;
+    uint8_t b[256];
+    const uint8_t * sb = src + (uint64_t) o * src_stride + (uint64_t) (u / per_block) * bytes;
     for (int j = 0; j < bytes; j++) {
         b[j] = sb[j];
     }
-    planar_block(t, b, dst + (uint64_t) (kb / nbs) * slice_bytes, (int64_t) nbs * D, (int64_t) (kb % nbs) * D + o, true);
+    slice_put(t, b, u % per_block, dst + (uint64_t) (u / nbs) * slice_bytes, (int64_t) nbs * D, (int64_t) (u % nbs) * D + o);
 }
 
 // The matrices of a program that get planar copies: constant Q4_0/Q8_0/Q4_K/Q6_K matvec weights whose instruction
@@ -2687,7 +2691,7 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
         }
         x_f = std::max(x_f, (size_t) in.in.n);
         if (in.fused_down) {  // the last tile forms the whole output vector in x; xq holds a tile's glu values
-            if (in.seg[2].type != T_Q4_0 && in.seg[2].type != T_Q8_0) {
+            if (slice_span(in.seg[2].type) == 0 || in.seg[0].rows_per_tile % slice_span(in.seg[2].type) != 0) {
                 err = std::string("fused down projection of type ") + std::to_string(in.seg[2].type) + " in " + in.name;
                 return nullptr;
             }
@@ -2934,9 +2938,9 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
         for (size_t i = 0; i < p.instrs.size(); i++) {
             if (hi[i].fused_down) {
                 const segment & dw = hi[i].seg[2];
-                const int nbs = hi[i].seg[0].rows_per_tile / 32;
+                const int nbs = hi[i].seg[0].rows_per_tile / slice_span(dw.type);
                 off[i] = total;
-                total += (uint64_t) hi[i].n_tiles * align_up(planar_row_bytes(dw.type, (int64_t) nbs * dw.rows));
+                total += (uint64_t) hi[i].n_tiles * align_up(slice_bytes(dw.type, (int64_t) nbs * dw.rows));
             }
         }
         if (total > 0) {
@@ -2949,11 +2953,11 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
                     continue;
                 }
                 segment & dw = hi[i].seg[2];
-                const int nbs = hi[i].seg[0].rows_per_tile / 32, nb_row = hi[i].seg[0].rows / 32;
-                const uint64_t slice = align_up(planar_row_bytes(dw.type, (int64_t) nbs * dw.rows));
-                const int64_t n = (int64_t) dw.rows * nb_row;
+                const int span = slice_span(dw.type), nbs = hi[i].seg[0].rows_per_tile / span, nu = hi[i].seg[0].rows / span;
+                const uint64_t slice = align_up(slice_bytes(dw.type, (int64_t) nbs * dw.rows));
+                const int64_t n = (int64_t) dw.rows * nu;
                 slice_repack<<<(unsigned) ((n + 255) / 256), 256, 0, rs>>>(dw.type, (const uint8_t *) (uintptr_t) dw.w.off,
-                    dw.row_bytes, g->d_slices + off[i], slice, dw.rows, nb_row, nbs);
+                    dw.row_bytes, g->d_slices + off[i], slice, dw.rows, nu, nbs);
                 e = cudaGetLastError();
                 dw.w.off = (uint64_t) (uintptr_t) (g->d_slices + off[i]);
                 dw.w.scratch = 0;
