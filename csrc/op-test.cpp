@@ -200,10 +200,6 @@ float slice_value(int t, const uint8_t * s, int64_t np, int64_t P, int v) {
             const uint8_t * sd = s + 48 * np + 8 * P;
             return mk::half_to_float(mk::rd16(sd + 4)) * (int8_t) sd[G] * (((G < 2 ? q & 0xf : q >> 4) | (h2 << 4)) - 32);
         }
-        case mk::T_F16:
-            return mk::half_to_float(mk::rd16(s + 16 * P + 2 * v));
-        case mk::T_BF16:
-            return mk::bf16_to_float(mk::rd16(s + 16 * P + 2 * v));
         default:
             return planar_value(t, s, np, P * 32 + v);
     }
@@ -223,19 +219,17 @@ std::string slice_test(int t, int64_t nb, int nbs, int seed) {
     const int64_t nu = nb * ti.block / span, n_slices = (nu + nbs - 1) / nbs, np = (int64_t) nbs * D;
     const uint64_t bytes = mk::slice_bytes(t, np);
     std::vector<uint8_t> a((size_t) n_slices * bytes, 0x00), b((size_t) n_slices * bytes, 0xff);
-    const int per = mk::slice_source_values(t) / span;  // units per source piece (a block, or F16/BF16's span)
-    const uint64_t piece = (uint64_t) mk::slice_source_values(t) / ti.block * ti.bytes;
     for (int o = 0; o < D; o++) {
         for (int64_t u = 0; u < nu; u++) {
-            const uint8_t * src = q.data() + (size_t) o * nb * ti.bytes + (u / per) * piece;
+            const uint8_t * blk = q.data() + ((size_t) o * nb + u / (ti.block / span)) * ti.bytes;
             for (auto * dst : {&a, &b}) {
-                mk::slice_put(t, src, (int) (u % per), dst->data() + (u / nbs) * bytes, np, (u % nbs) * D + o);
+                mk::slice_put(t, blk, (int) (u % (ti.block / span)), dst->data() + (u / nbs) * bytes, np, (u % nbs) * D + o);
             }
         }
     }
     long long unwritten = 0, value_mismatch = 0;
     // the padding of Q4_0/Q8_0's planar rows (to 16 bytes) and the units of a last, shorter slice stay unwritten
-    const uint64_t data = span == ti.block ? (uint64_t) ti.bytes * np : bytes;  // (F16/BF16: span 8, block 1)
+    const uint64_t data = span == ti.block ? (uint64_t) ti.bytes * np : bytes;
     for (int64_t u = 0; u < n_slices; u++) {
         const int64_t used = std::min<int64_t>(nbs, nu - u * nbs) * D;
         for (uint64_t i = 0; i < data; i++) {

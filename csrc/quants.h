@@ -341,9 +341,8 @@ MK_HD void planar_block(int32_t t, uint8_t * b, uint8_t * row, int64_t nb, int64
 // Slices: the GPU executor's copy of a fused down projection's matrix (program.h: fused_down), one per tile of the
 // glu: columns [r0, r1) of every one of the D rows, as np = (r1 - r0) / span * D units in which unit P = j * D + o
 // holds values r0 + span * j .. + span of row o, so that the threads of a block, one row each, read contiguous units.
-// A tile's columns start at a multiple of the span: 8 (F16/BF16: 16 bytes), 32 (a Q4_0/Q8_0 block), 64 (a quarter c
-// of a K-quant block, whose 16 header bytes would otherwise be read, or copied, four times).
-//   F16, BF16: unit P's 16 bytes at 16P.
+// A tile's columns start at a multiple of the span: 32 (a Q4_0/Q8_0 block), 64 (a quarter c of a K-quant block,
+// whose 16 header bytes would otherwise be read, or copied, four times).
 //   Q4_0, Q8_0: a planar row of np blocks (planar_block, nb = np, blk = P).
 //   Q4_K, Q5_K: pieces k = 0, 1 at 16 (k np + P): the block's qs[32c + 16k ..] (byte b: low nibble value 16k + b of
 //         the unit, high nibble value 32 + 16k + b); at 32np + 8P: d, dmin (as in the block), then the 6-bit scale
@@ -356,16 +355,10 @@ MK_HD void planar_block(int32_t t, uint8_t * b, uint8_t * row, int64_t nb, int64
 //         groups of 16 (sc[8h + 4e + G]), d, two zero bytes.
 MK_HD int slice_span(int32_t t) {
     switch (t) {
-        case T_F16: case T_BF16: return 8;
         case T_Q4_0: case T_Q8_0: return 32;
         case T_Q4_K: case T_Q5_K: case T_Q6_K: return 64;
         default: return 0;
     }
-}
-
-// The values slice_put reads a unit from: a GGUF block, or for F16/BF16 (blocks of one value) a span.
-MK_HD int slice_source_values(int32_t t) {
-    return info_of(t).block > slice_span(t) ? info_of(t).block : slice_span(t);
 }
 
 MK_HD uint64_t slice_bytes(int32_t t, int64_t np) {
@@ -373,12 +366,11 @@ MK_HD uint64_t slice_bytes(int32_t t, int64_t np) {
         case T_Q4_K: return 40 * (uint64_t) np;
         case T_Q5_K: return 48 * (uint64_t) np;
         case T_Q6_K: return 56 * (uint64_t) np;
-        case T_F16: case T_BF16: return 16 * (uint64_t) np;
         default: return planar_row_bytes(t, np);
     }
 }
 
-// Span c of the GGUF block b (c = 0 for Q4_0/Q8_0; F16/BF16: b is the span) into unit P of a slice of np units.
+// Span c of the GGUF block b (c = 0 for Q4_0/Q8_0) into unit P of a slice of np units.
 MK_HD void slice_put(int32_t t, const uint8_t * b, int c, uint8_t * slice, int64_t np, int64_t P) {
     auto cp = [](uint8_t * d, const uint8_t * s, int n) {
         for (int i = 0; i < n; i++) d[i] = s[i];
@@ -428,9 +420,6 @@ MK_HD void slice_put(int32_t t, const uint8_t * b, int c, uint8_t * slice, int64
             sd[6] = sd[7] = 0;
             return;
         }
-        case T_F16: case T_BF16:
-            cp(slice + 16 * P, b, 16);
-            return;
         default:
             planar_block(t, (uint8_t *) b, slice, np, P, true);
             return;

@@ -797,31 +797,6 @@ struct w_q6_k_slice {
     }
 };
 
-// F16/BF16 slices: unit P is 8 values (16 bytes); x is float, the tile's glu values (shared memory).
-template <bool bf16> struct w_f16_like_slice {
-    struct xunit {
-        float4 a, b;
-    };
-    __device__ static xunit xload(const float * y, int j) {
-        return {*(const float4 *) (y + 8 * j), *(const float4 *) (y + 8 * j + 4)};
-    }
-    __device__ static float udot(const uint8_t * s, int, int P, const xunit & x) {
-        const uint4 w = ldp((const uint4 *) s + P);
-        const uint32_t u[4] = {w.x, w.y, w.z, w.w};
-        const float xv[8] = {x.a.x, x.a.y, x.a.z, x.a.w, x.b.x, x.b.y, x.b.z, x.b.w};
-        float r = 0.0f;
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            const float lo = bf16 ? b2f(u[k] & 0xffff) : h2f(u[k] & 0xffff);
-            const float hi = bf16 ? b2f(u[k] >> 16) : h2f(u[k] >> 16);
-            r += lo * xv[2 * k] + hi * xv[2 * k + 1];
-        }
-        return r;
-    }
-};
-using w_f16_slice = w_f16_like_slice<false>;
-using w_bf16_slice = w_f16_like_slice<true>;
-
 // As dot_rows_q8, over the units of planar rows of nb blocks: x's part of a unit once, then the R rows.
 template <typename W, int R>
 __device__ __forceinline__ void dot_units(const uint8_t * row0, uint64_t stride, const int8_t * xq, const float * xd,

@@ -2200,15 +2200,16 @@ __device__ void delta_tile(const kernel_args & a, const delta_net & dn, int tile
 // every row, as np = nbs * D units in which unit j * D + o is span j of row o. Thread k then takes rows k, k + 512, ...:
 // a warp's 16-byte quant loads read 512 contiguous bytes, and x (the tile's glu values, rounded to q8_1 as
 // ggml-cuda rounds the down projection's input) is the same for every thread (shared-memory broadcasts).
-template <typename W, typename XL>
-__device__ void slice_rows(const uint8_t * base, int np, int nbs, int D, XL xload, unsigned long long * acc) {
+template <typename W>
+__device__ void slice_rows(const uint8_t * base, int np, int nbs, int D, const int8_t * xq, const float * xd,
+                           unsigned long long * acc) {
     constexpr int k_rows = 4;  // rows per thread in flight
     for (int o0 = threadIdx.x; o0 < D; o0 += k_rows * k_threads) {
         float s[k_rows];
 #pragma unroll
         for (int k = 0; k < k_rows; k++) s[k] = 0.0f;
         for (int j = 0; j < nbs; j++) {
-            const typename W::xunit xu = xload(j);
+            const typename W::xunit xu = W::xload(xq, xd, nullptr, j);  // (Q4_0/Q8_0: no sums)
 #pragma unroll
             for (int k = 0; k < k_rows; k++) {
                 const int o = o0 + k * k_threads;
@@ -2232,28 +2233,16 @@ __device__ __forceinline__ void down_slice(const kernel_args & a, const instruct
                                            int8_t * xq, float * xd, float * xs, volatile int * s_last) {
     const segment & dw = in.seg[2];
     const int D = dw.rows, span = slice_span(dw.type - dev::k_planar), np = in.seg[0].rows_per_tile / span * D;
+    round_q8_1(y, xq, xd, xs, r1 - r0);  // (ends with a barrier)
     unsigned long long * acc = (unsigned long long *) resolve(a, in.down_acc);
     const uint8_t * base = resolve(a, dw.w) + (uint64_t) t * dw.row_bytes;  // gpu_load: row_bytes is the slice size
-    const int nbs = (r1 - r0) / span, wt = dw.type - dev::k_planar;
-    if (wt == T_F16 || wt == T_BF16) {  // float x, as ggml-cuda's mul_mat_vec
-        __syncthreads();
-        if (wt == T_F16) {
-            slice_rows<dev::w_f16_slice>(base, np, nbs, D, [y](int j) { return dev::w_f16_slice::xload(y, j); }, acc);
-        } else {
-            slice_rows<dev::w_bf16_slice>(base, np, nbs, D, [y](int j) { return dev::w_bf16_slice::xload(y, j); }, acc);
-        }
-    } else {
-        round_q8_1(y, xq, xd, xs, r1 - r0);  // (ends with a barrier)
-        auto q8 = [xq, xd](auto w) {  // the q8_1 x side of the slice type's units (Q4_0/Q8_0: no sums)
-            return [xq, xd](int j) { return decltype(w)::xload(xq, xd, nullptr, j); };
-        };
-        switch (wt) {
-            case T_Q8_0: slice_rows<dev::w_q8_0_planar>(base, np, nbs, D, q8(dev::w_q8_0_planar{}), acc); break;
-            case T_Q4_K: slice_rows<dev::w_q4_k_slice>(base, np, nbs, D, q8(dev::w_q4_k_slice{}), acc); break;
-            case T_Q5_K: slice_rows<dev::w_q5_k_slice>(base, np, nbs, D, q8(dev::w_q5_k_slice{}), acc); break;
-            case T_Q6_K: slice_rows<dev::w_q6_k_slice>(base, np, nbs, D, q8(dev::w_q6_k_slice{}), acc); break;
-            default:     slice_rows<dev::w_q4_0_planar>(base, np, nbs, D, q8(dev::w_q4_0_planar{}), acc); break;
-        }
+    const int nbs = (r1 - r0) / span;
+    switch (dw.type - dev::k_planar) {
+        case T_Q8_0: slice_rows<dev::w_q8_0_planar>(base, np, nbs, D, xq, xd, acc); break;
+        case T_Q4_K: slice_rows<dev::w_q4_k_slice>(base, np, nbs, D, xq, xd, acc); break;
+        case T_Q5_K: slice_rows<dev::w_q5_k_slice>(base, np, nbs, D, xq, xd, acc); break;
+        case T_Q6_K: slice_rows<dev::w_q6_k_slice>(base, np, nbs, D, xq, xd, acc); break;
+        default:     slice_rows<dev::w_q4_0_planar>(base, np, nbs, D, xq, xd, acc); break;
     }
     __syncthreads();  // the block's adds before thread 0's release
     if (threadIdx.x == 0) {
@@ -2602,8 +2591,8 @@ __global__ void slice_repack(int t, const uint8_t * src, uint64_t src_stride, ui
     if (i >= (int64_t) D * nu) {
         return;
     }
-    const int vals = slice_source_values(t), per_block = vals / slice_span(t);
-    const int o = (int) (i / nu), u = (int) (i % nu), bytes = vals / info_of(t).block * info_of(t).bytes;
+    const int o = (int) (i / nu), u = (int) (i % nu), per_block = info_of(t).block / slice_span(t);
+    const int bytes = info_of(t).bytes;
     uint8_t b[256];
     const uint8_t * sb = src + (uint64_t) o * src_stride + (uint64_t) (u / per_block) * bytes;
     for (int j = 0; j < bytes; j++) {
