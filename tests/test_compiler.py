@@ -347,6 +347,28 @@ def test_unsupported_graph_handed_back_unchanged(tmp_path):
     assert np.array_equal(stock["logits"], ours["logits"])
 
 
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q5_K_M", "Q6_K", "F16"])
+def test_down_projection_fuses_for_slice_types(quant):
+    """Q4_K_M, Q5_K_M and Q6_K down matrices (Q4_K, Q5_K, Q6_K) fuse into the glu instruction like Q4_0's, its tiles
+    aligned to the slices' 64-column spans; F16 has no slices and keeps its own down instruction."""
+    from conftest import tiny_model
+
+    code = f"""
+import sys
+from llama_megakernel.cli import main
+sys.exit(main(["explain", {str(tiny_model("llama", quant))!r}, "--json"]))
+"""
+    r = run_py(code)
+    assert r.returncode == 0, r.stderr
+    prog = json.loads(r.stdout[r.stdout.index("{"):])
+    fused = [i for i in prog["instructions"] if i.get("fused_down")]
+    if quant == "F16":
+        assert not fused and prog["edges_per_layer"][0] == 5, prog["edges_per_layer"]
+        return
+    assert len(fused) == prog["n_layers"] and prog["edges_per_layer"][0] == 4, prog["edges_per_layer"]
+    assert all(i["segments"][0]["rows_per_tile"] % 64 == 0 for i in fused), fused
+
+
 def test_explain_llama_1b_shape_has_four_edges_per_layer(tmp_path):
     """The compiler's verdict on a Llama-3.2-1B-shaped decode graph (tiny vocabulary keeps the file small is not
     possible: the shape is real, so this test makes the F16 file once and caches it with the other models). Q4_0's
