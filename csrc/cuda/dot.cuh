@@ -719,6 +719,13 @@ struct w_q6_k_planar {
 // The K-quant slices of fused down projections (quants.h: slice_put): a unit is 64 values, P its index among the
 // slice's np units, x's unit j the tile's values 64j.. (the Q4_K planar unit's x side). Q4_0/Q8_0 slices are planar
 // rows (w_q4_0_planar, w_q8_0_planar).
+struct k_slice_x {
+    using xunit = w_q4_k_planar::xunit;
+    __device__ static xunit xload(const int8_t * xq, const float * xd, const float * xs, int j) {
+        return w_q4_k_planar::xload(xq, xd, xs, j);
+    }
+};
+
 __device__ __forceinline__ float k_slice_dot(uint2 sd, int sl, int sh, const w_q4_k_planar::xunit & x) {
     const float s0 = (float) (sd.y & 0xff), m0 = (float) ((sd.y >> 8) & 0xff);
     const float s1 = (float) ((sd.y >> 16) & 0xff), m1 = (float) (sd.y >> 24);
@@ -726,11 +733,7 @@ __device__ __forceinline__ float k_slice_dot(uint2 sd, int sl, int sh, const w_q
            h2f(sd.x >> 16) * (m0 * x.dd.x * (float) x.a + m1 * x.dd.y * (float) x.b);
 }
 
-struct w_q4_k_slice {
-    using xunit = w_q4_k_planar::xunit;
-    __device__ static xunit xload(const int8_t * xq, const float * xd, const float * xs, int j) {
-        return w_q4_k_planar::xload(xq, xd, xs, j);
-    }
+struct w_q4_k_slice : k_slice_x {
     __device__ static float udot(const uint8_t * s, int np, int P, const xunit & x) {
         const uint4 q0 = ldp((const uint4 *) s + P), q1 = ldp((const uint4 *) s + np + P);
         const uint2 sd = ldp((const uint2 *) (s + 32 * (size_t) np) + P);
@@ -740,11 +743,7 @@ struct w_q4_k_slice {
     }
 };
 
-struct w_q5_k_slice {
-    using xunit = w_q4_k_planar::xunit;
-    __device__ static xunit xload(const int8_t * xq, const float * xd, const float * xs, int j) {
-        return w_q4_k_planar::xload(xq, xd, xs, j);
-    }
+struct w_q5_k_slice : k_slice_x {
     __device__ static float udot(const uint8_t * s, int np, int P, const xunit & x) {
         const uint4 q0 = ldp((const uint4 *) s + P), q1 = ldp((const uint4 *) s + np + P);
         const uint2 sd = ldp((const uint2 *) (s + 32 * (size_t) np) + P);
@@ -764,11 +763,7 @@ struct w_q5_k_slice {
     }
 };
 
-struct w_q6_k_slice {
-    using xunit = w_q4_k_planar::xunit;  // (its sums a, b are not used)
-    __device__ static xunit xload(const int8_t * xq, const float * xd, const float * xs, int j) {
-        return w_q4_k_planar::xload(xq, xd, xs, j);
-    }
+struct w_q6_k_slice : k_slice_x {  // (the x sums a, b are not used)
     __device__ static float udot(const uint8_t * s, int np, int P, const xunit & x) {
         const uint4 q0 = ldp((const uint4 *) s + P), q1 = ldp((const uint4 *) s + np + P);
         const uint4 hb = ldp((const uint4 *) s + 2 * np + P);
