@@ -416,9 +416,10 @@ void run_delta_tile(const tile_ctx & c, const delta_net & dn, int tile) {
 // the fixed-point sums; the step's last tile turns them into the vector and runs seg[2]'s epilogue on it.
 void down_partial(const tile_ctx & c, const instruction & in, const std::vector<float> & y, int r0, int r1, bool last) {
     const segment & dw = in.seg[2];
-    if (act_type_of(dw.type) == T_Q8_K && !getenv("MK_DEBUG_EXACT")) {
-        // ggml-cpu rounds the input in blocks of 256 and a tile may hold 64 of them: gather the glu values, and the
-        // last tile dots the whole vector (the GPU rounds to q8_1, 32 values, and takes the tile's part)
+    if (info_of(dw.type).block > slice_span(dw.type)) {
+        // K-quants: a tile holds a quarter of a block, and ggml-cpu rounds their input in blocks of 256 (Q8_K):
+        // gather the glu values, and the last tile dots the whole vector (the GPU rounds to q8_1, 32 values, as
+        // ggml-cuda does, and takes the tile's part)
         float * gathered = (float *) (c.ptr<uint8_t>(in.down_acc) + (uint64_t) dw.rows * 8 + 8);
         std::copy(y.begin(), y.end(), gathered + r0);
         if (last) {

@@ -96,7 +96,7 @@ mkmodel() {  # arch shape base-type types...  (HEAD=successor: the decisive outp
 mkmodel llama tiny F32 Q4_0 Q4_K_M F16
 # the tiny shape with a decisive output head (make-model --head successor): a top-1 miss there is an error, not a
 # near-tie of a random head
-SUCCESSOR_TYPES=${MK_SUCCESSOR_TYPES-Q4_0 Q4_K_M Q8_0 Q6_K F16 BF16}
+SUCCESSOR_TYPES=${MK_SUCCESSOR_TYPES-Q4_0 Q4_K_M Q5_K_M Q8_0 Q6_K F16 BF16}
 [ -z "$SUCCESSOR_TYPES" ] || HEAD=successor mkmodel llama tiny F32 $SUCCESSOR_TYPES
 SMOLLM2_TYPES=${MK_SMOLLM2_TYPES-Q4_0 F16 BF16 Q8_0 Q4_K_M Q6_K}  # set but empty: no SmolLM2-shape models
 [ -z "$SMOLLM2_TYPES" ] || mkmodel llama smollm2-135m F32 $SMOLLM2_TYPES
