@@ -466,6 +466,20 @@ __device__ __forceinline__ int dot_nib4(uint4 q, int4 x, bool hi) {
     return __dp4a((int) ((q.w >> sh) & k_lo4), x.w, s);
 }
 
+// dp4a of a Q5_0/Q5_1 block's 32 five-bit values (nibbles q, fifth bits qh) with its 32 x values: word w holds
+// values 4w.. (low nibbles, qh bits 4w..) and 16 + 4w.. (high)
+__device__ __forceinline__ int dot_nib5(uint4 q, uint32_t qh, int4 l, int4 h) {
+    const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
+    const int xl[4] = {l.x, l.y, l.z, l.w}, xh[4] = {h.x, h.y, h.z, h.w};
+    int s = 0;
+#pragma unroll
+    for (int w = 0; w < 4; w++) {
+        s = __dp4a((int) ((qw[w] & k_lo4) | spread_bits4((qh >> (4 * w)) & 0xf)), xl[w], s);
+        s = __dp4a((int) (((qw[w] >> 4) & k_lo4) | spread_bits4((qh >> (16 + 4 * w)) & 0xf)), xh[w], s);
+    }
+    return s;
+}
+
 // the sum of 16 int8 x values
 __device__ __forceinline__ int sum_i8x16(int4 x) {
     return __dp4a(k_ones, x.w, __dp4a(k_ones, x.z, __dp4a(k_ones, x.y, __dp4a(k_ones, x.x, 0))));
@@ -531,15 +545,7 @@ template <bool five> struct w_q41_51_planar {
         const uint32_t dm = ldp32(row + (five ? 20 : 16) * nb + 4 * U);
         int s;
         if constexpr (five) {
-            const uint32_t qh = ldp32(row + 16 * nb + 4 * U);
-            const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
-            const int xl[4] = {x.l.x, x.l.y, x.l.z, x.l.w}, xh[4] = {x.h.x, x.h.y, x.h.z, x.h.w};
-            s = 0;
-#pragma unroll
-            for (int w = 0; w < 4; w++) {
-                s = __dp4a((int) ((qw[w] & k_lo4) | spread_bits4((qh >> (4 * w)) & 0xf)), xl[w], s);
-                s = __dp4a((int) (((qw[w] >> 4) & k_lo4) | spread_bits4((qh >> (16 + 4 * w)) & 0xf)), xh[w], s);
-            }
+            s = dot_nib5(q, ldp32(row + 16 * nb + 4 * U), x.l, x.h);
         } else {
             s = dot_nib4(q, x.l, false) + dot_nib4(q, x.h, true);
         }
@@ -560,15 +566,7 @@ struct w_q5_0_planar {
         const uint4 q = ldp((const uint4 *) row + U);
         const uint32_t qh = ldp32(row + 16 * nb + 4 * U);
         const float d = h2f(ldp16(row + 20 * nb + 2 * U));
-        const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
-        const int xl[4] = {x.l.x, x.l.y, x.l.z, x.l.w}, xh[4] = {x.h.x, x.h.y, x.h.z, x.h.w};
-        int s = 0;
-#pragma unroll
-        for (int w = 0; w < 4; w++) {  // word w: values 4w.. (low nibbles, qh bits 4w..) and 16 + 4w.. (high)
-            s = __dp4a((int) ((qw[w] & k_lo4) | spread_bits4((qh >> (4 * w)) & 0xf)), xl[w], s);
-            s = __dp4a((int) (((qw[w] >> 4) & k_lo4) | spread_bits4((qh >> (16 + 4 * w)) & 0xf)), xh[w], s);
-        }
-        return d * x.d * (float) (s - x.s);
+        return d * x.d * (float) (dot_nib5(q, qh, x.l, x.h) - x.s);
     }
 };
 
