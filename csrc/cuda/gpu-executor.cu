@@ -2601,7 +2601,7 @@ __global__ void slice_repack(int t, const uint8_t * src, uint64_t src_stride, ui
     slice_put(t, b, u % per_block, dst + (uint64_t) (u / nbs) * slice_bytes, (int64_t) nbs * D, (int64_t) (u % nbs) * D + o);
 }
 
-// The matrices of a program that get planar copies: constant Q4_0/Q8_0/Q4_K/Q6_K matvec weights whose instruction
+// The matrices of a program that get planar copies: constant matvec weights of a planar_type whose instruction
 // rounds its input to q8_1 (the planar dots have no float path) and whose rows are plain (no strided row groups).
 struct planar_job {
     size_t instr;
