@@ -20,8 +20,10 @@ void         llama_mk_set_enabled(int enabled);
 int          llama_mk_get_enabled(void);
 size_t       llama_mk_status_json(char * buf, size_t size);
 void         llama_mk_reset_counters(void);
-void         llama_mk_set_cpu_executor(int on);
+void         llama_mk_set_cpu_executor(int mode);  /* 0 off, 1 on, 2 auto (pick the faster path per model) */
 int          llama_mk_get_cpu_executor(void);
+void         llama_mk_set_gpu_executor(int mode);
+int          llama_mk_get_gpu_executor(void);
 void         llama_mk_set_shuffle_seed(long long seed);
 size_t       llama_mk_explain_json(char * buf, size_t size);
 int          llama_mk_dequantize(int type, const void * src, long long n, float * dst);

@@ -11,6 +11,7 @@
 #include "cpu-executor.h"
 #include "json.h"
 #include "llama-megakernel.h"
+#include "path-choice.h"
 #include "quants.h"
 
 #include "ggml-alloc.h"
@@ -250,6 +251,42 @@ std::string slice_test(int t, int64_t nb, int nbs, int seed) {
            ",\"value_mismatch\":" + std::to_string(value_mismatch) + "}";
 }
 
+// The auto mode's choice on a synthetic clock: a token costs exec_us on the executor and stock_us on stock, each
+// +-10% at random; pause > 0: every pause-th call is followed by a 1 s pause (a user reading); pause < 0: every call
+// brings a new program (no interval can be measured). Runs until the choice is made.
+std::string path_choice_test(int exec_us, int stock_us, int pause, int seed) {
+    using clock = mk::path_choice::clock;
+    std::mt19937 g((uint32_t) seed);
+    std::uniform_real_distribution<double> jitter(0.9, 1.1);
+    mk::path_choice pc;
+    clock::time_point t{};
+    int n[2] = {0, 0}, calls = 0;
+    for (; calls < 1000; calls++) {
+        if (pause < 0) {
+            pc.new_program();
+        }
+        const int p = pc.pick(t);
+        if (pc.decided >= 0) {
+            break;
+        }
+        pc.ran(p, t);
+        n[p]++;
+        double us = (p == mk::path_choice::executor ? exec_us : stock_us) * jitter(g);
+        if (pause > 0 && calls % pause == pause - 1) {
+            us += 1e6;
+        }
+        t += std::chrono::microseconds((long long) us);
+    }
+    char b[256];
+    snprintf(b, sizeof b,
+             "{\"choice\":\"%s\",\"calls\":%d,\"executor_calls\":%d,\"stock_calls\":%d,\"samples\":[%zu,%zu],"
+             "\"executor_us\":%.1f,\"stock_us\":%.1f}",
+             pc.state(), calls, n[mk::path_choice::executor], n[mk::path_choice::stock],
+             pc.us[mk::path_choice::executor].size(), pc.us[mk::path_choice::stock].size(),
+             pc.median_us[mk::path_choice::executor], pc.median_us[mk::path_choice::stock]);
+    return b;
+}
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) size_t llama_mk_op_test(const char * what, int wtype, int flash_attn, int n_kv, int seed, char * out,
@@ -269,6 +306,9 @@ extern "C" __attribute__((visibility("default"))) size_t llama_mk_op_test(const 
         const bool glu = std::string(what) == "glu";
         if (std::string(what) == "planar") {  // n_kv: blocks per row
             return mk::copy_out(planar_test(wtype, n_kv, seed), out, size);
+        }
+        if (std::string(what) == "path-choice") {  // wtype: executor us a token, n_kv: stock's, flash_attn: pauses
+            return mk::copy_out(path_choice_test(wtype, n_kv, flash_attn, seed), out, size);
         }
         if (std::string(what) == "slice") {  // n_kv: blocks per row, flash_attn: spans per slice
             return mk::copy_out(slice_test(wtype, n_kv, flash_attn, seed), out, size);

@@ -17,6 +17,7 @@
 #include "gpu-executor.h"
 #include "graph-scan.h"
 #include "json.h"
+#include "path-choice.h"
 #include "quants.h"
 #include "version.h"
 
@@ -68,6 +69,7 @@ struct wrapped_backend {
     mk::cpu_executor cpu;
     std::unique_ptr<mk::gpu_program, gpu_program_free> gpu;  // that program on the GPU
     uint64_t         executed = 0;  // graphs this backend's executor computed
+    std::string      model_key;     // of its program: the model on this device (the auto mode's choices are per model)
 };
 
 int cuda_device_of(const std::string & name) {
@@ -87,10 +89,13 @@ struct state {
     std::map<std::string, std::string> routes;                     // registry -> "hook" or "intercept"
 
     std::atomic<bool> enabled{true};
-    std::atomic<bool> cpu_executor{false};  // run programs on CPU backends (tests, debugging)
-    // Run programs on CUDA backends. Off by default while the executor is slower than stock llama.cpp
-    // (docs/gpu-executor-notes.md); LLAMA_MEGAKERNEL_GPU=1 turns it on.
-    std::atomic<bool> gpu_executor{false};
+    // Run programs on CPU backends (tests, debugging): LLAMA_MEGAKERNEL_CPU=1, or auto (path-choice.h).
+    std::atomic<mk::exec_mode> cpu_mode{mk::exec_mode::off};
+    // Run programs on CUDA backends. Off by default while the executor is slower than stock llama.cpp on some models
+    // (docs/gpu-executor-notes.md); LLAMA_MEGAKERNEL_GPU=1 turns it on, LLAMA_MEGAKERNEL_GPU=auto measures both
+    // paths on each model's first decode tokens and keeps the faster.
+    std::atomic<mk::exec_mode> gpu_mode{mk::exec_mode::off};
+    std::map<std::string, mk::path_choice> choices;  // auto mode: per model key (wrapped_backend::model_key)
     void * (*cuda_get_stream)(ggml_backend_t) = nullptr;  // patched ggml-cuda's stream getter, if any
     uint64_t gpu_steps = 0, gpu_failures = 0;
     uint64_t gpu_loads = 0, planar_bytes = 0;  // programs put on a GPU; planar weight bytes of the last one
@@ -170,6 +175,24 @@ mk::target target_for(const wrapped_backend & wb) {
     return t;
 }
 
+// The model a program computes, on its device: the addresses of its first and last weights, and its size. The same
+// model gives the same key after every graph rebuild; another model loaded later at the same addresses may inherit a
+// choice of path (a speed choice only: both paths compute the same step).
+std::string model_key(const wrapped_backend & wb, const mk::program & p) {
+    uint64_t first = 0, last = 0;
+    for (const mk::instruction & in : p.instrs) {
+        for (int k = 0; k < in.n_segments; k++) {
+            if (in.seg[k].constant && !in.seg[k].w.scratch) {
+                first = first ? first : in.seg[k].w.off;
+                last = in.seg[k].w.off;
+            }
+        }
+    }
+    char b[96];
+    snprintf(b, sizeof b, "%llx-%llx-%zu", (unsigned long long) first, (unsigned long long) last, p.instrs.size());
+    return wb.device + ":" + b;
+}
+
 // Scan a new graph and compile it if the scan found nothing unsupported. Called with s.mu held.
 void prepare(state & s, wrapped_backend & wb, ggml_cgraph * graph) {
     wb.gpu.reset();
@@ -195,6 +218,7 @@ void prepare(state & s, wrapped_backend & wb, ggml_cgraph * graph) {
             wb.prog.reset(new mk::program(mk::compile(graph, target_for(wb))));
             s.programs_compiled++;
             s.last_explain = mk::explain_json(*wb.prog);
+            wb.model_key = model_key(wb, *wb.prog);
         } catch (const mk::compile_error & e) {
             wb.last_scan.supported = false;
             wb.last_scan.reason = e.reason;
@@ -214,22 +238,27 @@ void prepare(state & s, wrapped_backend & wb, ggml_cgraph * graph) {
     }
 }
 
-// Decide for one graph; true if the plugin computed it. Called with s.mu held.
-bool take_graph(state & s, wrapped_backend & wb, ggml_backend_t backend, ggml_cgraph * graph, void * stream_) {
-    const auto t_hook = std::chrono::steady_clock::now();
-    if (!s.enabled.load()) {
-        s.graphs_while_disabled++;
-        return false;
+// The auto mode's verdict for a graph it hands to stock (measuring, or stock measured faster).
+void auto_declined(mk::graph_scan & sc, const mk::path_choice & pc, const char * var) {
+    if (pc.decided < 0) {
+        sc.reason = "auto-measuring";
+        sc.detail = std::string(var) + "=auto: timing stock on this token (the paths alternate)";
+    } else {
+        sc.reason = "auto-stock";
+        sc.detail = std::string(var) + "=auto chose stock, " + pc.why;
     }
-    bool new_graph = graph->uid == 0 || graph->uid != wb.last_uid;
-    if (new_graph) {
-        prepare(s, wb, graph);
-    }
+}
+
+// Run the compiled program of a graph on this backend's executor, if `want`; true if it did. With s.mu held.
+bool run_program(state & s, wrapped_backend & wb, ggml_backend_t backend, bool new_graph, bool want,
+                 const mk::path_choice * pc, std::chrono::steady_clock::time_point t_hook, void * stream_) {
     mk::graph_scan & sc = wb.last_scan;
     if (wb.prog && wb.is_cpu) {
-        if (!s.cpu_executor.load()) {
+        if (s.cpu_mode.load() == mk::exec_mode::off) {
             sc.reason = "no-executor";
             sc.detail = "compiled; the CPU executor is off (LLAMA_MEGAKERNEL_CPU=1 turns it on)";
+        } else if (!want && pc) {
+            auto_declined(sc, *pc, "LLAMA_MEGAKERNEL_CPU");
         } else if (!sc.weights_on_host) {
             // ggml-cpu repacks Q4_0/Q4_K into a layout of its own unless told not to before the model loads
             sc.reason = "weights-not-host";
@@ -249,9 +278,12 @@ bool take_graph(state & s, wrapped_backend & wb, ggml_backend_t backend, ggml_cg
                 wb.prog.reset();
             }
         }
-    } else if (wb.prog && wb.cuda_device >= 0 && !s.gpu_executor.load()) {
+    } else if (wb.prog && wb.cuda_device >= 0 && s.gpu_mode.load() == mk::exec_mode::off) {
         sc.reason = "no-executor";
-        sc.detail = "compiled; the GPU executor is off (LLAMA_MEGAKERNEL_GPU=1 turns it on; it is slower than stock so far)";
+        sc.detail = "compiled; the GPU executor is off (LLAMA_MEGAKERNEL_GPU=1 turns it on, =auto takes it where it "
+                    "measures faster than stock)";
+    } else if (wb.prog && wb.cuda_device >= 0 && !want && pc) {
+        auto_declined(sc, *pc, "LLAMA_MEGAKERNEL_GPU");
     } else if (wb.prog && wb.cuda_device >= 0) {
         std::string err;
         const bool setup = new_graph || !wb.gpu;
@@ -305,6 +337,37 @@ bool take_graph(state & s, wrapped_backend & wb, ggml_backend_t backend, ggml_cg
     }
     record(wb.device, sc, new_graph, false);
     return false;
+}
+
+// Decide for one graph; true if the plugin computed it. Called with s.mu held.
+bool take_graph(state & s, wrapped_backend & wb, ggml_backend_t backend, ggml_cgraph * graph, void * stream_) {
+    const auto t_hook = std::chrono::steady_clock::now();
+    if (!s.enabled.load()) {
+        s.graphs_while_disabled++;
+        return false;
+    }
+    const bool new_graph = graph->uid == 0 || graph->uid != wb.last_uid;
+    if (new_graph) {
+        prepare(s, wb, graph);
+    }
+    const bool has_executor = wb.is_cpu || wb.cuda_device >= 0;
+    const mk::exec_mode mode = wb.is_cpu ? s.cpu_mode.load() : s.gpu_mode.load();
+    mk::path_choice * pc = nullptr;
+    if (wb.prog && has_executor && mode == mk::exec_mode::autopick) {
+        pc = &s.choices[wb.model_key];
+        if (new_graph) {
+            pc->new_program();
+        }
+    }
+    const bool want = mode == mk::exec_mode::on || (pc && pc->pick(t_hook) == mk::path_choice::executor);
+    const bool ran = run_program(s, wb, backend, new_graph, want, pc, t_hook, stream_);
+    if (pc) {
+        pc->ran(ran ? mk::path_choice::executor : mk::path_choice::stock, t_hook);
+        if (pc->decided == mk::path_choice::stock && wb.gpu) {
+            wb.gpu.reset();  // stock won: give back the program's GPU memory (its planar copies)
+        }
+    }
+    return ran;
 }
 
 ggml_status mk_graph_compute(ggml_backend_t backend, ggml_cgraph * graph) {
@@ -406,7 +469,7 @@ using get_proc_fn = void * (*)(ggml_backend_reg_t, const char *);
 get_proc_fn g_cpu_get_proc = nullptr;
 
 void * cpu_get_proc_address(ggml_backend_reg_t reg, const char * name) {
-    if (st().cpu_executor.load() && strcmp(name, "ggml_backend_dev_get_extra_bufts") == 0) {
+    if (st().cpu_mode.load() != mk::exec_mode::off && strcmp(name, "ggml_backend_dev_get_extra_bufts") == 0) {
         return nullptr;
     }
     return g_cpu_get_proc(reg, name);
@@ -420,10 +483,10 @@ int install() {
     const char * route_env = getenv("LLAMA_MEGAKERNEL_ROUTE");
     const bool force_intercept = route_env && std::string(route_env) == "intercept";
     if (const char * e = getenv("LLAMA_MEGAKERNEL_CPU")) {
-        s.cpu_executor.store(atoi(e) != 0);
+        s.cpu_mode.store(mk::parse_exec_mode(e));
     }
     if (const char * e = getenv("LLAMA_MEGAKERNEL_GPU")) {
-        s.gpu_executor.store(atoi(e) != 0);
+        s.gpu_mode.store(mk::parse_exec_mode(e));
     }
     if (const char * e = getenv("LLAMA_MEGAKERNEL_TIMING")) {
         s.gpu_timing = atoi(e) != 0;
@@ -480,6 +543,8 @@ void * reg_get_proc_address(ggml_backend_reg_t, const char * name) {
         {"llama_mk_reset_counters", (void *) llama_mk_reset_counters},
         {"llama_mk_set_cpu_executor", (void *) llama_mk_set_cpu_executor},
         {"llama_mk_get_cpu_executor", (void *) llama_mk_get_cpu_executor},
+        {"llama_mk_set_gpu_executor", (void *) llama_mk_set_gpu_executor},
+        {"llama_mk_get_gpu_executor", (void *) llama_mk_get_gpu_executor},
         {"llama_mk_set_shuffle_seed", (void *) llama_mk_set_shuffle_seed},
         {"llama_mk_explain_json", (void *) llama_mk_explain_json},
         {"llama_mk_dequantize", (void *) llama_mk_dequantize},
@@ -586,6 +651,18 @@ size_t llama_mk_status_json(char * buf, size_t size) {
                           ",\"executed\":" + std::to_string(wb.executed) + "}");
         }
         std::sort(bes.begin(), bes.end());
+        std::string choices = "[";  // the auto mode's, per model
+        for (const auto & c : s.choices) {
+            const mk::path_choice & pc = c.second;
+            char med[96];
+            snprintf(med, sizeof med, ",\"executor_us\":%.1f,\"stock_us\":%.1f,\"samples\":[%zu,%zu]",
+                     pc.median_us[mk::path_choice::executor], pc.median_us[mk::path_choice::stock],
+                     pc.us[mk::path_choice::executor].size(), pc.us[mk::path_choice::stock].size());
+            choices += (choices.size() > 1 ? "," : "") + std::string("{\"model\":") + mk::json_str(c.first) +
+                       ",\"choice\":" + mk::json_str(pc.state()) + ",\"why\":" + mk::json_str(pc.why) +
+                       ",\"calls\":" + std::to_string(pc.calls) + med + "}";
+        }
+        choices += "]";
         std::string backends = "[";
         for (size_t i = 0; i < bes.size(); i++) {
             backends += (i ? "," : "") + bes[i];
@@ -603,8 +680,11 @@ size_t llama_mk_status_json(char * buf, size_t size) {
             ",\"decode_graphs_seen\":" + std::to_string(s.decode_graphs_seen) +
             ",\"graphs_while_disabled\":" + std::to_string(s.graphs_while_disabled) +
             ",\"programs_compiled\":" + std::to_string(s.programs_compiled) +
-            ",\"cpu_executor\":" + (s.cpu_executor.load() ? "true" : "false") +
-            ",\"gpu_executor\":" + (s.gpu_executor.load() ? "true" : "false") +
+            ",\"cpu_executor\":" + (s.cpu_mode.load() != mk::exec_mode::off ? "true" : "false") +
+            ",\"gpu_executor\":" + (s.gpu_mode.load() != mk::exec_mode::off ? "true" : "false") +
+            ",\"cpu_mode\":" + mk::json_str(mk::exec_mode_name(s.cpu_mode.load())) +
+            ",\"gpu_mode\":" + mk::json_str(mk::exec_mode_name(s.gpu_mode.load())) +
+            ",\"auto_choices\":" + choices +
             ",\"gpu_steps\":" + std::to_string(s.gpu_steps) +
             ",\"gpu_failures\":" + std::to_string(s.gpu_failures) +
             ",\"last_gpu_error\":" + mk::json_str(s.last_gpu_error) +
@@ -631,18 +711,35 @@ void llama_mk_reset_counters(void) {
     s.gpu_hook_steps = s.gpu_timed_steps = 0;
     s.reasons.clear();
     s.last_graphs.clear();
+    s.choices.clear();  // the auto mode measures again
     for (auto & b : s.backends) {
         b.second.last_uid = 0;
         b.second.executed = 0;
     }
 }
 
-void llama_mk_set_cpu_executor(int on) {
-    st().cpu_executor.store(on != 0);
+// 0 off, 1 on, 2 auto (path-choice.h)
+static mk::exec_mode mode_of(int m) {
+    return m == 2 ? mk::exec_mode::autopick : m != 0 ? mk::exec_mode::on : mk::exec_mode::off;
+}
+static int int_of(mk::exec_mode m) {
+    return m == mk::exec_mode::autopick ? 2 : m == mk::exec_mode::on ? 1 : 0;
+}
+
+void llama_mk_set_cpu_executor(int mode) {
+    st().cpu_mode.store(mode_of(mode));
 }
 
 int llama_mk_get_cpu_executor(void) {
-    return st().cpu_executor.load() ? 1 : 0;
+    return int_of(st().cpu_mode.load());
+}
+
+void llama_mk_set_gpu_executor(int mode) {
+    st().gpu_mode.store(mode_of(mode));
+}
+
+int llama_mk_get_gpu_executor(void) {
+    return int_of(st().gpu_mode.load());
 }
 
 void llama_mk_set_shuffle_seed(long long seed) {

@@ -134,7 +134,7 @@ def plugin_summary(status_file: Path) -> dict | None:
         return None
     st = json.loads(status_file.read_text())
     keys = ("gpu_steps", "gpu_failures", "last_gpu_error", "gpu_loads", "gpu_load_ms", "planar_bytes",
-            "gpu_hook_us_per_step", "gpu_run_us_per_step", "gpu_kernel_us_per_step")
+            "gpu_hook_us_per_step", "gpu_run_us_per_step", "gpu_kernel_us_per_step", "auto_choices")
     return {"routes": st["routes"], "reasons": st["reasons"], **{k: st.get(k) for k in keys}}
 
 

@@ -40,18 +40,33 @@ def _load():
         return _loaded
 
 
-def enable(cpu_executor: bool | None = None, shuffle_seed: int | None = None) -> dict:
+def _mode(v) -> int:
+    if v == "auto":
+        return 2
+    if isinstance(v, bool):
+        return 1 if v else 0
+    raise ValueError(f"executor mode {v!r}: expected True, False or 'auto'")
+
+
+def enable(cpu_executor: bool | str | None = None, shuffle_seed: int | None = None,
+           gpu_executor: bool | str | None = None) -> dict:
     """Load the plugin (once) and route graphs through it. Call before creating the Llama context: backends
     created earlier are not intercepted. Raises MegakernelError (or IncompatibleVersionError) with the reason
     if it cannot; nothing in the process is changed then.
 
-    cpu_executor=True also runs compiled programs on CPU backends (slow; for tests and debugging without a
-    GPU; the same as LLAMA_MEGAKERNEL_CPU=1). Turn it on before the model loads: it keeps ggml-cpu from
+    gpu_executor=True runs compiled decode programs on CUDA backends (the megakernel; the same as
+    LLAMA_MEGAKERNEL_GPU=1), "auto" times each model's first decode tokens on both paths and keeps the faster
+    (LLAMA_MEGAKERNEL_GPU=auto), False hands them to stock; None keeps the current setting (off unless the
+    variable says otherwise). cpu_executor takes the same values for CPU backends (slow; for tests and debugging
+    without a GPU; LLAMA_MEGAKERNEL_CPU). Turn it on before the model loads: it keeps ggml-cpu from
     repacking Q4_0/Q4_K weights into a layout the executor does not read. shuffle_seed runs the CPU executor's
     tiles in a random valid order (LLAMA_MEGAKERNEL_SHUFFLE); None keeps the current setting, -1 canonical."""
+    modes = {k: _mode(v) for k, v in (("cpu", cpu_executor), ("gpu", gpu_executor)) if v is not None}
     n = _load()
-    if cpu_executor is not None:
-        n.lib.llama_mk_set_cpu_executor(1 if cpu_executor else 0)
+    if "cpu" in modes:
+        n.lib.llama_mk_set_cpu_executor(modes["cpu"])
+    if "gpu" in modes:
+        n.lib.llama_mk_set_gpu_executor(modes["gpu"])
     if shuffle_seed is not None:
         n.lib.llama_mk_set_shuffle_seed(shuffle_seed)
     n.watch_model_loads()

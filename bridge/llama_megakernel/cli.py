@@ -119,8 +119,10 @@ def cmd_doctor(args) -> int:
     _say(f"routes: {routes}  (intercept = no-patch route; hook = patched llama.cpp)")
     _say(f"interception: {'active' if st['intercepted_devices'] else 'NOT active'} on devices "
          f"{', '.join(st['intercepted_devices']) or '(none)'}")
-    gpu = "on" if st.get("gpu_executor") else "off (LLAMA_MEGAKERNEL_GPU=1 turns it on; slower than stock so far)"
-    cpu = "on" if st.get("cpu_executor") else "off (LLAMA_MEGAKERNEL_CPU=1 turns it on; for tests and debugging)"
+    gpu = {"on": "on", "auto": "auto (the faster of it and stock, measured per model)"}.get(
+        st.get("gpu_mode"), "off (LLAMA_MEGAKERNEL_GPU=1 turns it on, =auto takes it where it measures faster)")
+    cpu = {"on": "on", "auto": "auto"}.get(
+        st.get("cpu_mode"), "off (LLAMA_MEGAKERNEL_CPU=1 turns it on; for tests and debugging)")
     _say(f"executors: GPU {gpu if info['cuda_compiled'] else 'not built'}; CPU {cpu}")
     sup = mk.supported()
     _say(f"architectures: {', '.join(sup['architectures'])}")
