@@ -1396,7 +1396,17 @@ struct compiler {
         }
         if (in.kind == instr_kind::attn) {
             const attention & at = p.attns[in.attn];
-            for (const addr * a : {&at.q, &at.k, &at.v, &at.mask, &at.partials, &at.kv_row, &at.merged, &at.arrivals}) f(*a);
+            for (const addr * a : {&at.q, &at.k, &at.v, &at.mask, &at.partials, &at.kv_row, &at.merged, &at.arrivals, &at.k_new}) f(*a);
+            for (const segment * sg : {&at.q_ops, &at.k_ops}) {
+                for (int e = 0; e < sg->n_epi; e++) {
+                    const epi_op & op = sg->epi[e];
+                    for (const addr * a : {&op.a, &op.idx}) f(*a);
+                    if (op.kind == epi_kind::rope) {
+                        f(p.ropes[op.rope].pos);
+                        f(p.ropes[op.rope].freq_factors);
+                    }
+                }
+            }
         }
         if (in.kind == instr_kind::delta) {
             const delta_net & dn = p.deltas[in.attn];
@@ -1561,6 +1571,87 @@ struct compiler {
             }
             erase_instr((int) vi, ci);
             vi--;  // the instruction now at vi is the one after V
+        }
+    }
+
+    // The per-head Q and K norms (qwen3, gemma3, Qwen3.5's attention layers) and the ops after them in the QKV
+    // epilogue (the norm's weight, rope, scale) move into the attention (attention::q_ops, k_ops): a norm needs a
+    // whole head in one tile, so in the epilogue they kept QKV tiles to whole heads (Gemma-3-270M: 25 tiles, Q tiles
+    // of 256 rows of 640 values, the slowest ~5 us where an even split of the same rows is ~2 us). An attention tile
+    // reads its heads of Q whole anyway, and only the split holding the new cell needs this token's K. Taken where
+    // Q's segment ends by storing the whole query the attention reads (and nothing else reads it) and K's ends with
+    // the one-row set_rows of the cell the attention knows (attention::kv_row), both after at least one norm.
+    void defer_qk() {
+        for (instruction & A : p.instrs) {
+            if (A.kind != instr_kind::attn) {
+                continue;
+            }
+            attention & at = p.attns[A.attn];
+            const int hd = at.head_dim_k;
+            if (at.kv_row.null() || hd != at.head_dim_v) {
+                continue;
+            }
+            // ops before the last: only these, and a norm among them
+            auto movable = [&](const segment & sg) {
+                bool norm = false;
+                for (int e = 0; e + 1 < sg.n_epi; e++) {
+                    const epi_op & op = sg.epi[e];
+                    const bool per_head = op.row_len == hd && (op.kind == epi_kind::rms_norm || op.kind == epi_kind::mul ||
+                                                               op.kind == epi_kind::rope);
+                    if (!per_head && op.kind != epi_kind::scale) {
+                        return false;
+                    }
+                    norm = norm || op.kind == epi_kind::rms_norm;
+                }
+                return norm;
+            };
+            instruction * P = nullptr, * PK = nullptr;  // Q's and K's producers: one instruction
+            segment * sq = nullptr, * sk = nullptr;
+            for (int d = 0; d < A.n_deps; d++) {
+                instruction & in = p.instrs[A.deps[d].instr];
+                if (in.kind != instr_kind::matvec) {
+                    continue;
+                }
+                for (int s = 0; s < in.n_segments; s++) {
+                    segment & sg = in.seg[s];
+                    const epi_op * last = sg.n_epi ? &sg.epi[sg.n_epi - 1] : nullptr;
+                    if (last && last->kind == epi_kind::store && same(last->a, at.q) && sg.rows == at.n_head * hd) {
+                        P = &in;
+                        sq = &sg;
+                    }
+                    if (last && last->kind == epi_kind::set_rows && same(last->a, at.k) && same(last->idx, at.kv_row) &&
+                        last->row_len == at.n_head_kv * hd && last->nb1 == at.k_nb_cell && last->nb0 == at.k_nb_dim &&
+                        sg.rows == at.n_head_kv * hd) {
+                        PK = &in;
+                        sk = &sg;
+                    }
+                }
+            }
+            if (!P || P != PK || !movable(*sq) || !movable(*sk)) {
+                continue;
+            }
+            int q_refs = 0;  // the store, and the attention's own
+            for (const instruction & in : p.instrs) {
+                each_addr(in, [&](const addr & x) { q_refs += same(x, at.q); });
+            }
+            if (q_refs != 2) {
+                continue;
+            }
+            at.q_ops = segment{};
+            at.q_ops.rows = sq->rows;
+            at.q_ops.n_epi = sq->n_epi - 1;
+            std::copy(sq->epi, sq->epi + at.q_ops.n_epi, at.q_ops.epi);
+            sq->epi[0] = sq->epi[sq->n_epi - 1];  // the store, of Q as the matvec makes it
+            sq->n_epi = 1;
+            at.k_ops = segment{};
+            at.k_ops.rows = sk->rows;
+            at.k_ops.n_epi = sk->n_epi;  // with the set_rows
+            std::copy(sk->epi, sk->epi + sk->n_epi, at.k_ops.epi);
+            at.k_new = scratch_alloc((uint64_t) sk->rows * 4);
+            sk->epi[0] = epi_op{};
+            sk->epi[0].kind = epi_kind::store;
+            sk->epi[0].a = at.k_new;
+            sk->n_epi = 1;
         }
     }
 
@@ -1782,6 +1873,9 @@ struct compiler {
         if (tgt.fold_norms) {
             fold_norms();
         }
+        if (tgt.defer_qk) {
+            defer_qk();
+        }
         tile();
         p.scratch_bytes = scratch;
         p.tgt = tgt;
@@ -1888,6 +1982,13 @@ std::string explain_json(const program & p) {
                  ",\"heads\":" + std::to_string(at.n_head) + ",\"kv_heads\":" + std::to_string(at.n_head_kv) +
                  ",\"kv_row_known\":" + (at.kv_row.null() ? "false" : "true") +
                  ",\"merged_in_last_split\":" + (at.merged.null() ? "false" : "true");
+            for (const auto & qk : {std::make_pair("q_ops", &at.q_ops), std::make_pair("k_ops", &at.k_ops)}) {
+                std::string ops = "[";
+                for (int e = 0; e < qk.second->n_epi; e++) {
+                    ops += (e ? "," : "") + json_str(epi_name(qk.second->epi[e].kind));
+                }
+                o += std::string(",\"") + qk.first + "\":" + ops + "]";
+            }
         }
         o += "}";
     }

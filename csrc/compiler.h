@@ -29,6 +29,8 @@ struct target {
                                   // LLAMA_MEGAKERNEL_FOLD_NORMS=0: off)
     bool attn_merge = true;       // an attention's last split per KV head merges its partials (attention::merged);
                                   // LLAMA_MEGAKERNEL_ATTN_MERGE=0: every consumer tile merges them
+    bool defer_qk = false;        // per-head Q/K norms and rope in the attention instead of the QKV epilogue
+                                  // (defer_qk; LLAMA_MEGAKERNEL_DEFER_QK=1: on)
     int attn_min_cells = 32;      // fewest KV cells per attention split (LLAMA_MEGAKERNEL_ATTN_MIN_CELLS; the GPU checks
                                   // raise it to give short contexts the long splits of deep ones). 32 gives the 1B
                                   // shape 8 splits a KV head at 256 cells (run 92: step -2.0% against 64)

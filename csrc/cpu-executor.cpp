@@ -305,12 +305,26 @@ void run_attn_tile(const tile_ctx & c, const attention & at, int a_index, int ti
     const uint8_t * v_live = c.ptr<const uint8_t>(at.v);
     const uint8_t * k_old = appended >= 0 ? (*c.k_before)[a_index].data() : k_live;
     const uint8_t * v_old = appended >= 0 ? (*c.v_before)[a_index].data() : v_live;
-    const float * q_all = c.ptr(at.q);
+    const int hd = at.head_dim_k;
+    std::vector<float> q_heads(c.ptr(at.q) + (size_t) kvh * group * hd, c.ptr(at.q) + (size_t) (kvh + 1) * group * hd);
+    if (at.q_ops.n_epi > 0) {  // the query's per-head norm and rope (the compiler's defer_qk)
+        epilogue(c, at.q_ops, q_heads.data(), kvh * group * hd, (kvh + 1) * group * hd);
+    }
+    if (at.k_ops.n_epi > 0) {  // this token's K row: normed, rotated and written into the cache by the split holding it
+        if (appended < 0 || appended >= at.n_kv) {
+            throw std::runtime_error("the appended KV cell " + std::to_string(appended) + " is outside the attention's " +
+                                     std::to_string(at.n_kv) + " cells");
+        }
+        if (appended >= c0 && appended < c1) {
+            std::vector<float> k(c.ptr(at.k_new) + (size_t) kvh * hd, c.ptr(at.k_new) + (size_t) (kvh + 1) * hd);
+            epilogue(c, at.k_ops, k.data(), kvh * hd, (kvh + 1) * hd);
+        }
+    }
     float * part = c.ptr(at.partials);
     for (int g = 0; g < group; g++) {
         const int h = kvh * group + g;
         std::vector<float> q(at.head_dim_k);
-        round_activations(act_type_of(at.k_type), q_all + (size_t) h * at.head_dim_k, q.data(), at.head_dim_k);
+        round_activations(act_type_of(at.k_type), q_heads.data() + (size_t) g * hd, q.data(), at.head_dim_k);
         float m = -INFINITY;
         double l = 0.0;
         std::vector<double> acc(at.head_dim_v, 0.0);

@@ -166,6 +166,9 @@ mk::target target_for(const wrapped_backend & wb) {
     if (const char * e = getenv("LLAMA_MEGAKERNEL_FOLD_NORMS")) {
         t.fold_norms = atoi(e) != 0;
     }
+    if (const char * e = getenv("LLAMA_MEGAKERNEL_DEFER_QK")) {
+        t.defer_qk = atoi(e) != 0;
+    }
     if (const char * e = getenv("LLAMA_MEGAKERNEL_ATTN_MERGE")) {
         t.attn_merge = atoi(e) != 0;
     }

@@ -208,6 +208,14 @@ struct attention {
     // its dependencies are met and read only this one after.
     addr     kv_row;
     int32_t  kv_row_type = 0;
+    // Q's and K's per-head operations (rms_norm, mul, rope, scale), moved here from the QKV instruction's
+    // epilogue by the compiler's defer_qk pass, so that QKV tiles need not hold whole heads: QKV then stores Q as
+    // it comes out of the matvec (at q) and this token's K row (all KV heads, at k_new). Each attention tile runs
+    // q_ops over the heads of q it reads (rows h * head_dim_k of the Q vector), and the split holding the appended
+    // cell runs k_ops over its KV head's part of k_new; k_ops ends with the set_rows into the K cache that the QKV
+    // epilogue made before. n_epi 0: none (q as read, K already in the cache).
+    segment  q_ops, k_ops;
+    addr     k_new;
 };
 
 // The gate activation of a glu instruction: y = act(gate) * up, numbered as ggml_glu_op. Both executors call

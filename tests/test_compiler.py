@@ -456,3 +456,32 @@ def test_folded_norms_change_no_arithmetic(tmp_path, monkeypatch):
         assert r["status"]["graphs_handled"] == 11, r["status"]["reasons"]
     assert np.array_equal(canon["logits"].view(np.uint32), plain["logits"].view(np.uint32))
     assert np.array_equal(canon["logits"].view(np.uint32), shuf["logits"].view(np.uint32)), seed
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["no-fa", "fa"])
+@pytest.mark.parametrize("arch,quant", [("gemma3", "Q4_K_M"), ("qwen3", "F16"), ("qwen35", "Q8_0")])
+def test_qk_norms_in_the_attention_change_no_arithmetic(arch, quant, flash_attn, tmp_path, monkeypatch):
+    """LLAMA_MEGAKERNEL_DEFER_QK=1 (the compiler's defer_qk): the per-head Q/K norms, their weights and the rope move
+    from the QKV epilogue into the attention, whose tiles apply them to the heads of Q they read, while the split
+    holding the appended cell normalises and rotates this token's K and writes it into the cache. QKV tiles then need
+    not hold whole heads. The same ops on the same values: the logits are bit for bit those of the program without
+    it, also in a shuffled tile order (a split that read the new cell before its owner wrote it would differ), and
+    16 steps cross the tiny gemma3's 16-cell sliding window."""
+    model = tiny_model(arch, quant)
+    steps = 16
+    canon = greedy(model, tmp_path / "a.npz", steps, plugin=True, flash_attn=flash_attn, extra=CPU)
+    monkeypatch.setenv("LLAMA_MEGAKERNEL_DEFER_QK", "1")
+    ex = _explain(model, env={"LLAMA_MEGAKERNEL_DEFER_QK": "1"})
+    attns = [i for i in ex["instructions"] if i["kind"] == "attn"]
+    assert attns and all("rms_norm" in i["q_ops"] and i["k_ops"][-1] == "set_rows" for i in attns), attns
+    qkv = [ex["instructions"][i["deps"][0]] for i in attns]
+    assert all(s["rows_per_tile"] < 64 for q in qkv for s in q["segments"]), qkv  # the tiny heads (64) split over tiles
+    deferred = greedy(model, tmp_path / "b.npz", steps, plugin=True, flash_attn=flash_attn,
+                      extra=CPU + ["--force-tokens", str(tmp_path / "a.npz")])
+    seed = random.randrange(1 << 30)
+    shuf = greedy(model, tmp_path / "c.npz", steps, plugin=True, flash_attn=flash_attn,
+                  extra=CPU + ["--shuffle", str(seed), "--force-tokens", str(tmp_path / "a.npz")])
+    for r in (canon, deferred, shuf):
+        assert r["status"]["graphs_handled"] == steps - 1, r["status"]["reasons"]
+    assert np.array_equal(canon["logits"].view(np.uint32), deferred["logits"].view(np.uint32))
+    assert np.array_equal(canon["logits"].view(np.uint32), shuf["logits"].view(np.uint32)), seed

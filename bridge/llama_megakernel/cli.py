@@ -319,7 +319,9 @@ def cmd_explain(args) -> int:
     mk.enable()
     import llama_cpp
 
-    _say(f"[explain] loading {args.model} and running one decode step on the CPU")
+    # with --json the program is the only thing on stdout, so that it can be piped
+    print(f"[explain] loading {args.model} and running one decode step on the CPU", flush=True,
+          file=sys.stderr if args.json else sys.stdout)
     llm = llama_cpp.Llama(model_path=args.model, n_ctx=args.ctx, n_gpu_layers=0, flash_attn=args.flash_attn,
                           verbose=False)
     toks = llm.tokenize(b"Hello")

@@ -40,6 +40,8 @@ static_assert(sizeof(instruction) % 4 == 0 && sizeof(attention) % 4 == 0, "copie
 constexpr int k_threads = MK_THREADS;
 constexpr int k_warps   = k_threads / 32;
 
+constexpr int k_err_kv_cell = -1;  // kernel_args::error: the appended KV cell lies outside its attention (attn_qk_ops)
+
 struct kernel_args {
     const instruction * instrs;
     const attention *   attns;
@@ -1727,6 +1729,52 @@ template <int T> __device__ __forceinline__ void raw_val4(const uint8_t * p, flo
 #ifndef MK_ATTN_DPL
 #define MK_ATTN_DPL 4
 #endif
+// The compiler's defer_qk (attention::q_ops, k_ops): the per-head norm and rope of Q and of this token's K, run with
+// the epilogue code the QKV tiles ran them with, before either attention tile starts. Inlined at one place in the main
+// loop (ptxas: 348/820 bytes of spills against 368/844 without it); as a call, from there or from inside the tiles, it
+// raised them to 620-628/1,560-1,588. The tile's query heads go
+// to the start of shared memory, where both tiles keep them (they then do not load them); in the split that holds the
+// appended cell, that cell's K row through k_ops, whose set_rows writes it into the cache, which the tile then reads
+// as before. Scratch for the K row: the tile's accumulators, not yet in use. A cell outside the attention would leave
+// the cache unwritten, so every split checks it and the step is given up instead (the host recomputes it on stock).
+// `kv_row`: the appended cell's index where attn_prestage read it (else it is read here).
+__device__ __forceinline__ void attn_qk_ops(const kernel_args & a, const attention & at, int tile, float * smem, bool warped,
+                                            const long long * kv_row) {
+    const attn_span sp(a, at, tile);
+    const int group = at.n_head / at.n_head_kv, hd = at.head_dim_k;
+    float * k_row = warped ? smem + group * hd + k_warps * group * 2 : attn_layout(at, smem).acc;
+    bool owner = false;
+    if (at.k_ops.n_epi > 0) {
+        const long long row = kv_row ? *kv_row
+                            : at.kv_row_type == T_I64 ? (long long) __ldcg((const long long *) resolve(a, at.kv_row))
+                                                      : (long long) __ldcg((const int32_t *) resolve(a, at.kv_row));
+        if (row < 0 || row >= at.n_kv) {
+            if (threadIdx.x == 0 && atomicExch(a.abort, 1) == 0) {
+                *(volatile int *) a.error = k_err_kv_cell;
+                __threadfence_system();
+            }
+        }
+        owner = row >= sp.c0 && row < sp.c1;
+        const float * kn = (const float *) resolve(a, at.k_new) + (size_t) sp.kvh * hd;
+        for (int t = threadIdx.x; owner && t < hd; t += k_threads) {
+            k_row[t] = ldcg_f(kn + t);
+        }
+    }
+    if (at.q_ops.n_epi > 0) {
+        const float * qg = (const float *) resolve(a, at.q) + (size_t) sp.kvh * group * hd;
+        for (int t = threadIdx.x; t < group * hd; t += k_threads) {
+            smem[t] = ldcg_f(qg + t);
+        }
+    }
+    __syncthreads();
+    if (owner) {
+        epilogue(a, at.k_ops, k_row, sp.kvh * hd, (sp.kvh + 1) * hd, nullptr, nullptr);  // ends with a barrier
+    }
+    if (at.q_ops.n_epi > 0) {
+        epilogue(a, at.q_ops, smem, sp.kvh * group * hd, (sp.kvh + 1) * group * hd, nullptr, nullptr);
+    }
+}
+
 template <int T, int LANES, int DPL>
 __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, int tile, float * smem, phase_clock & pc,
                                   long long row) {
@@ -1747,17 +1795,19 @@ __device__ void attn_tile_warps_t(const kernel_args & a, const attention & at, i
         const float * qg = (const float *) resolve(a, at.q) + (size_t) sp.kvh * group * hd;
         const int t = threadIdx.x;
         const bool mine = row >= sp.c0 && row < sp.c1 && t < hd;
-        const float rq0 = ldcg_f(qg + min(t, group * hd - 1)), rq1 = ldcg_f(qg + min(t + k_threads, group * hd - 1));
+        const bool load_q = at.q_ops.n_epi == 0;  // else attn_qk_ops put them there
+        const float rq0 = load_q ? ldcg_f(qg + min(t, group * hd - 1)) : 0.0f;
+        const float rq1 = load_q ? ldcg_f(qg + min(t + k_threads, group * hd - 1)) : 0.0f;
         unsigned short rk = 0, rv = 0;
         if (mine) {
             rk = __ldcg((const unsigned short *) (sp.kb + (uint64_t) row * at.k_nb_cell) + t);
             rv = __ldcg((const unsigned short *) (sp.vb + (uint64_t) row * at.v_nb_cell + (uint64_t) t * at.v_nb_dim));
         }
         cp_async_wait_all();
-        if (t < group * hd) {
+        if (load_q && t < group * hd) {
             q[t] = rq0;
         }
-        if (t + k_threads < group * hd) {
+        if (load_q && t + k_threads < group * hd) {
             q[t + k_threads] = rq1;
         }
         __syncthreads();  // every thread's copies have landed
@@ -1965,7 +2015,9 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
         sm[threadIdx.x] = 0.0f;
     }
     const bool fast = sp.fast;
-    if (!fast) {
+    const bool q_done = at.q_ops.n_epi > 0;  // attn_qk_ops put the query rows there
+    const bool q_first = fast && !q_done;    // they come with the first chunk
+    if (!fast && !q_done) {
         for (int i = threadIdx.x; i < group * hk; i += k_threads) {
             q[i] = ldcg_f(qg + i);
         }
@@ -1981,7 +2033,7 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
             const int ci = mine ? (int) (row - cb) : 0;
             float rq0 = 0.0f, rq1 = 0.0f, rk = 0.0f, rv = 0.0f;
             const int t = threadIdx.x;
-            if (fast) {
+            if (q_first) {
                 rq0 = ldcg_f(qg + min(t, group * hk - 1));
                 rq1 = ldcg_f(qg + min(t + k_threads, group * hk - 1));
             }
@@ -1989,10 +2041,10 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
                 rk = ld_kv(at.k_type, sp.kb + (uint64_t) row * at.k_nb_cell + (uint64_t) min(t, hk - 1) * at.k_nb_dim);
                 rv = ld_kv(at.v_type, sp.vb + (uint64_t) row * at.v_nb_cell + (uint64_t) min(t, hv - 1) * at.v_nb_dim);
             }
-            if (fast && t < group * hk) {
+            if (q_first && t < group * hk) {
                 q[t] = rq0;
             }
-            if (fast && t + k_threads < group * hk) {
+            if (q_first && t + k_threads < group * hk) {
                 q[t + k_threads] = rq1;
             }
             if (mine && t < hk) {
@@ -2010,7 +2062,7 @@ __device__ void attn_tile(const kernel_args & a, const attention & at, int tile,
                 }
             }
         } else {
-            stage_kv(at, sp, L, cb, nc, cb == c0 ? q : nullptr, qg);  // the query rows come with the first chunk
+            stage_kv(at, sp, L, cb, nc, cb == c0 && q_first ? q : nullptr, qg);
         }
         __syncthreads();
         pc.mark(0);
@@ -2385,6 +2437,9 @@ __global__ void __launch_bounds__(k_threads, 1) megakernel(kernel_args a) {
             unsigned long long t1 = t0;
             phase_clock pc{prof ? s_sub : nullptr, t0};
             if (in.kind == instr_kind::attn) {
+                if (s_at.q_ops.n_epi > 0 || s_at.k_ops.n_epi > 0) {
+                    attn_qk_ops(a, s_at, t, smem, warped, warped || prestaged ? &s_kv_row : nullptr);
+                }
 #ifndef MK_NO_ATTN_WARPS
                 if (warped) {
                     attn_tile_warps(a, s_at, t, smem, pc, s_kv_row);
@@ -2852,6 +2907,12 @@ gpu_program * gpu_load(const program & p, int device, std::string & err) {
             add(at.k, "K cache", nullptr);
             add(at.v, "V cache", nullptr);
             add(at.mask, "attention mask", nullptr);
+            for (const segment * sg : {&at.q_ops, &at.k_ops}) {
+                for (int k = 0; k < sg->n_epi; k++) {
+                    add(sg->epi[k].a, "attention's Q/K operand", nullptr);
+                    add(sg->epi[k].idx, "attention's K row index", nullptr);
+                }
+            }
         }
         for (auto & pr : ptrs) {
             cudaPointerAttributes pa;
@@ -3122,6 +3183,10 @@ bool gpu_run(gpu_program * g, void * stream_, std::string & err, float * kernel_
         return false;
     }
     const int code = *(volatile int *) g->h_error;
+    if (code == k_err_kv_cell) {
+        err = "the KV cell this step appends is outside its attention's cells (the K row was not written)";
+        return false;
+    }
     if (code != 0) {
         err = "a dependency wait timed out in instruction " + std::to_string(code - 1) + " (" +
               (code - 1 < (int) g->names.size() ? g->names[code - 1] : std::string("?")) + ")";
