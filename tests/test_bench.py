@@ -129,6 +129,25 @@ def test_plugin_that_did_not_load_gives_no_ratio(tmp_path, gpu_path):
     assert "ratio" not in json.loads(out.with_suffix(".json").read_text())["rows"][0]
 
 
+@pytest.mark.parametrize("choice,passed", [("executor", True), ("stock", True), ("measuring", False)])
+def test_auto_mode_side_reports_its_choice(tmp_path, gpu_path, choice, passed):
+    """--gpu-executor auto: the plugin side runs with LLAMA_MEGAKERNEL_GPU=auto, and the check reads the plugin's
+    choice (a model still measuring after the test did not get one)."""
+    model = tiny_model("llama", "Q4_0")
+    out = tmp_path / "res"
+    r = run_bench(tmp_path, gpu_path, [str(model), "--llama-bench", str(FAKE), "--rounds", "1", "-r", "1",
+                                       "--gpu-executor", "auto", "--bandwidth", "3000", "--no-energy",
+                                       "--out", str(out)],
+                  FAKE_BENCH_STOCK="900", FAKE_BENCH_MK="1800", FAKE_BENCH_AUTO_CHOICE=choice)
+    assert r.returncode == 0, r.stderr
+    assert [c["gpu"] for c in calls(tmp_path) if c["side"] == "mk"] == ["auto"]
+    res = json.loads(out.with_suffix(".json").read_text())
+    (chk,) = res["correctness"]
+    assert chk["check"] == "auto-chose-a-path" and chk["passed"] is passed, chk
+    assert chk["auto_choices"] == [{"choice": choice, "executor_us": 800.0, "stock_us": 1000.0}]
+    assert res["rows"][0]["plugin"]["gpu_mode"] == "auto"
+
+
 def test_refuses_without_gpu_or_llama_bench(tmp_path, gpu_path):
     model = tiny_model("llama", "Q4_0")
     empty = tmp_path / "empty"

@@ -218,15 +218,24 @@ def measure_copy_bandwidth(lib_dirs: list[Path] = ()) -> tuple[float | None, str
 
 # --- running ---------------------------------------------------------------------------------------------------
 
-def _env(plugin: Path | None, status: Path | None, gpu_executor: bool) -> dict:
+def gpu_mode(gpu_executor) -> str:
+    """LLAMA_MEGAKERNEL_GPU for the megakernel side: "1" (True), "auto", or "0" (False: the plugin hands decode
+    graphs back)."""
+    if gpu_executor is True or gpu_executor is False:
+        return "1" if gpu_executor else "0"
+    if gpu_executor not in ("1", "auto", "0"):
+        raise BenchError(f"GPU executor mode {gpu_executor!r}: expected 1, auto or 0")
+    return gpu_executor
+
+
+def _env(plugin: Path | None, status: Path | None, gpu_executor) -> dict:
     env = dict(os.environ)
     for k in ("GGML_BACKEND_PATH", "LLAMA_MEGAKERNEL_STATUS_FILE"):
         env.pop(k, None)
     if plugin is not None:
         env["GGML_BACKEND_PATH"] = str(plugin)
         env["LLAMA_MEGAKERNEL_STATUS_FILE"] = str(status)
-        if gpu_executor:
-            env["LLAMA_MEGAKERNEL_GPU"] = "1"
+        env["LLAMA_MEGAKERNEL_GPU"] = gpu_mode(gpu_executor)
     return env
 
 
@@ -256,7 +265,8 @@ def _plugin_status(path: Path) -> dict:
                          "`llama-megakernel doctor` and that llama-bench is the patched build or accepts "
                          "GGML_BACKEND_PATH")
     st = json.loads(path.read_text())
-    return {k: st.get(k) for k in ("routes", "reasons", "gpu_executor", "gpu_steps", "gpu_failures", "last_gpu_error")}
+    return {k: st.get(k) for k in ("routes", "reasons", "gpu_executor", "gpu_mode", "gpu_steps", "gpu_failures",
+                                   "last_gpu_error", "auto_choices")}
 
 
 def bench_case(case: Case, bench_bin: Path, plugin: Path, rounds: int, reps: int, energy: Energy | None,
@@ -382,9 +392,8 @@ def bench_case_python(case: Case, rounds: int, energy: Energy | None, gpu_execut
             env = _env(None, None, gpu_executor)
             env.pop("LLAMA_MEGAKERNEL", None)
             if side == "mk":  # the package's import hook enables the plugin in unchanged llama-cpp-python code
-                env.update({"LLAMA_MEGAKERNEL": "1", "LLAMA_MEGAKERNEL_STATUS_FILE": str(status)})
-                if gpu_executor:
-                    env["LLAMA_MEGAKERNEL_GPU"] = "1"
+                env.update({"LLAMA_MEGAKERNEL": "1", "LLAMA_MEGAKERNEL_STATUS_FILE": str(status),
+                            "LLAMA_MEGAKERNEL_GPU": gpu_mode(gpu_executor)})
             r = run_python(case, env, energy, timeout)
             if side == "mk":
                 row["plugin"] = _plugin_status(status)
@@ -465,15 +474,24 @@ def write(result: dict, out: Path) -> list[Path]:
     return files
 
 
-def plugin_check(row: dict, case: Case, gpu_executor: bool) -> dict:
+def plugin_check(row: dict, case: Case, gpu_executor) -> dict:
     """What the plugin's own counters say about the megakernel side of a test: generation steps ran in the GPU
-    executor without a failure (or, for prefill and with the executor off, nothing failed)."""
+    executor without a failure (auto: and a path was chosen for every model; for prefill and with the executor off,
+    nothing failed)."""
     st = row.get("plugin") or {}
-    gen = bool(case.n_gen) and gpu_executor
-    check = "decode-steps-in-the-gpu-executor" if gen else "no-gpu-executor-failure"
+    mode = gpu_mode(gpu_executor)
+    gen = bool(case.n_gen) and mode != "0"
+    check = ("auto-chose-a-path" if mode == "auto" else "decode-steps-in-the-gpu-executor") if gen else \
+        "no-gpu-executor-failure"
     ok = "error" not in row and st.get("gpu_failures") == 0 and (not gen or (st.get("gpu_steps") or 0) > 0)
-    return {"model": row["model"], "test": row["test"], "depth": row["depth"], "check": check, "passed": ok,
-            "gpu_steps": st.get("gpu_steps"), "gpu_failures": st.get("gpu_failures")}
+    choices = st.get("auto_choices") or []
+    if gen and mode == "auto":
+        ok = ok and bool(choices) and all(c.get("choice") in ("executor", "stock") for c in choices)
+    out = {"model": row["model"], "test": row["test"], "depth": row["depth"], "check": check, "passed": ok,
+           "gpu_steps": st.get("gpu_steps"), "gpu_failures": st.get("gpu_failures")}
+    if mode == "auto":
+        out["auto_choices"] = [{k: c.get(k) for k in ("choice", "executor_us", "stock_us")} for c in choices]
+    return out
 
 
 # --- the command -----------------------------------------------------------------------------------------------

@@ -420,8 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     bn.add_argument("--python", action="store_true", help="compare through llama-cpp-python's Llama.generate instead")
     bn.add_argument("--bandwidth", type=float, help="copy bandwidth in GB/s for the floor (default: measure it)")
     bn.add_argument("--no-energy", action="store_true", help="skip the NVML energy readings")
-    bn.add_argument("--no-gpu-executor", dest="gpu_executor", action="store_false",
-                    help="load the plugin without LLAMA_MEGAKERNEL_GPU=1 (decode graphs then go back to stock)")
+    bn.add_argument("--gpu-executor", choices=["1", "auto", "0"], default="1",
+                    help="LLAMA_MEGAKERNEL_GPU for the megakernel side: 1 (default) every decode graph in the "
+                         "megakernel, auto the faster path per model (measured on its first tokens), 0 none")
+    bn.add_argument("--no-gpu-executor", dest="gpu_executor", action="store_const", const="0",
+                    help="the same as --gpu-executor 0 (decode graphs then go back to stock)")
     bn.add_argument("--timeout", type=float, default=900, help="seconds per run (default 900)")
     bn.add_argument("--out", help="output path without suffix (default bench-results/DATE-bench): .json .md .png")
     bn.set_defaults(fn=cmd_bench)
