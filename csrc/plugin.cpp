@@ -145,7 +145,10 @@ void record(const std::string & backend, const mk::graph_scan & scan, bool new_g
             s.last_graphs.pop_front();
         }
     }
-    s.last_graphs.back().calls++;
+    graph_record & r = s.last_graphs.back();
+    r.calls++;
+    r.scan.reason = scan.reason;  // the latest verdict: the auto mode's changes after its first calls
+    r.scan.detail = scan.detail;
 }
 
 mk::target target_for(const wrapped_backend & wb) {

@@ -79,6 +79,9 @@ def test_auto_mode_measures_both_paths_then_keeps_the_faster(tmp_path):
     else:
         assert chose_stock == 0 and executed == decodes - measuring, rs
 
+    last = [g for g in first["last_graphs"] if g["scan"]["decode"]][-1]  # the latest verdict, not the first call's
+    assert last["scan"]["reason"] == ("executed" if c["choice"] == "executor" else "auto-stock"), last
+
     # a new prompt: a new decode program of the same model takes the choice without measuring again
     (c2,) = second["auto_choices"]
     assert c2["choice"] == c["choice"] and c2["samples"] == c["samples"], (c, c2)

@@ -41,7 +41,9 @@ def _summarise_status(st: dict) -> list[str]:
         f"(batch-1 decode graphs recognised: {st['decode_graphs_seen']})",
     ]
     for reason, n in sorted(st["reasons"].items(), key=lambda kv: -kv[1]):
-        lines.append(f"  handed back {n:5d} x  {reason}")
+        lines.append(f"  {'executed   ' if reason == 'executed' else 'handed back'} {n:5d} x  {reason}")
+    for c in st.get("auto_choices") or []:  # LLAMA_MEGAKERNEL_GPU=auto / LLAMA_MEGAKERNEL_CPU=auto
+        lines.append(f"  auto: {c['model']} -> {c['choice']}" + (f" ({c['why']})" if c.get("why") else ""))
     for g in st["last_graphs"]:
         s = g["scan"]
         types = ",".join(f"{k}:{v}" for k, v in s["weight_types"].items()) or "-"
