@@ -1731,11 +1731,10 @@ template <int T> __device__ __forceinline__ void raw_val4(const uint8_t * p, flo
 #endif
 // The compiler's defer_qk (attention::q_ops, k_ops): the per-head norm and rope of Q and of this token's K, run with
 // the epilogue code the QKV tiles ran them with, before either attention tile starts. Inlined at one place in the main
-// loop (ptxas: 348/820 bytes of spills against 368/844 without it); as a call, from there or from inside the tiles, it
-// raised them to 620-628/1,560-1,588. The tile's query heads go
-// to the start of shared memory, where both tiles keep them (they then do not load them); in the split that holds the
-// appended cell, that cell's K row through k_ops, whose set_rows writes it into the cache, which the tile then reads
-// as before. Scratch for the K row: the tile's accumulators, not yet in use. A cell outside the attention would leave
+// loop (ptxas: 336/808 bytes of spills against 368/844 without it); as a call, from there or from inside the tiles, it
+// raised them to 620-628/1,560-1,588. The tile's query heads go to the start of shared memory, where both tiles keep
+// them (they then do not load them); in the split that holds the appended cell, that cell's K row goes through k_ops,
+// whose set_rows writes it into the cache, which the tile then reads as before. Scratch for the K row: the tile's accumulators, not yet in use. A cell outside the attention would leave
 // the cache unwritten, so every split checks it and the step is given up instead (the host recomputes it on stock).
 // `kv_row`: the appended cell's index where attn_prestage read it (else it is read here).
 __device__ __forceinline__ void attn_qk_ops(const kernel_args & a, const attention & at, int tile, float * smem, bool warped,
