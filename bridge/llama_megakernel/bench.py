@@ -218,17 +218,14 @@ def measure_copy_bandwidth(lib_dirs: list[Path] = ()) -> tuple[float | None, str
 
 # --- running ---------------------------------------------------------------------------------------------------
 
-def gpu_mode(gpu_executor) -> str:
-    """LLAMA_MEGAKERNEL_GPU for the megakernel side: "1" (True), "auto", or "0" (False: the plugin hands decode
-    graphs back)."""
-    if gpu_executor is True or gpu_executor is False:
-        return "1" if gpu_executor else "0"
+def gpu_mode(gpu_executor: str) -> str:
+    """LLAMA_MEGAKERNEL_GPU for the megakernel side: "1", "auto", or "0" (the plugin hands decode graphs back)."""
     if gpu_executor not in ("1", "auto", "0"):
         raise BenchError(f"GPU executor mode {gpu_executor!r}: expected 1, auto or 0")
     return gpu_executor
 
 
-def _env(plugin: Path | None, status: Path | None, gpu_executor) -> dict:
+def _env(plugin: Path | None, status: Path | None, gpu_executor: str) -> dict:
     env = dict(os.environ)
     for k in ("GGML_BACKEND_PATH", "LLAMA_MEGAKERNEL_STATUS_FILE"):
         env.pop(k, None)
@@ -270,7 +267,7 @@ def _plugin_status(path: Path) -> dict:
 
 
 def bench_case(case: Case, bench_bin: Path, plugin: Path, rounds: int, reps: int, energy: Energy | None,
-               gpu_executor: bool = True, timeout: float = 900, progress=_say) -> dict:
+               gpu_executor: str = "1", timeout: float = 900, progress=_say) -> dict:
     """One test, stock against megakernel. Raises BenchError if any run fails."""
     tmp = Path(tempfile.mkdtemp(prefix="mk-bench-"))
     status = tmp / "status.json"
@@ -379,7 +376,7 @@ def run_python(case: Case, env: dict, energy: Energy | None, timeout: float) -> 
             "wall_s": res["seconds"]}
 
 
-def bench_case_python(case: Case, rounds: int, energy: Energy | None, gpu_executor: bool = True,
+def bench_case_python(case: Case, rounds: int, energy: Energy | None, gpu_executor: str = "1",
                       timeout: float = 900, progress=_say) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="mk-bench-"))
     status = tmp / "status.json"
@@ -474,7 +471,7 @@ def write(result: dict, out: Path) -> list[Path]:
     return files
 
 
-def plugin_check(row: dict, case: Case, gpu_executor) -> dict:
+def plugin_check(row: dict, case: Case, gpu_executor: str) -> dict:
     """What the plugin's own counters say about the megakernel side of a test: generation steps ran in the GPU
     executor without a failure (auto: and a path was chosen for every model; for prefill and with the executor off,
     nothing failed)."""
